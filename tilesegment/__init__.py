@@ -1,0 +1,42 @@
+"""tilesegment: exact overlap-tile segmentation of gigapixel images into OME-Zarr."""
+
+from .api import RunStats, segment
+from .errors import (
+    InputError,
+    InvalidTileSize,
+    ModelError,
+    OutputExistsError,
+    TileSegmentError,
+    UsageError,
+)
+from .geometry import Geometry
+from .io.sources import ImageSource, open_image
+from .models import UNet, load_model, save_model
+from .plan import Block, Tile, TilePlan
+from .stitch import Stitcher
+from .tiler import Batch, Tiler
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Batch",
+    "Block",
+    "Geometry",
+    "ImageSource",
+    "InputError",
+    "InvalidTileSize",
+    "ModelError",
+    "OutputExistsError",
+    "RunStats",
+    "Stitcher",
+    "Tile",
+    "TilePlan",
+    "Tiler",
+    "TileSegmentError",
+    "UNet",
+    "UsageError",
+    "load_model",
+    "open_image",
+    "save_model",
+    "segment",
+]

@@ -1,0 +1,99 @@
+"""Find a module's geometry by shape inference on the ``meta`` device."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from .errors import ModelError
+from .geometry import Geometry
+
+__all__ = ["probe_geometry", "model_in_channels"]
+
+_LIMIT = 4096
+
+
+def model_in_channels(model: object) -> Optional[int]:
+    """Input channels of the first convolution of `model`, or None if it has none."""
+    import torch.nn as nn
+
+    for module in model.modules():  # type: ignore[attr-defined]
+        if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+            return int(module.in_channels)
+    return None
+
+
+def _output_shape(model, state, in_channels: int, ny: int, nx: int):
+    import torch
+    from torch.func import functional_call
+
+    x = torch.empty((1, in_channels, ny, nx), device="meta")
+    try:
+        y = functional_call(model, state, (x,), strict=False)
+    except Exception:  # an invalid size raises anything from anywhere
+        return None
+    if isinstance(y, (tuple, list)):
+        y = y[0]
+    if isinstance(y, dict):
+        y = next(iter(y.values()))
+    if not hasattr(y, "shape") or y.ndim != 4 or min(y.shape[-2:]) < 1:
+        return None
+    return tuple(int(s) for s in y.shape)
+
+
+def probe_geometry(model: object, in_channels: Optional[int] = None) -> Geometry:
+    """Probe `model` with meta tensors of growing square size and derive its geometry.
+
+    Valid inputs are those where the output is largest relative to the input
+    (floor-pooling networks accept other sizes silently but shift the pooling
+    grid); they must be evenly spaced. The result is checked against a second
+    probe at a large, non-square valid size.
+    """
+    import torch
+
+    if not isinstance(model, torch.nn.Module):
+        raise ModelError(
+            f"cannot find the geometry of {type(model).__name__}: pass a torch.nn.Module "
+            "or a ts.Geometry(halo=..., step=...)"
+        )
+    in_channels = in_channels or model_in_channels(model)
+    if in_channels is None:
+        raise ModelError("model has no convolution to take in_channels from; pass in_channels=")
+    state = {
+        name: torch.empty_like(t, device="meta")
+        for name, t in [*model.named_parameters(), *model.named_buffers()]
+    }
+    was_training = model.training
+    model.eval()
+    try:
+        best, valid, n = None, [], 1
+        while n < _LIMIT:
+            shape = _output_shape(model, state, in_channels, n, n)
+            if shape is not None and shape[-1] == shape[-2]:
+                gain = shape[-1] - n
+                if best is None or gain > best:
+                    best, valid = gain, [n]
+                elif gain == best:
+                    valid.append(n)
+                if len(valid) >= 3 and valid[2] - valid[1] == valid[1] - valid[0]:
+                    break
+            n += 1
+        if best is None or len(valid) < 3:
+            raise ModelError(
+                f"model output does not grow with its input for sizes up to {_LIMIT}; "
+                "declare its geometry with ts.Geometry(halo=..., step=...)"
+            )
+        step = valid[1] - valid[0]
+        shrink = -best
+        geom = Geometry(halo=(shrink + 1) // 2, step=step, min_input=valid[0], shrink=shrink)
+        # Second probe: a large, non-square valid size must follow the same arithmetic.
+        ny, nx = valid[0] + 37 * step, valid[0] + 5 * step
+        shape = _output_shape(model, state, in_channels, ny, nx)
+        if shape is None or shape[-2:] != geom.output_size((ny, nx)):
+            raise ModelError(
+                f"model geometry is inconsistent: input {(ny, nx)} gave output "
+                f"{None if shape is None else shape[-2:]}, expected {geom.output_size((ny, nx))}; "
+                "declare it with ts.Geometry(halo=..., step=...)"
+            )
+        return geom
+    finally:
+        model.train(was_training)

@@ -1,0 +1,47 @@
+"""One exception family; every message names the value seen and what to do."""
+
+from __future__ import annotations
+
+__all__ = [
+    "TileSegmentError",
+    "UsageError",
+    "InvalidTileSize",
+    "InputError",
+    "ModelError",
+    "OutputExistsError",
+]
+
+
+class TileSegmentError(Exception):
+    """Base class of every error tilesegment raises on purpose."""
+
+    #: Exit status of the CLI: 2 for a usage error, 1 for a runtime error.
+    exit_code = 1
+
+
+class UsageError(TileSegmentError, ValueError):
+    """A parameter has a value that cannot work."""
+
+    exit_code = 2
+
+
+class InvalidTileSize(UsageError):
+    """A tile or input size does not fit the network's geometry."""
+
+
+class InputError(TileSegmentError, ValueError):
+    """The input image is missing, unreadable or has an unsupported layout."""
+
+    exit_code = 2
+
+
+class ModelError(TileSegmentError, ValueError):
+    """The model cannot be loaded or does not fit the image."""
+
+    exit_code = 2
+
+
+class OutputExistsError(TileSegmentError, FileExistsError):
+    """The output exists and overwriting was not requested."""
+
+    exit_code = 2

@@ -1,0 +1,209 @@
+"""Size arithmetic of a network: halo, step, valid input sizes.
+
+Nothing here knows about files or devices. A `Geometry` is a frozen value
+that the plan, the loader and the stitcher share.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence, Union
+
+from .errors import InvalidTileSize, ModelError
+
+__all__ = ["Geometry", "Pair", "as_pair"]
+
+Pair = tuple[int, int]
+PairLike = Union[int, Sequence[int]]
+
+
+def as_pair(value: PairLike, name: str = "value") -> Pair:
+    """Return ``(y, x)`` from an int or a pair of ints."""
+    if isinstance(value, (int,)) and not isinstance(value, bool):
+        return (int(value), int(value))
+    try:
+        y, x = value  # type: ignore[misc]
+        return (int(y), int(x))
+    except (TypeError, ValueError):
+        raise InvalidTileSize(
+            f"{name} {value!r} is not an int or a (y, x) pair; pass e.g. 512 or (512, 256)"
+        ) from None
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Size arithmetic of a segmentation network, per spatial axis ``(y, x)``.
+
+    Parameters
+    ----------
+    halo : int or (int, int)
+        Context the network needs on each side of an output pixel, in input
+        pixels. For a valid-convolution network this is what it loses per side.
+    step : int or (int, int)
+        Valid input sizes and tile origins are spaced by ``step`` (``2**depth``
+        for a U-Net): tile origins on multiples of it keep the pooling grid in
+        phase with whole-image inference.
+    min_input : int or (int, int), optional
+        Smallest valid network input. Valid inputs are ``min_input + k * step``.
+        Defaults to the smallest multiple of ``step`` that is at least
+        ``2 * halo + 1`` (right for "same"-padded networks).
+    shrink : int or (int, int), optional
+        Network input size minus output size: ``2 * halo`` for valid
+        convolutions, 0 (the default) for "same"-padded networks, whose border
+        effect is then pushed outside the written area but not removed.
+
+    Examples
+    --------
+    >>> import tilesegment as ts
+    >>> geom = ts.Geometry.of(ts.UNet(3, 2, base_channels=64, depth=4))
+    >>> geom.halo, geom.step
+    ((92, 92), (16, 16))
+    >>> geom.output_size(572)
+    (388, 388)
+    >>> geom.input_size(512)
+    (700, 700)
+    """
+
+    halo: Pair
+    step: Pair
+    min_input: Pair = None  # type: ignore[assignment]
+    shrink: Pair = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        halo = as_pair(self.halo, "halo")
+        step = as_pair(self.step, "step")
+        shrink = as_pair(0 if self.shrink is None else self.shrink, "shrink")
+        if min(halo) < 0 or min(step) < 1 or min(shrink) < 0:
+            raise ModelError(
+                f"geometry needs halo >= 0, step >= 1, shrink >= 0; got halo={halo}, "
+                f"step={step}, shrink={shrink}"
+            )
+        if any(s > 2 * h for s, h in zip(shrink, halo)):
+            raise ModelError(
+                f"shrink {shrink} exceeds 2 * halo {halo}: the network loses more context "
+                "than declared; declare a halo of at least shrink / 2"
+            )
+        if self.min_input is None:
+            min_input = tuple(
+                max(st, math.ceil((2 * h + 1) / st) * st) for h, st in zip(halo, step)
+            )
+        else:
+            min_input = as_pair(self.min_input, "min_input")
+        if any(m - s < 1 for m, s in zip(min_input, shrink)):
+            raise ModelError(f"min_input {min_input} leaves no output after shrink {shrink}")
+        object.__setattr__(self, "halo", halo)
+        object.__setattr__(self, "step", step)
+        object.__setattr__(self, "shrink", shrink)
+        object.__setattr__(self, "min_input", min_input)
+
+    # -- construction ---------------------------------------------------------------
+
+    @classmethod
+    def of(cls, model: object, in_channels: int | None = None) -> "Geometry":
+        """Return the geometry of `model`.
+
+        Analytic for models that define a ``geometry`` attribute (the built-in
+        `UNet`); any other ``torch.nn.Module`` is probed by shape inference on
+        the ``meta`` device, which computes nothing and allocates nothing.
+
+        Parameters
+        ----------
+        model : torch.nn.Module or Geometry
+            The network.
+        in_channels : int, optional
+            Input channels for the probe; found from the first convolution when
+            omitted.
+
+        Raises
+        ------
+        ModelError
+            If the model's output size does not grow one for one with its
+            input, so that no halo/step describes it.
+        """
+        if isinstance(model, Geometry):
+            return model
+        own = getattr(model, "geometry", None)
+        if isinstance(own, Geometry):
+            return own
+        from ._probe import probe_geometry
+
+        return probe_geometry(model, in_channels)
+
+    # -- arithmetic -----------------------------------------------------------------
+
+    @property
+    def crop(self) -> Pair:
+        """Index in the network output of the tile's first pixel (0 for valid nets)."""
+        return tuple(h - s // 2 for h, s in zip(self.halo, self.shrink))  # type: ignore[return-value]
+
+    def is_valid_input(self, n_in: PairLike) -> bool:
+        """Whether the network accepts an input of size `n_in` exactly."""
+        return all(
+            n >= m and (n - m) % st == 0
+            for n, m, st in zip(as_pair(n_in), self.min_input, self.step)
+        )
+
+    def output_size(self, n_in: PairLike) -> Pair:
+        """Network output size for a valid input size `n_in`.
+
+        Raises
+        ------
+        InvalidTileSize
+            If `n_in` is not a valid input size; the message names the nearest ones.
+        """
+        n_in = as_pair(n_in, "input size")
+        for axis, (n, m, st) in enumerate(zip(n_in, self.min_input, self.step)):
+            if n < m or (n - m) % st:
+                below = m + max(0, (n - m) // st) * st
+                options = sorted({v for v in (below, below + st) if v >= m})
+                raise InvalidTileSize(
+                    f"network input size {n} is not valid on axis {'yx'[axis]} "
+                    f"(valid: {m} + k * {st}); nearest valid: "
+                    + " or ".join(str(v) for v in options)
+                )
+        return tuple(n - s for n, s in zip(n_in, self.shrink))  # type: ignore[return-value]
+
+    def input_size(self, n_out: PairLike) -> Pair:
+        """Smallest valid network input whose output covers a tile of `n_out` pixels.
+
+        The input spans the tile plus `halo` on both sides, rounded up to a
+        valid size; the tile keeps the first `n_out` output pixels.
+        """
+        n_out = as_pair(n_out, "tile size")
+        if min(n_out) < 1:
+            raise InvalidTileSize(f"tile size {n_out} must be at least 1 pixel")
+        sizes = []
+        for n, h, m, st in zip(n_out, self.halo, self.min_input, self.step):
+            need = n + 2 * h
+            sizes.append(m + max(0, math.ceil((need - m) / st)) * st)
+        return tuple(sizes)  # type: ignore[return-value]
+
+    def valid_input_sizes(self, stop: int = 2048) -> tuple[range, range]:
+        """Valid network input sizes below `stop`, per axis."""
+        return tuple(range(m, stop, st) for m, st in zip(self.min_input, self.step))  # type: ignore[return-value]
+
+    def check_tile_size(self, tile_size: PairLike) -> Pair:
+        """Return `tile_size` as a pair if every edge is a positive multiple of the step.
+
+        Raises
+        ------
+        InvalidTileSize
+            Naming the nearest valid tile sizes, e.g. ``tile_size 100 is not a
+            multiple of the network step 16; nearest valid: 96 or 112``.
+        """
+        pair = as_pair(tile_size, "tile_size")
+        for t, st in zip(pair, self.step):
+            if t <= 0:
+                raise InvalidTileSize(
+                    f"tile_size {t} must be positive; use a multiple of the network step {st}, "
+                    f"e.g. {st * max(1, 512 // st)}"
+                )
+            if t % st:
+                low, high = (t // st) * st, (t // st + 1) * st
+                options = " or ".join(str(v) for v in (low, high) if v > 0)
+                raise InvalidTileSize(
+                    f"tile_size {t} is not a multiple of the network step {st}; "
+                    f"nearest valid: {options}"
+                )
+        return pair

@@ -1,0 +1,99 @@
+"""Gather mirror-padded, normalized network inputs straight from a source region."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numba
+import numpy as np
+
+from ..errors import UsageError
+
+__all__ = ["PADDING_MODES", "pad_indices", "normalization_affine", "gather"]
+
+#: Padding modes, named as in ``numpy.pad``.
+PADDING_MODES = ("reflect", "symmetric", "edge", "constant")
+
+
+def pad_indices(start: int, length: int, size: int, mode: str = "reflect") -> np.ndarray:
+    """Source index of each of `length` positions from `start` along an axis of `size`.
+
+    Positions outside ``[0, size)`` map like ``numpy.pad(mode=mode)``, repeated as
+    often as needed, so halos larger than the image work. ``constant`` maps
+    them to -1 (filled with zero).
+
+    Examples
+    --------
+    >>> pad_indices(-3, 9, 4).tolist()
+    [3, 2, 1, 0, 1, 2, 3, 2, 1]
+    """
+    i = np.arange(start, start + length, dtype=np.int64)
+    if mode == "reflect":
+        if size == 1:
+            return np.zeros_like(i)
+        period = 2 * (size - 1)
+        i = np.mod(i, period)
+        return np.where(i >= size, period - i, i)
+    if mode == "symmetric":
+        i = np.mod(i, 2 * size)
+        return np.where(i >= size, 2 * size - 1 - i, i)
+    if mode == "edge":
+        return np.clip(i, 0, size - 1)
+    if mode == "constant":
+        return np.where((i >= 0) & (i < size), i, -1)
+    raise UsageError(f"padding {mode!r} is unknown; use one of {', '.join(PADDING_MODES)}")
+
+
+def normalization_affine(
+    dtype: np.dtype,
+    channels: int,
+    normalization: Optional[tuple[Sequence[float], Sequence[float]]] = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel ``(scale, offset)`` so that ``input = pixel * scale + offset``.
+
+    Integers are divided by their dtype's maximum (uint8 / 255, uint16 / 65535);
+    floats pass through. A model's ``(mean, std)`` is folded in afterwards.
+    """
+    dtype = np.dtype(dtype)
+    top = float(np.iinfo(dtype).max) if dtype.kind in "ui" else 1.0
+    scale = np.full(channels, 1.0 / top, dtype=np.float64)
+    offset = np.zeros(channels, dtype=np.float64)
+    if normalization is not None:
+        mean, std = (np.asarray(v, dtype=np.float64) for v in normalization)
+        scale, offset = scale / std, (offset - mean) / std
+    return scale.astype(np.float32), offset.astype(np.float32)
+
+
+@numba.njit(cache=True, nogil=True)
+def _gather(region, iy, ix, scale, offset, out):  # pragma: no cover - compiled
+    channels = out.shape[0]
+    for i in range(iy.shape[0]):
+        y = iy[i]
+        for j in range(ix.shape[0]):
+            x = ix[j]
+            if y < 0 or x < 0:
+                for c in range(channels):
+                    out[c, i, j] = offset[c]
+            else:
+                for c in range(channels):
+                    out[c, i, j] = np.float32(region[y, x, c]) * scale[c] + offset[c]
+
+
+def gather(
+    region: np.ndarray,
+    iy: np.ndarray,
+    ix: np.ndarray,
+    scale: np.ndarray,
+    offset: np.ndarray,
+    out: np.ndarray,
+) -> np.ndarray:
+    """Fill ``out[c, i, j] = region[iy[i], ix[j], c] * scale[c] + offset[c]``.
+
+    `region` is ``(Y, X, C)`` in any dtype and strides; `out` is a float32
+    ``(C, len(iy), len(ix))`` array. Index -1 means "outside" (zero before
+    normalization). One pass converts, mirrors and normalizes.
+    """
+    if region.dtype == np.bool_:
+        region = region.view(np.uint8)
+    _gather(region, iy, ix, scale, offset, out)
+    return out

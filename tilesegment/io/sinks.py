@@ -1,0 +1,192 @@
+"""Where finished blocks go: a numpy array in memory, or an OME-Zarr image on disk."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Optional, Protocol, Union
+
+import numpy as np
+
+from ..errors import OutputExistsError, UsageError
+
+__all__ = ["Sink", "MemorySink", "ZarrSink"]
+
+Region = tuple[slice, slice]
+
+
+class Sink(Protocol):
+    """What the stitcher needs from an output."""
+
+    def buffer(self, region: Region) -> np.ndarray:
+        """An array to crop the tiles of `region` into."""
+
+    def commit(self, region: Region, buffer: np.ndarray) -> None:
+        """`buffer` holds all of `region`: store it."""
+
+    def close(self) -> Any:
+        """Finish and return the result."""
+
+    def abort(self) -> None:
+        """Stop after an error; leave nothing half-done that looks finished."""
+
+
+class MemorySink:
+    """The whole output as one numpy array; blocks are views into it."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        self.array = np.zeros(shape, dtype=dtype)
+
+    def buffer(self, region: Region) -> np.ndarray:
+        return self.array[(..., *region)]
+
+    def commit(self, region: Region, buffer: np.ndarray) -> None:
+        pass  # the buffer is a view of the result
+
+    def close(self) -> np.ndarray:
+        return self.array
+
+    def abort(self) -> None:
+        pass
+
+
+def _is_path(output: Any) -> bool:
+    return isinstance(output, (str, os.PathLike))
+
+
+class ZarrSink:
+    """An OME-Zarr (NGFF 0.5, zarr v3) image group with the result as array ``"0"``.
+
+    Blocks are written by a thread pool (compression releases the GIL); at
+    most ``2 * writers`` blocks wait in memory. When the output exists and
+    `overwrite` is set, the new image is written beside it and swapped in
+    only once complete, so a failed run never destroys the old one.
+    """
+
+    def __init__(
+        self,
+        output: Union[str, os.PathLike, Any],
+        shape: tuple[int, ...],
+        dtype: np.dtype,
+        chunks: tuple[int, ...],
+        *,
+        overwrite: bool = False,
+        pixel_size: Optional[tuple[float, float]] = None,
+        writers: int = 2,
+    ) -> None:
+        import zarr
+        from zarr.codecs import BloscCodec
+
+        self.check_output(output, overwrite)
+        self._final: Optional[Path] = None
+        target = output
+        if _is_path(output):
+            self._final = Path(output)
+            if self._final.exists():
+                target = self._final.with_name(f".{self._final.name}.{uuid.uuid4().hex[:8]}.tmp")
+            self._path = Path(target)
+        group = zarr.open_group(target, mode="w" if overwrite and not _is_path(output) else "w-", zarr_format=3)
+        names = ("y", "x") if len(shape) == 2 else ("c", "y", "x")
+        self.array = group.create_array(
+            "0",
+            shape=shape,
+            chunks=chunks,
+            dtype=dtype,
+            fill_value=0,
+            compressors=BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"),
+            dimension_names=names,
+        )
+        group.attrs["ome"] = _multiscales(names, pixel_size, Path(str(output)).stem)
+        self.group = group
+        self._pool = ThreadPoolExecutor(max(1, writers), thread_name_prefix="tilesegment-write")
+        self._slots = threading.BoundedSemaphore(2 * max(1, writers))
+        self._futures: list[Future] = []
+
+    @staticmethod
+    def check_output(output: Any, overwrite: bool) -> None:
+        """Raise `OutputExistsError` if `output` exists and `overwrite` is false."""
+        if not _is_path(output):
+            return
+        path = Path(output)
+        if path.exists() and not overwrite:
+            raise OutputExistsError(
+                f"output {str(path)!r} exists; pass overwrite=True (CLI: --overwrite) to replace "
+                "it, or choose another path"
+            )
+        if not path.parent.exists():
+            raise UsageError(f"output folder {str(path.parent)!r} does not exist; create it first")
+
+    def buffer(self, region: Region) -> np.ndarray:
+        shape = tuple(s.stop - s.start for s in region)
+        return np.zeros((*self.array.shape[:-2], *shape), dtype=self.array.dtype)
+
+    def commit(self, region: Region, buffer: np.ndarray) -> None:
+        self._slots.acquire()  # back-pressure: never more than 2 * writers blocks queued
+        future = self._pool.submit(self._write, region, buffer)
+        future.add_done_callback(lambda _: self._slots.release())
+        self._futures.append(future)
+        self._raise_failed()
+
+    def _write(self, region: Region, buffer: np.ndarray) -> None:
+        self.array[(..., *region)] = buffer
+
+    def _raise_failed(self) -> None:
+        done = [f for f in self._futures if f.done()]
+        self._futures = [f for f in self._futures if not f.done()]
+        for future in done:
+            future.result()
+
+    def close(self) -> Any:
+        self._pool.shutdown(wait=True)
+        self._raise_failed()
+        for future in self._futures:
+            future.result()
+        if self._final is not None and self._path != self._final:
+            backup = self._final.with_name(f".{self._final.name}.{uuid.uuid4().hex[:8]}.old")
+            self._final.rename(backup)
+            self._path.rename(self._final)
+            _remove(backup)
+        import zarr
+
+        root = zarr.open_group(self._final if self._final is not None else self.group.store, mode="r")
+        return root["0"]
+
+    def abort(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._final is not None and self._path != self._final:
+            _remove(self._path)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists():
+        path.unlink()
+
+
+def _multiscales(names: tuple[str, ...], pixel_size, name: str) -> dict:
+    axes = [
+        {"name": n, "type": "channel"} if n == "c" else {"name": n, "type": "space", "unit": "micrometer"}
+        for n in names
+    ]
+    if pixel_size is None:
+        for axis in axes:
+            axis.pop("unit", None)
+        pixel_size = (1.0, 1.0)
+    scale = [1.0] * (len(names) - 2) + [float(pixel_size[0]), float(pixel_size[1])]
+    return {
+        "version": "0.5",
+        "multiscales": [
+            {
+                "name": name,
+                "axes": axes,
+                "datasets": [
+                    {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}
+                ],
+            }
+        ],
+    }

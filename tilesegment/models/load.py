@@ -1,0 +1,129 @@
+"""Save and load models: our checkpoint, TorchScript, or ``"package.module:factory"``."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import zipfile
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+from torch import nn
+
+from ..errors import ModelError
+from .unet import UNet
+
+__all__ = ["save_model", "load_model", "ModelSpec"]
+
+ModelSpec = Union[nn.Module, str, os.PathLike]
+_FORMAT = "tilesegment.checkpoint"
+_VERSION = 1
+_ARCHITECTURES = {"UNet": UNet}
+
+
+def save_model(model: UNet, path: Union[str, os.PathLike], **metadata: Any) -> Path:
+    """Write `model` as a tilesegment checkpoint: architecture, weights, normalization.
+
+    Parameters
+    ----------
+    model : UNet
+        A built-in network (its ``config`` rebuilds it).
+    path : str or path-like
+        Destination file, conventionally ``*.pt``.
+    **metadata
+        Extra JSON-like facts to keep with the weights (training data, scores).
+
+    Returns
+    -------
+    pathlib.Path
+        The written file.
+    """
+    arch = type(model).__name__
+    if arch not in _ARCHITECTURES or not hasattr(model, "config"):
+        raise ModelError(
+            f"save_model stores built-in architectures ({', '.join(_ARCHITECTURES)}), got {arch}; "
+            "save other models with torch.jit.save and load the .pt file"
+        )
+    path = Path(path)
+    torch.save(
+        {
+            "format": _FORMAT,
+            "version": _VERSION,
+            "architecture": arch,
+            "config": dict(model.config),
+            "normalization": model.normalization,
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "metadata": metadata,
+        },
+        path,
+    )
+    return path
+
+
+def load_model(spec: ModelSpec) -> nn.Module:
+    """Return a ready-to-run module (eval mode) from `spec`.
+
+    Parameters
+    ----------
+    spec : nn.Module, path or str
+        A module (returned as is); a tilesegment checkpoint written by
+        `save_model`; a TorchScript file; or ``"package.module:factory"``, a
+        callable that returns a module.
+
+    Raises
+    ------
+    ModelError
+        If the file is missing or is none of the above; the message says which.
+    """
+    if isinstance(spec, nn.Module):
+        return spec.eval()
+    text = os.fspath(spec)
+    path = Path(text)
+    if path.is_file():
+        return _load_file(path).eval()
+    if ":" in text and not path.suffix:
+        return _load_factory(text).eval()
+    raise ModelError(
+        f"model {text!r} not found; pass a checkpoint path (*.pt) or 'package.module:factory'"
+    )
+
+
+def _load_file(path: Path) -> nn.Module:
+    if not zipfile.is_zipfile(path):
+        raise ModelError(
+            f"model file {str(path)!r} is not a PyTorch checkpoint or TorchScript file; "
+            "save one with ts.save_model(model, path) or torch.jit.save"
+        )
+    with zipfile.ZipFile(path) as archive:
+        is_script = any(name.endswith("constants.pkl") for name in archive.namelist())
+    if is_script:
+        return torch.jit.load(str(path), map_location="cpu")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelError(f"cannot read model file {str(path)!r}: {exc}") from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != _FORMAT:
+        raise ModelError(
+            f"model file {str(path)!r} is a PyTorch file but not a tilesegment checkpoint; "
+            "write one with ts.save_model, or pass 'package.module:factory'"
+        )
+    arch = _ARCHITECTURES.get(ckpt["architecture"])
+    if arch is None:
+        raise ModelError(f"checkpoint architecture {ckpt['architecture']!r} is unknown")
+    model = arch(**ckpt["config"], normalization=ckpt.get("normalization"))
+    model.load_state_dict(ckpt["state_dict"])
+    model.metadata = ckpt.get("metadata", {})
+    return model
+
+
+def _load_factory(text: str) -> nn.Module:
+    module_name, _, attr = text.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ModelError(f"cannot import model factory {text!r}: {exc}") from exc
+    model = factory()
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"factory {text!r} returned {type(model).__name__}, not a torch.nn.Module")
+    return model

@@ -1,0 +1,179 @@
+"""Where every tile goes: origins on the network's step, grouped into chunk-aligned blocks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import numpy as np
+
+from .errors import InvalidTileSize
+from .geometry import Geometry, Pair, PairLike, as_pair
+
+__all__ = ["TilePlan", "Tile", "Block"]
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One tile: the output pixels ``[origin, origin + size)`` and where its input starts."""
+
+    index: int
+    block: int
+    origin: Pair
+    size: Pair
+    input_origin: Pair
+
+
+@dataclass(frozen=True)
+class Block:
+    """A chunk-aligned region ``[start, stop)`` of the output and its tiles.
+
+    A block is the smallest unit that is written: its chunks are complete once
+    all of its tiles are in, so each chunk is written exactly once.
+    """
+
+    index: int
+    start: Pair
+    stop: Pair
+    tiles: range
+
+
+@dataclass(frozen=True, eq=False)
+class TilePlan:
+    """The overlap-tile plan of an image for a network.
+
+    Tiles are ``tile_size`` output pixels on a grid whose origins are
+    multiples of the tile size (hence of the step). Each tile's network input
+    is ``geometry.input_size(tile_size)`` pixels starting at
+    ``origin - halo``; the tile keeps the first ``tile_size`` output pixels,
+    clipped at the far image edge. Tiles are ordered block by block (row-major
+    blocks, row-major tiles inside), so a consumer that goes in plan order
+    finishes one block before the next.
+
+    Build with `TilePlan.build`.
+    """
+
+    shape: Pair
+    geometry: Geometry
+    tile_size: Pair
+    chunk_size: Pair
+    origins: np.ndarray  # (n_tiles, 2) int64
+    block_origins: np.ndarray  # (n_blocks, 2) int64
+    block_tiles: np.ndarray  # (n_blocks + 1,) int64: tiles of block b are [bt[b], bt[b+1])
+
+    @classmethod
+    def build(
+        cls,
+        shape: PairLike,
+        geometry: Geometry,
+        tile_size: PairLike,
+        chunk_size: Optional[PairLike] = None,
+    ) -> "TilePlan":
+        """Plan the tiles of an image of spatial `shape`.
+
+        Parameters
+        ----------
+        shape : (int, int)
+            Image size ``(Y, X)``.
+        geometry : Geometry
+            The network's geometry.
+        tile_size : int or (int, int)
+            Written tile edge; a positive multiple of ``geometry.step``.
+        chunk_size : int or (int, int), optional
+            Output chunk edge. Must divide the tile size or be a multiple of
+            it, per axis. Default: the tile size.
+
+        Raises
+        ------
+        InvalidTileSize
+            If the tile size is not a multiple of the step or does not align
+            with the chunk size.
+        """
+        shape = as_pair(shape, "shape")
+        if min(shape) < 1:
+            raise InvalidTileSize(f"image shape {shape} has no pixels")
+        tile = geometry.check_tile_size(tile_size)
+        chunk = tile if chunk_size is None else as_pair(chunk_size, "chunk_size")
+        for t, c in zip(tile, chunk):
+            if c < 1 or (t % c and c % t):
+                raise InvalidTileSize(
+                    f"chunk size {c} and tile size {t} are not aligned; use a chunk size that "
+                    f"divides {t} or is a multiple of it (e.g. {t} or {2 * t})"
+                )
+        block = tuple(max(t, c) for t, c in zip(tile, chunk))
+        n_blocks = [-(-s // b) for s, b in zip(shape, block)]
+        per_block = [b // t for b, t in zip(block, tile)]
+        by, bx, ty, tx = np.meshgrid(
+            np.arange(n_blocks[0]),
+            np.arange(n_blocks[1]),
+            np.arange(per_block[0]),
+            np.arange(per_block[1]),
+            indexing="ij",
+        )
+        oy = (by * block[0] + ty * tile[0]).ravel()
+        ox = (bx * block[1] + tx * tile[1]).ravel()
+        inside = (oy < shape[0]) & (ox < shape[1])
+        origins = np.stack([oy[inside], ox[inside]], axis=1).astype(np.int64)
+        block_id = (by * n_blocks[1] + bx).ravel()[inside]
+        counts = np.bincount(block_id, minlength=n_blocks[0] * n_blocks[1])
+        block_tiles = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        gy, gx = np.meshgrid(np.arange(n_blocks[0]), np.arange(n_blocks[1]), indexing="ij")
+        block_origins = np.stack([gy.ravel() * block[0], gx.ravel() * block[1]], 1)
+        return cls(shape, geometry, tile, chunk, origins, block_origins.astype(np.int64), block_tiles)
+
+    # -- sizes -----------------------------------------------------------------------
+
+    @property
+    def input_size(self) -> Pair:
+        """Network input size of every tile."""
+        return self.geometry.input_size(self.tile_size)
+
+    @property
+    def block_size(self) -> Pair:
+        """Edge of a full block: the larger of tile and chunk size, per axis."""
+        return tuple(max(t, c) for t, c in zip(self.tile_size, self.chunk_size))  # type: ignore[return-value]
+
+    @property
+    def n_tiles(self) -> int:
+        return int(self.origins.shape[0])
+
+    @property
+    def n_blocks(self) -> int:
+        return int(self.block_origins.shape[0])
+
+    def __len__(self) -> int:
+        return self.n_tiles
+
+    # -- items -----------------------------------------------------------------------
+
+    def tile(self, index: int) -> Tile:
+        """The `index`-th tile in plan order."""
+        oy, ox = (int(v) for v in self.origins[index])
+        block = int(np.searchsorted(self.block_tiles, index, side="right") - 1)
+        size = (min(self.tile_size[0], self.shape[0] - oy), min(self.tile_size[1], self.shape[1] - ox))
+        halo = self.geometry.halo
+        return Tile(int(index), block, (oy, ox), size, (oy - halo[0], ox - halo[1]))
+
+    def block(self, index: int) -> Block:
+        """The `index`-th block; its tiles are consecutive in plan order."""
+        y0, x0 = (int(v) for v in self.block_origins[index])
+        size = self.block_size
+        stop = (min(y0 + size[0], self.shape[0]), min(x0 + size[1], self.shape[1]))
+        return Block(int(index), (y0, x0), stop, range(int(self.block_tiles[index]), int(self.block_tiles[index + 1])))
+
+    def tiles(self) -> Iterator[Tile]:
+        """All tiles in plan order."""
+        return (self.tile(i) for i in range(self.n_tiles))
+
+    def blocks(self) -> Iterator[Block]:
+        """All blocks in order."""
+        return (self.block(b) for b in range(self.n_blocks))
+
+    def tile_blocks(self) -> np.ndarray:
+        """Block index of every tile, in plan order."""
+        return np.repeat(np.arange(self.n_blocks), np.diff(self.block_tiles))
+
+    def computed_fraction(self) -> float:
+        """Network input pixels computed per output pixel written (the halo overhead)."""
+        n_in = self.input_size
+        return self.n_tiles * n_in[0] * n_in[1] / (self.shape[0] * self.shape[1])

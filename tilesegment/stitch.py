@@ -1,0 +1,258 @@
+"""The stitcher stage: crop each network output into its block, write complete blocks."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Optional, Union
+
+import numba
+import numpy as np
+
+from .errors import TileSegmentError, UsageError
+from .io.sinks import MemorySink, Sink, ZarrSink
+from .plan import TilePlan
+
+__all__ = ["Stitcher", "MODES"]
+
+#: Output modes: what is written per pixel.
+MODES = ("labels", "probabilities", "logits")
+
+
+@numba.njit(cache=True, nogil=True)
+def _crop_logits(out, cy, cx, h, w, dest, dy, dx):  # pragma: no cover - compiled
+    for k in range(out.shape[0]):
+        for i in range(h):
+            for j in range(w):
+                dest[k, dy + i, dx + j] = out[k, cy + i, cx + j]
+
+
+@numba.njit(cache=True, nogil=True)
+def _crop_labels(out, cy, cx, h, w, dest, dy, dx):  # pragma: no cover - compiled
+    classes = out.shape[0]
+    for i in range(h):
+        for j in range(w):
+            if classes == 1:
+                dest[dy + i, dx + j] = 1 if out[0, cy + i, cx + j] > 0 else 0
+                continue
+            best, arg = out[0, cy + i, cx + j], 0
+            for k in range(1, classes):
+                v = out[k, cy + i, cx + j]
+                if v > best:  # first maximum wins, as numpy.argmax
+                    best, arg = v, k
+            dest[dy + i, dx + j] = arg
+
+
+@numba.njit(cache=True, nogil=True)
+def _crop_probabilities(out, cy, cx, h, w, dest, dy, dx):  # pragma: no cover - compiled
+    classes = out.shape[0]
+    for i in range(h):
+        for j in range(w):
+            if classes == 1:
+                p = 1.0 / (1.0 + math.exp(-float(out[0, cy + i, cx + j])))
+                dest[0, dy + i, dx + j] = np.uint8(math.floor(p * 255.0 + 0.5))
+                continue
+            top = out[0, cy + i, cx + j]
+            for k in range(1, classes):
+                top = max(top, out[k, cy + i, cx + j])
+            total = 0.0
+            for k in range(classes):
+                total += math.exp(float(out[k, cy + i, cx + j] - top))
+            for k in range(classes):
+                p = math.exp(float(out[k, cy + i, cx + j] - top)) / total
+                dest[k, dy + i, dx + j] = np.uint8(math.floor(p * 255.0 + 0.5))
+
+
+_KERNELS = {"labels": _crop_labels, "probabilities": _crop_probabilities, "logits": _crop_logits}
+_DTYPES = {"labels": np.uint8, "probabilities": np.uint8, "logits": np.float32}
+
+
+class Stitcher:
+    """Assemble network outputs of a `TilePlan` into one image, block by block.
+
+    Each output is cropped to the pixels its tile owns (the first
+    ``tile_size`` pixels after ``geometry.crop``, clipped at the image edge)
+    and reduced on the fly: ``"labels"`` takes the argmax (uint8, ``logit > 0``
+    for one class), ``"probabilities"`` the softmax scaled to uint8
+    (``round(p * 255)``, sigmoid for one class), ``"logits"`` keeps float32.
+    A block is handed to the sink the moment its last tile arrives, so every
+    chunk is written once, whole, and memory holds only unfinished blocks.
+
+    Parameters
+    ----------
+    plan : TilePlan
+        The plan the tiles come from (``tiler.plan``).
+    output : None, path or zarr store
+        None keeps the result in memory (a numpy array); a path or store gets
+        an OME-Zarr image group whose full-resolution array is ``"0"``.
+    mode : {"labels", "probabilities", "logits"}
+        What to write per pixel.
+    num_classes : int, optional
+        Output channels; taken from the first output when omitted.
+    overwrite : bool
+        Replace an existing output (only once the new one is complete).
+    pixel_size : (float, float), optional
+        Micrometres per pixel ``(y, x)`` for the OME-Zarr metadata.
+    writers : int
+        Threads that compress and write finished blocks.
+
+    Examples
+    --------
+    >>> import numpy as np, tilesegment as ts
+    >>> tiler = ts.Tiler(np.random.rand(50, 40), ts.Geometry(halo=2, step=4), tile_size=16)
+    >>> with ts.Stitcher(tiler.plan, mode="logits") as stitcher:
+    ...     for batch in tiler.batches(4):
+    ...         stitcher.add(batch, batch.data)   # identity "network", same padding
+    >>> np.allclose(stitcher.result[0], tiler.source.read(0, 50, 0, 40)[..., 0])
+    True
+    """
+
+    def __init__(
+        self,
+        plan: TilePlan,
+        output: Union[None, str, os.PathLike, Any] = None,
+        mode: str = "labels",
+        *,
+        num_classes: Optional[int] = None,
+        overwrite: bool = False,
+        pixel_size: Optional[tuple[float, float]] = None,
+        writers: int = 2,
+    ) -> None:
+        if mode not in MODES:
+            raise UsageError(f"mode {mode!r} is unknown; use one of {', '.join(MODES)}")
+        self.plan = plan
+        self.mode = mode
+        self._output = output
+        self._options = dict(overwrite=overwrite, pixel_size=pixel_size, writers=writers)
+        if output is not None:
+            ZarrSink.check_output(output, overwrite)
+        self._sink: Optional[Sink] = None
+        self._num_classes = num_classes
+        self._buffers: dict[int, np.ndarray] = {}
+        self._block_of = plan.tile_blocks()
+        self._missing = np.diff(plan.block_tiles).astype(np.int64)
+        self._seen = np.zeros(plan.n_tiles, dtype=bool)
+        self._closed = False
+        self.result: Any = None
+        if num_classes is not None:
+            self._open(num_classes)
+
+    # -- setup -----------------------------------------------------------------------
+
+    def _open(self, num_classes: int) -> None:
+        self._num_classes = num_classes
+        shape = self.plan.shape if self.mode == "labels" else (num_classes, *self.plan.shape)
+        dtype = _DTYPES[self.mode]
+        if self._output is None:
+            self._sink = MemorySink(shape, dtype)
+        else:
+            chunks = self.plan.chunk_size if self.mode == "labels" else (num_classes, *self.plan.chunk_size)
+            self._sink = ZarrSink(self._output, shape, dtype, chunks, **self._options)
+
+    # -- adding outputs -------------------------------------------------------------
+
+    def add(self, tiles: Any, outputs: Any) -> None:
+        """Crop and store the network `outputs` of `tiles`.
+
+        Parameters
+        ----------
+        tiles : Batch or sequence of int
+            The batch the outputs belong to, or its plan indices.
+        outputs : array-like or torch.Tensor
+            Network outputs, shape ``(N, K, h_out, w_out)`` with ``h_out,
+            w_out`` at least ``geometry.crop + tile_size``.
+        """
+        if self._closed:
+            raise UsageError("stitcher is closed; create a new one to add more tiles")
+        indices = np.asarray(getattr(tiles, "indices", tiles), dtype=np.int64).reshape(-1)
+        outputs = _as_numpy(outputs)
+        self._check(indices, outputs)
+        if self._sink is None:
+            self._open(outputs.shape[1])
+        kernel = _KERNELS[self.mode]
+        crop = self.plan.geometry.crop
+        for index, out in zip(indices, outputs):
+            if self._seen[index]:
+                raise UsageError(f"tile {index} was added twice; each tile goes in once")
+            self._seen[index] = True
+            block = int(self._block_of[index])
+            buffer = self._buffers.get(block)
+            if buffer is None:
+                buffer = self._buffers[block] = self._sink.buffer(self._region(block))
+            (oy, ox), start = self.plan.origins[index], self.plan.block_origins[block]
+            h = min(self.plan.tile_size[0], self.plan.shape[0] - oy)
+            w = min(self.plan.tile_size[1], self.plan.shape[1] - ox)
+            kernel(out, crop[0], crop[1], h, w, buffer, oy - start[0], ox - start[1])
+            self._missing[block] -= 1
+            if self._missing[block] == 0:
+                self._sink.commit(self._region(block), self._buffers.pop(block))
+
+    def _region(self, block: int) -> tuple[slice, slice]:
+        b = self.plan.block(block)
+        return (slice(b.start[0], b.stop[0]), slice(b.start[1], b.stop[1]))
+
+    def _check(self, indices: np.ndarray, outputs: np.ndarray) -> None:
+        if outputs.ndim != 4 or outputs.shape[0] != len(indices):
+            raise UsageError(
+                f"outputs of shape {outputs.shape} do not match {len(indices)} tiles; "
+                "expected (N, classes, height, width)"
+            )
+        need = tuple(c + t for c, t in zip(self.plan.geometry.crop, self.plan.tile_size))
+        if outputs.shape[2] < need[0] or outputs.shape[3] < need[1]:
+            raise UsageError(
+                f"network output {outputs.shape[2:]} is smaller than crop + tile_size {need}; "
+                "is the geometry right for this model?"
+            )
+        if self._num_classes is not None and outputs.shape[1] != self._num_classes:
+            raise UsageError(f"outputs have {outputs.shape[1]} classes, expected {self._num_classes}")
+        if self.mode == "labels" and outputs.shape[1] > 256:
+            raise UsageError(f"{outputs.shape[1]} classes do not fit uint8 labels; use mode='logits'")
+        if indices.size and (indices.min() < 0 or indices.max() >= self.plan.n_tiles):
+            raise UsageError(f"tile indices must be in [0, {self.plan.n_tiles}); got {indices}")
+
+    # -- finishing -------------------------------------------------------------------
+
+    @property
+    def tiles_done(self) -> int:
+        """Tiles added so far."""
+        return int(self._seen.sum())
+
+    def close(self) -> Any:
+        """Write what remains, finish the output and return it (numpy or zarr array).
+
+        Raises
+        ------
+        TileSegmentError
+            If some tiles were never added (the output would have holes).
+        """
+        if self._closed:
+            return self.result
+        self._closed = True
+        if self._sink is None:
+            raise TileSegmentError("no tile was added; nothing to write")
+        missing = self.plan.n_tiles - self.tiles_done
+        if missing:
+            self._sink.abort()
+            raise TileSegmentError(
+                f"{missing} of {self.plan.n_tiles} tiles were never added "
+                f"(first: {int(np.flatnonzero(~self._seen)[0])}); the output is incomplete"
+            )
+        self.result = self._sink.close()
+        return self.result
+
+    def __enter__(self) -> "Stitcher":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._closed = True
+            if self._sink is not None:
+                self._sink.abort()
+
+
+def _as_numpy(outputs: Any) -> np.ndarray:
+    if hasattr(outputs, "detach"):  # torch.Tensor on any device
+        outputs = outputs.detach().cpu().numpy()
+    return np.asarray(outputs)

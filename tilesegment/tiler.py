@@ -1,0 +1,179 @@
+"""The loader stage: read each tile's padded input from the source, batch by batch."""
+
+from __future__ import annotations
+
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+
+from .errors import UsageError
+from .geometry import Geometry, PairLike
+from .io.mirror import gather, normalization_affine, pad_indices
+from .io.sources import ImageLike, ImageSource, open_image
+from .plan import TilePlan
+
+__all__ = ["Tiler", "Batch"]
+
+
+@dataclass(frozen=True, eq=False)
+class Batch:
+    """Network inputs of consecutive tiles of a plan.
+
+    Attributes
+    ----------
+    indices : numpy.ndarray
+        Plan indices of the tiles, shape ``(N,)``.
+    data : numpy.ndarray
+        Float32 network inputs, shape ``(N, C, h_in, w_in)``.
+    """
+
+    indices: np.ndarray
+    data: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class Tiler:
+    """Split an image into the padded tile inputs of a network.
+
+    Parameters
+    ----------
+    image : path, numpy, zarr or dask array, or ImageSource
+        The image; files are read lazily, region by region.
+    geometry : Geometry or torch.nn.Module
+        The network's geometry, or the network itself.
+    tile_size : int or (int, int)
+        Written tile edge, a multiple of the network step.
+    chunk_size : int or (int, int), optional
+        Output chunk edge (default: the tile size); see `TilePlan.build`.
+    padding : str
+        How pixels outside the image are made: ``"reflect"`` (default, as
+        ``numpy.pad``), ``"symmetric"``, ``"edge"`` or ``"constant"`` (zero).
+    normalization : (means, stds), optional
+        Applied after integers are scaled to [0, 1].
+    axes : str, optional
+        Axes override for the image, e.g. ``"CYX"``.
+    level : int
+        Pyramid level of the image.
+
+    Examples
+    --------
+    >>> import numpy as np, tilesegment as ts
+    >>> geom = ts.Geometry(halo=4, step=8)
+    >>> tiler = ts.Tiler(np.zeros((100, 60), np.uint8), geom, tile_size=32)
+    >>> len(tiler.plan), tiler.plan.input_size
+    (8, (48, 48))
+    >>> next(tiler.batches(3)).data.shape
+    (3, 1, 48, 48)
+    """
+
+    def __init__(
+        self,
+        image: ImageLike,
+        geometry: Geometry,
+        tile_size: PairLike = 512,
+        *,
+        chunk_size: Optional[PairLike] = None,
+        padding: str = "reflect",
+        normalization: Optional[tuple[Sequence[float], Sequence[float]]] = None,
+        axes: Optional[str] = None,
+        level: int = 0,
+    ) -> None:
+        self.source: ImageSource = open_image(image, axes=axes, level=level)
+        self.geometry = Geometry.of(geometry)
+        self.plan = TilePlan.build(self.source.shape, self.geometry, tile_size, chunk_size)
+        pad_indices(0, 1, 1, padding)  # fail now on an unknown mode, not in a thread
+        self.padding = padding
+        self.scale, self.offset = normalization_affine(
+            self.source.dtype, self.source.channels, normalization
+        )
+
+    def read(self, index: int, out: Optional[np.ndarray] = None) -> np.ndarray:
+        """Return the network input of tile `index`, shape ``(C, h_in, w_in)`` float32."""
+        n_in = self.plan.input_size
+        oy, ox = (int(v) - h for v, h in zip(self.plan.origins[index], self.geometry.halo))
+        iy = pad_indices(oy, n_in[0], self.plan.shape[0], self.padding)
+        ix = pad_indices(ox, n_in[1], self.plan.shape[1], self.padding)
+        # Read only the bounding box of the source pixels the (mirrored) input uses.
+        (y0, y1), (x0, x1) = _span(iy), _span(ix)
+        region = self.source.read(y0, y1, x0, x1)
+        if out is None:
+            out = np.empty((self.source.channels, *n_in), dtype=np.float32)
+        return gather(region, _shift(iy, y0), _shift(ix, x0), self.scale, self.offset, out)
+
+    def batch(self, indices: Sequence[int]) -> Batch:
+        """Read the tiles `indices` into one `Batch`."""
+        indices = np.asarray(indices, dtype=np.int64)
+        data = np.empty((len(indices), self.source.channels, *self.plan.input_size), np.float32)
+        for k, index in enumerate(indices):
+            self.read(int(index), out=data[k])
+        return Batch(indices, data)
+
+    def batches(
+        self,
+        batch_size: int = 1,
+        *,
+        tiles: Optional[Sequence[int]] = None,
+        prefetch: int = 2,
+        workers: int = 2,
+    ) -> Iterator[Batch]:
+        """Yield batches of tile inputs in plan order, reading ahead in threads.
+
+        Parameters
+        ----------
+        batch_size : int
+            Tiles per batch (the last batch may be smaller).
+        tiles : sequence of int, optional
+            Plan indices to read (default: all); kept in the given order.
+        prefetch : int
+            Batches read ahead of the consumer; memory is
+            ``(prefetch + 1) * batch`` inputs at most.
+        workers : int
+            Reader threads (0 reads in the calling thread). Decoding and the
+            gather kernel release the GIL.
+        """
+        if int(batch_size) < 1:
+            raise UsageError(f"batch_size {batch_size} must be at least 1")
+        order = np.arange(self.plan.n_tiles) if tiles is None else np.asarray(tiles, np.int64)
+        groups = (order[i : i + int(batch_size)] for i in range(0, len(order), int(batch_size)))
+        if workers <= 0:
+            yield from (self.batch(g) for g in groups)
+            return
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="tilesegment-read")
+        pending: deque = deque()
+        try:
+            for group in groups:
+                pending.append(pool.submit(self.batch, group))
+                if len(pending) > prefetch:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def close(self) -> None:
+        """Close the image file, if any."""
+        self.source.close()
+
+    def __enter__(self) -> "Tiler":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _span(indices: np.ndarray) -> tuple[int, int]:
+    inside = indices[indices >= 0]
+    if inside.size == 0:
+        return 0, 1
+    return int(inside.min()), int(inside.max()) + 1
+
+
+def _shift(indices: np.ndarray, start: int) -> np.ndarray:
+    return np.where(indices >= 0, indices - start, -1)
