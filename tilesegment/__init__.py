@@ -1,6 +1,6 @@
 """tilesegment: exact overlap-tile segmentation of gigapixel images into OME-Zarr."""
 
-from .api import RunStats, segment
+from .api import Job, RunStats, prepare, segment
 from .errors import (
     InputError,
     InvalidTileSize,
@@ -24,6 +24,7 @@ __all__ = [
     "Geometry",
     "ImageSource",
     "InputError",
+    "Job",
     "InvalidTileSize",
     "ModelError",
     "OutputExistsError",
@@ -37,6 +38,7 @@ __all__ = [
     "UsageError",
     "load_model",
     "open_image",
+    "prepare",
     "save_model",
     "segment",
 ]

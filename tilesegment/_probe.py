@@ -14,21 +14,43 @@ _LIMIT = 4096
 
 def model_in_channels(model: object) -> Optional[int]:
     """Input channels of the first convolution of `model`, or None if it has none."""
-    import torch.nn as nn
-
     for module in model.modules():  # type: ignore[attr-defined]
-        if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
-            return int(module.in_channels)
+        # TorchScript modules keep the class name in `original_name`.
+        kind = getattr(module, "original_name", type(module).__name__)
+        if kind in ("Conv2d", "ConvTranspose2d"):
+            if hasattr(module, "in_channels"):
+                return int(module.in_channels)
+            weight = module.weight
+            return int(weight.shape[1] if kind == "Conv2d" else weight.shape[0])
     return None
 
 
-def _output_shape(model, state, in_channels: int, ny: int, nx: int):
+def _meta_runner(model):
+    """A callable running `model` on meta tensors without touching its weights."""
+    import io
+
     import torch
     from torch.func import functional_call
 
+    if isinstance(model, torch.jit.ScriptModule):
+        # The stateless API refuses TorchScript; a reload onto meta has no data either.
+        buffer = io.BytesIO()
+        torch.jit.save(model, buffer)
+        buffer.seek(0)
+        return torch.jit.load(buffer, map_location="meta")
+    state = {
+        name: torch.empty_like(t, device="meta")
+        for name, t in [*model.named_parameters(), *model.named_buffers()]
+    }
+    return lambda x: functional_call(model, state, (x,), strict=False)
+
+
+def _output_shape(run, in_channels: int, ny: int, nx: int):
+    import torch
+
     x = torch.empty((1, in_channels, ny, nx), device="meta")
     try:
-        y = functional_call(model, state, (x,), strict=False)
+        y = run(x)
     except Exception:  # an invalid size raises anything from anywhere
         return None
     if isinstance(y, (tuple, list)):
@@ -58,16 +80,13 @@ def probe_geometry(model: object, in_channels: Optional[int] = None) -> Geometry
     in_channels = in_channels or model_in_channels(model)
     if in_channels is None:
         raise ModelError("model has no convolution to take in_channels from; pass in_channels=")
-    state = {
-        name: torch.empty_like(t, device="meta")
-        for name, t in [*model.named_parameters(), *model.named_buffers()]
-    }
+    run = _meta_runner(model)
     was_training = model.training
     model.eval()
     try:
         best, valid, n = None, [], 1
         while n < _LIMIT:
-            shape = _output_shape(model, state, in_channels, n, n)
+            shape = _output_shape(run, in_channels, n, n)
             if shape is not None and shape[-1] == shape[-2]:
                 gain = shape[-1] - n
                 if best is None or gain > best:
@@ -87,7 +106,7 @@ def probe_geometry(model: object, in_channels: Optional[int] = None) -> Geometry
         geom = Geometry(halo=(shrink + 1) // 2, step=step, min_input=valid[0], shrink=shrink)
         # Second probe: a large, non-square valid size must follow the same arithmetic.
         ny, nx = valid[0] + 37 * step, valid[0] + 5 * step
-        shape = _output_shape(model, state, in_channels, ny, nx)
+        shape = _output_shape(run, in_channels, ny, nx)
         if shape is None or shape[-2:] != geom.output_size((ny, nx)):
             raise ModelError(
                 f"model geometry is inconsistent: input {(ny, nx)} gave output "

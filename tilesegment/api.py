@@ -1,4 +1,4 @@
-"""`segment()`: open source, plan, run the executor, stitch, finish the sink."""
+"""`segment()`: open source -> plan -> run the executor -> stitch -> finish the sink."""
 
 from __future__ import annotations
 
@@ -15,12 +15,13 @@ from ._probe import model_in_channels
 from .errors import ModelError, UsageError
 from .executor import Executor, resolve_device
 from .geometry import Geometry, Pair
+from .io.sinks import ZarrSink
 from .io.sources import ImageLike, open_image
 from .models.load import ModelSpec, load_model
-from .stitch import Stitcher
+from .stitch import MODES, Stitcher
 from .tiler import Tiler
 
-__all__ = ["segment", "RunStats", "auto_tile_size"]
+__all__ = ["segment", "prepare", "Job", "RunStats", "auto_tile_size"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,96 @@ def _auto_batch_size(device: torch.device) -> int:
     return 1 if device.type == "cpu" else 4
 
 
+@dataclass(frozen=True, eq=False)
+class Job:
+    """A validated segmentation run: every input checked, nothing computed yet.
+
+    Make one with `prepare`; `run` does the work. The CLI prints the plan in
+    between.
+    """
+
+    model: torch.nn.Module
+    tiler: Tiler
+    device: torch.device
+    batch_size: int
+    mode: str
+    output: Any
+    overwrite: bool
+
+    @property
+    def plan(self):
+        return self.tiler.plan
+
+    def run(self, progress: bool = True) -> tuple[Any, RunStats]:
+        """Segment, write the output and return ``(result, stats)``."""
+        with self.tiler as tiler:
+            executor = Executor(self.model, self.device)
+            start = time.perf_counter()
+            with Stitcher(
+                tiler.plan, self.output, self.mode, overwrite=self.overwrite,
+                pixel_size=tiler.source.pixel_size,
+            ) as stitcher:
+                with _progress(tiler.plan.n_tiles, progress) as bar:
+                    for item in tiler.batches(self.batch_size):
+                        stitcher.add(item, executor(item.data))
+                        bar.update(len(item))
+            stats = RunStats(
+                tiles=tiler.plan.n_tiles,
+                tile_size=tiler.plan.tile_size,
+                input_size=tiler.plan.input_size,
+                batch_size=self.batch_size,
+                device=str(self.device),
+                seconds=time.perf_counter() - start,
+                pixels=int(np.prod(tiler.plan.shape)),
+            )
+        return stitcher.result, stats
+
+
+def prepare(
+    image: ImageLike,
+    model: ModelSpec,
+    output: Union[None, str, os.PathLike, Any] = None,
+    *,
+    tile_size: Union[int, tuple[int, int], str, None] = "auto",
+    batch_size: Union[int, str, None] = "auto",
+    device: Union[str, torch.device] = "auto",
+    mode: str = "labels",
+    padding: str = "reflect",
+    level: int = 0,
+    axes: Optional[str] = None,
+    chunk_size: Union[int, tuple[int, int], None] = None,
+    overwrite: bool = False,
+) -> Job:
+    """Check every argument of `segment` and plan the run, without computing anything.
+
+    Takes the parameters of `segment` (except `progress`) and returns a
+    `Job`; raises the same errors `segment` would, before any work.
+    """
+    if mode not in MODES:
+        raise UsageError(f"mode {mode!r} is unknown; use one of {', '.join(MODES)}")
+    if output is not None:
+        ZarrSink.check_output(output, overwrite)
+    model = load_model(model)
+    geometry = Geometry.of(model)
+    dev = resolve_device(device)
+    source = open_image(image, axes=axes, level=level)
+    if tile_size in ("auto", None):
+        tile_size = auto_tile_size(source.shape, geometry, dev)
+    tiler = Tiler(
+        source,
+        geometry,
+        tile_size=tile_size,
+        chunk_size=chunk_size,
+        padding=padding,
+        normalization=getattr(model, "normalization", None),
+    )
+    _check_channels(model, tiler)
+    batch = _auto_batch_size(dev) if batch_size in ("auto", None) else int(batch_size)
+    if batch < 1:
+        raise UsageError(f"batch_size {batch_size} must be at least 1")
+    return Job(model, tiler, dev, batch, mode, output, overwrite)
+
+
 def segment(
     image: ImageLike,
     model: ModelSpec,
@@ -74,7 +165,6 @@ def segment(
     chunk_size: Union[int, tuple[int, int], None] = None,
     overwrite: bool = False,
     progress: bool = True,
-    stats: Optional[list] = None,
 ) -> Any:
     """Segment `image` with `model`, tile by tile, exactly as whole-image inference would.
 
@@ -113,8 +203,6 @@ def segment(
         Replace an existing output (swapped in only when the new one is complete).
     progress : bool
         Show a progress bar.
-    stats : list, optional
-        If given, a `RunStats` of the run is appended to it.
 
     Returns
     -------
@@ -133,47 +221,12 @@ def segment(
     >>> labels.shape, labels.dtype
     ((100, 80), dtype('uint8'))
     """
-    model = load_model(model)
-    geometry = Geometry.of(model)
-    dev = resolve_device(device)
-    source = open_image(image, axes=axes, level=level)
-    if tile_size in ("auto", None):
-        tile_size = auto_tile_size(source.shape, geometry, dev)
-    tiler = Tiler(
-        source,
-        geometry,
-        tile_size=tile_size,
-        chunk_size=chunk_size,
-        padding=padding,
-        normalization=getattr(model, "normalization", None),
+    job = prepare(
+        image, model, output, tile_size=tile_size, batch_size=batch_size, device=device,
+        mode=mode, padding=padding, level=level, axes=axes, chunk_size=chunk_size,
+        overwrite=overwrite,
     )
-    with tiler:
-        _check_channels(model, tiler)
-        batch = _auto_batch_size(dev) if batch_size in ("auto", None) else int(batch_size)
-        if batch < 1:
-            raise UsageError(f"batch_size {batch_size} must be at least 1")
-        executor = Executor(model, dev)
-        start = time.perf_counter()
-        with Stitcher(
-            tiler.plan, output, mode, overwrite=overwrite, pixel_size=tiler.source.pixel_size
-        ) as stitcher:
-            with _progress(tiler.plan.n_tiles, progress) as bar:
-                for item in tiler.batches(batch):
-                    stitcher.add(item, executor(item.data))
-                    bar.update(len(item))
-        if stats is not None:
-            stats.append(
-                RunStats(
-                    tiles=tiler.plan.n_tiles,
-                    tile_size=tiler.plan.tile_size,
-                    input_size=tiler.plan.input_size,
-                    batch_size=batch,
-                    device=str(dev),
-                    seconds=time.perf_counter() - start,
-                    pixels=int(np.prod(tiler.plan.shape)),
-                )
-            )
-        return stitcher.result
+    return job.run(progress)[0]
 
 
 def _check_channels(model, tiler: Tiler) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from typing import Optional, Sequence
 
 from .errors import TileSegmentError
@@ -65,35 +64,23 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _segment(args: argparse.Namespace) -> int:
-    import tilesegment as ts
-    from .api import auto_tile_size
-    from .executor import resolve_device
-    from .io.sinks import ZarrSink
+    from .api import prepare
 
-    ZarrSink.check_output(args.output, args.overwrite)  # before loading anything heavy
-    model = ts.load_model(args.model)
-    geometry = ts.Geometry.of(model)
-    source = ts.open_image(args.input, axes=args.axes, level=args.level)
-    tile = args.tile_size
-    if tile == "auto":
-        tile = auto_tile_size(source.shape, geometry, resolve_device(args.device))
-    plan = ts.TilePlan.build(source.shape, geometry, tile, args.chunk_size)
+    job = prepare(args.input, args.model, args.output, tile_size=args.tile_size,
+                  batch_size=args.batch_size, device=args.device, mode=args.mode,
+                  padding=args.padding, level=args.level, axes=args.axes,
+                  chunk_size=args.chunk_size, overwrite=args.overwrite)
+    plan, source, geometry = job.plan, job.tiler.source, job.plan.geometry
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
     say(f"input    {args.input}: {source.shape[0]} x {source.shape[1]} px, "
         f"{source.channels} channel(s), {source.dtype}")
     say(f"network  halo {geometry.halo[0]}, step {geometry.step[0]}; tile {plan.tile_size[0]}x"
         f"{plan.tile_size[1]} -> network input {plan.input_size[0]}x{plan.input_size[1]} "
         f"({plan.computed_fraction():.2f} computed px per written px)")
-    say(f"plan     {plan.n_tiles} tiles in {plan.n_blocks} blocks")
-    stats: list = []
-    start = time.perf_counter()
-    ts.segment(source, model, args.output, tile_size=tile, batch_size=args.batch_size,
-               device=args.device, mode=args.mode, padding=args.padding,
-               chunk_size=args.chunk_size, overwrite=args.overwrite,
-               progress=not args.quiet, stats=stats)
-    run = stats[0]
-    say(f"done     {run.tiles} tiles in {time.perf_counter() - start:.1f} s on {run.device} "
-        f"(batch {run.batch_size}): {run.megapixels_per_second:.2f} Mpx/s -> {args.output}")
+    say(f"plan     {plan.n_tiles} tiles in {plan.n_blocks} blocks, batch {job.batch_size} on {job.device}")
+    _, run = job.run(progress=not args.quiet)
+    say(f"done     {run.tiles} tiles in {run.seconds:.1f} s: "
+        f"{run.megapixels_per_second:.2f} Mpx/s -> {args.output}")
     return 0
 
 

@@ -61,6 +61,8 @@ class UNet(nn.Module):
     torch.Size([1, 2, 20, 20])
     """
 
+    __jit_unused_properties__ = ["geometry"]  # lets torch.jit.script export the network
+
     def __init__(
         self,
         in_channels: int = 3,
@@ -110,15 +112,17 @@ class UNet(nn.Module):
         return Geometry(halo=halo, step=step, min_input=min_input, shrink=2 * halo)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        skips = []
+        skips: list[torch.Tensor] = []
         for block in self.down:
             x = block(x)
             skips.append(x)
             x = self.pool(x)
         x = self.bottom(x)
-        for up, block, skip in zip(self.up, self.decode, reversed(skips)):
+        level = len(skips)
+        for up, block in zip(self.up, self.decode):
+            level -= 1
             x = up(x)
-            x = block(torch.cat([_centre_crop(skip, x), x], dim=1))
+            x = block(torch.cat([_centre_crop(skips[level], x), x], dim=1))
         return self.head(x)
 
 

@@ -1,0 +1,82 @@
+import numpy as np
+import pytest
+import torch
+import zarr
+
+import tilesegment as ts
+from tilesegment.cli import main
+from tilesegment.testing import whole_image_logits
+
+
+def _run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_segment_writes_ome_zarr_and_reports_geometry_and_throughput(capsys, rgb_tiff, model_file, tmp_path):
+    out = tmp_path / "out.zarr"
+    code, _, err = _run(capsys, "segment", rgb_tiff, out, "--model", model_file, "--tile-size", 32)
+    assert code == 0, err
+    assert "halo 20, step 4" in err and "network input 72x72" in err
+    assert "tiles" in err and "Mpx/s" in err
+    assert zarr.open_array(out / "0", mode="r").shape == (150, 131)
+
+
+def test_info_lists_shape_pixel_size_and_valid_tiles(capsys, rgb_tiff, model_file):
+    code, out, _ = _run(capsys, "info", rgb_tiff, "--model", model_file)
+    assert code == 0
+    assert "150 x 131" in out and "pixel size 2 x 2 um" in out and "halo 20, step 4" in out
+
+
+@pytest.mark.parametrize(
+    "args,match,exit_code",
+    [
+        (["segment", "{missing}", "{out}", "--model", "{model}"], "does not exist", 2),
+        (["segment", "{text}", "{out}", "--model", "{model}"], "not a readable TIFF", 2),
+        (["segment", "{tiff}", "{out}", "--model", "{model}", "--tile-size", "30"], "tile_size 30 is not a multiple of the network step 4; nearest valid: 28 or 32", 2),
+        (["segment", "{gray}", "{out}", "--model", "{model}"], "expects 3 input channel", 2),
+        (["segment", "{tiff}", "{existing}", "--model", "{model}"], "exists; pass overwrite=True", 2),
+        (["segment", "{tiff}", "{out}", "--model", "{missing}"], "not found", 2),
+        (["segment", "{tiff}", "{out}", "--model", "{model}", "--device", "tpu"], "device 'tpu'", 2),
+    ],
+)
+def test_bad_input_gets_one_line_and_nonzero_exit_and_changes_nothing(
+    capsys, tmp_path, rgb_tiff, model_file, args, match, exit_code
+):
+    import tifffile
+
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    gray = tmp_path / "gray.tif"
+    tifffile.imwrite(gray, np.zeros((40, 40), np.uint8))
+    existing = tmp_path / "existing.zarr"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("precious")
+    names = dict(missing=tmp_path / "missing.tif", text=text, gray=gray, tiff=rgb_tiff,
+                 model=model_file, out=tmp_path / "out.zarr", existing=existing)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code, out, err = _run(capsys, *[a.format(**names) for a in args])
+    assert code == exit_code
+    assert match in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert (existing / "keep.txt").read_text() == "precious"
+
+
+def test_debug_flag_shows_the_traceback(tmp_path, model_file):
+    with pytest.raises(ts.InputError):
+        main(["--debug", "segment", str(tmp_path / "nope.tif"), str(tmp_path / "o.zarr"), "--model", str(model_file)])
+
+
+def test_real_svs_through_cli_agrees_with_whole_image_inference(capsys, shared_svs, tmp_path):
+    torch.manual_seed(0)
+    net = ts.UNet(3, 3, base_channels=4, depth=4)
+    model = ts.save_model(net, tmp_path / "net.pt")
+    out = tmp_path / "he.zarr"
+    code, _, err = _run(capsys, "segment", shared_svs, out, "--model", model, "--tile-size", 512, "--quiet")
+    assert code == 0, err
+    labels = zarr.open_array(out / "0", mode="r")[:]
+    reference = whole_image_logits(shared_svs, net).argmax(0)
+    assert labels.shape == (2967, 2220)
+    assert (labels == reference).mean() >= 0.9999

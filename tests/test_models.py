@@ -1,0 +1,60 @@
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import tilesegment as ts
+
+from conftest import small_unet
+
+
+def test_checkpoint_round_trip_keeps_weights_config_and_normalization(tmp_path):
+    net = ts.UNet(3, 4, base_channels=4, depth=2, normalization=((0.1, 0.2, 0.3), (1.0, 2.0, 3.0)))
+    path = ts.save_model(net, tmp_path / "m.pt", trained_on="synthetic")
+    loaded = ts.load_model(path)
+    assert loaded.config == net.config and loaded.normalization == net.normalization
+    assert loaded.metadata == {"trained_on": "synthetic"}
+    x = torch.rand(1, 3, 60, 60)
+    torch.testing.assert_close(loaded(x), net.eval()(x))
+
+
+def test_torchscript_file_loads_and_is_probed(tmp_path):
+    net = small_unet(3, 2, base=2, depth=2)
+    path = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.script(net), str(path))
+    loaded = ts.load_model(path)
+    assert ts.Geometry.of(loaded) == net.geometry
+    image = np.random.default_rng(0).random((40, 30, 3)).astype(np.float32)
+    a = ts.segment(image, loaded, tile_size=16, mode="logits", progress=False)
+    b = ts.segment(image, net, tile_size=16, mode="logits", progress=False)
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_factory_spec_imports_and_calls(tmp_path, monkeypatch):
+    (tmp_path / "mynets.py").write_text(
+        "import tilesegment as ts\ndef build():\n    return ts.UNet(1, 2, base_channels=2, depth=1)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model = ts.load_model("mynets:build")
+    assert model.config["in_channels"] == 1
+    sys.modules.pop("mynets", None)
+
+
+@pytest.mark.parametrize(
+    "content,match",
+    [(None, "not found"), (b"hello", "not a PyTorch checkpoint"), ("dict", "not a tilesegment checkpoint")],
+)
+def test_bad_model_files_are_model_errors(tmp_path, content, match):
+    path = tmp_path / "bad.pt"
+    if content == "dict":
+        torch.save({"weights": torch.zeros(2)}, path)
+    elif content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ts.ModelError, match=match):
+        ts.load_model(path)
+
+
+def test_bad_factory_is_a_model_error():
+    with pytest.raises(ts.ModelError, match="cannot import model factory"):
+        ts.load_model("no_such_package_xyz:build")
