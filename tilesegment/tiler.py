@@ -66,9 +66,9 @@ class Tiler:
     >>> geom = ts.Geometry(halo=4, step=8)
     >>> tiler = ts.Tiler(np.zeros((100, 60), np.uint8), geom, tile_size=32)
     >>> len(tiler.plan), tiler.plan.input_size
-    (8, (48, 48))
+    (8, (40, 40))
     >>> next(tiler.batches(3)).data.shape
-    (3, 1, 48, 48)
+    (3, 1, 40, 40)
     """
 
     def __init__(
