@@ -3,7 +3,7 @@ import pytest
 import zarr
 
 import tilesegment as ts
-from tilesegment.stitch import _crop_labels, _crop_logits, _crop_probabilities
+from tilesegment.stitch import _crop_labels, _crop_copy, _crop_probabilities
 
 
 @pytest.fixture
@@ -15,7 +15,7 @@ def test_crop_kernels_match_numpy_reference(logits):
     cy, cx, h, w, dy, dx = 3, 5, 9, 11, 2, 1
     window = logits[:, cy : cy + h, cx : cx + w]
     dest = np.full((4, 14, 15), 7, np.float32)
-    _crop_logits(logits, cy, cx, h, w, dest, dy, dx)
+    _crop_copy(logits, cy, cx, h, w, dest, dy, dx)
     np.testing.assert_array_equal(dest[:, dy : dy + h, dx : dx + w], window)
     assert (dest[:, :dy] == 7).all()
 

@@ -43,7 +43,11 @@ def _parser() -> argparse.ArgumentParser:
     seg.add_argument("--tile-size", type=_size, default="auto", metavar="N",
                      help="written tile edge, a multiple of the network step (default: auto)")
     seg.add_argument("--batch-size", type=int, default=None, metavar="N", help="tiles per forward pass (default: auto)")
-    seg.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    seg.add_argument("--device", default="auto",
+                     help="auto, cpu, cuda (all GPUs), cuda:N, or a list cuda:0,cuda:1 (default: auto)")
+    seg.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                     help="autocast precision; auto: bf16 on GPUs that support it, fp32 on CPU")
+    seg.add_argument("--compile", action="store_true", help="run the model through torch.compile")
     seg.add_argument("--mode", choices=("labels", "probabilities", "logits"), default="labels",
                      help="labels: uint8 argmax; probabilities: uint8 softmax*255; logits: float32")
     seg.add_argument("--level", type=int, default=0, help="pyramid level to segment (default: 0)")
@@ -66,10 +70,12 @@ def _parser() -> argparse.ArgumentParser:
 def _segment(args: argparse.Namespace) -> int:
     from .api import prepare
 
+    device = args.device.split(",") if "," in args.device else args.device
     job = prepare(args.input, args.model, args.output, tile_size=args.tile_size,
-                  batch_size=args.batch_size, device=args.device, mode=args.mode,
+                  batch_size=args.batch_size, device=device, mode=args.mode,
                   padding=args.padding, level=args.level, axes=args.axes,
-                  chunk_size=args.chunk_size, overwrite=args.overwrite)
+                  chunk_size=args.chunk_size, overwrite=args.overwrite,
+                  precision=args.precision, compile=args.compile)
     plan, source, geometry = job.plan, job.tiler.source, job.plan.geometry
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
     say(f"input    {args.input}: {source.shape[0]} x {source.shape[1]} px, "
@@ -77,7 +83,8 @@ def _segment(args: argparse.Namespace) -> int:
     say(f"network  halo {geometry.halo[0]}, step {geometry.step[0]}; tile {plan.tile_size[0]}x"
         f"{plan.tile_size[1]} -> network input {plan.input_size[0]}x{plan.input_size[1]} "
         f"({plan.computed_fraction():.2f} computed px per written px)")
-    say(f"plan     {plan.n_tiles} tiles in {plan.n_blocks} blocks, batch {job.batch_size} on {job.device}")
+    devices = ", ".join(str(d) for d in job.devices)
+    say(f"plan     {plan.n_tiles} tiles in {plan.n_blocks} blocks, batch {job.batch_size} on {devices}")
     _, run = job.run(progress=not args.quiet)
     say(f"done     {run.tiles} tiles in {run.seconds:.1f} s: "
         f"{run.megapixels_per_second:.2f} Mpx/s -> {args.output}")

@@ -1,18 +1,40 @@
-"""The executor stage: run the network on batches of tile inputs, on a device."""
+"""The executor stage: run the network on batches of tile inputs, on a device.
+
+It knows devices, precisions and memory, and nothing about files. On CUDA,
+inputs go through pinned host memory on their own stream, the output is
+cropped and reduced (argmax / softmax / uint8) on the device, and the small
+result comes back with a non-blocking copy that the consumer waits for only
+when it needs the numbers. On CPU the raw logits come back and the stitcher's
+numba kernels crop and reduce them in one pass.
+"""
 
 from __future__ import annotations
 
-from typing import Union
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
 from torch import nn
 
-from .errors import UsageError
+from .errors import TileSegmentError, UsageError
+from .geometry import Geometry, Pair
 
-__all__ = ["Executor", "resolve_device"]
+__all__ = [
+    "Executor",
+    "Output",
+    "PRECISIONS",
+    "auto_batch_size",
+    "estimate_bytes_per_tile",
+    "reduce_logits",
+    "resolve_device",
+    "resolve_devices",
+]
 
 DeviceLike = Union[str, torch.device]
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(device: DeviceLike = "auto") -> torch.device:
@@ -41,28 +63,303 @@ def resolve_device(device: DeviceLike = "auto") -> torch.device:
     return dev
 
 
+def resolve_devices(device: Union[DeviceLike, Sequence[DeviceLike]] = "auto") -> list[torch.device]:
+    """Devices to run on: ``"cuda"`` means every CUDA device, a list means those.
+
+    Examples
+    --------
+    >>> resolve_devices("cpu")
+    [device(type='cpu')]
+    """
+    if isinstance(device, (list, tuple)):
+        if not device:
+            raise UsageError("device list is empty; pass e.g. ['cuda:0', 'cuda:1']")
+        return [resolve_device(d) for d in device]
+    dev = resolve_device(device)
+    if dev.type == "cuda" and dev.index is None and str(device) in ("cuda", "auto"):
+        return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    return [dev]
+
+
+def default_precision(device: torch.device) -> str:
+    """bf16 on GPUs that support it, fp32 elsewhere."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+class Output:
+    """A batch result that may still be in flight from the device.
+
+    `numpy()` waits for the device-to-host copy (and nothing else) and returns
+    the array. ``reduced`` says whether the executor already cropped and
+    reduced it (CUDA) or it holds raw network outputs (CPU).
+    """
+
+    def __init__(self, array: torch.Tensor, reduced: bool, event=None) -> None:
+        self._array = array
+        self._event = event
+        self.reduced = reduced
+
+    def numpy(self) -> np.ndarray:
+        if self._event is not None:
+            self._event.synchronize()
+        return self._array.numpy()
+
+
+@dataclass(frozen=True)
+class _Reduce:
+    mode: str
+    crop: Pair
+    tile: Pair
+
+
 class Executor:
-    """Run `model` on float32 batches and return float32 logits on the host.
+    """Run `model` on batches of tile inputs on one device.
 
     Parameters
     ----------
     model : torch.nn.Module
-        The network, put in eval mode on `device`.
+        The network (a copy is moved to `device`; the caller's model is not touched).
     device : str or torch.device
         ``"auto"`` picks CUDA when available.
+    precision : {"auto", "fp32", "bf16", "fp16"}
+        Autocast precision; "auto" is bf16 on GPUs that support it, fp32 on CPU.
+    mode : {"labels", "probabilities", "logits"}, optional
+        With `geometry` and `tile_size`, lets a CUDA executor crop and reduce
+        on the device so only the small result is copied back.
+    geometry, tile_size
+        Where a tile's pixels sit in the network output (see above).
+    channels_last : bool, optional
+        NHWC memory format (default: on CUDA only, where cuDNN prefers it).
+    compile : bool
+        Wrap the model in ``torch.compile``.
+    max_batch : int, optional
+        Largest batch to run at once; larger batches are split. Halved
+        automatically on out-of-memory errors.
+    memory_budget : int, optional
+        Bytes the executor may use for activations; batches whose measured
+        or estimated need exceeds it are split as if the device ran out of
+        memory.
+    reduce_on_device : bool, optional
+        Crop and reduce on the device (default: on CUDA only; on CPU the
+        stitcher's single-pass kernels are cheaper).
     """
 
-    def __init__(self, model: nn.Module, device: DeviceLike = "auto") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        device: DeviceLike = "auto",
+        *,
+        precision: str = "auto",
+        mode: Optional[str] = None,
+        geometry: Optional[Geometry] = None,
+        tile_size: Optional[Pair] = None,
+        channels_last: Optional[bool] = None,
+        compile: bool = False,
+        max_batch: Optional[int] = None,
+        memory_budget: Optional[int] = None,
+        reduce_on_device: Optional[bool] = None,
+    ) -> None:
         self.device = resolve_device(device)
-        self.model = model.eval().to(self.device)
+        if precision not in PRECISIONS:
+            raise UsageError(f"precision {precision!r} is unknown; use one of {', '.join(PRECISIONS)}")
+        self.precision = default_precision(self.device) if precision == "auto" else precision
+        cuda = self.device.type == "cuda"
+        if cuda and self.precision == "fp32":
+            # TF32 convolutions (PyTorch's default on Ampere+) cost ~1e-3 relative error
+            # and with it exactness; fp32 here means true fp32. The flags are process-wide.
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
+        self.channels_last = cuda if channels_last is None else channels_last
+        model = _to_device(model, self.device)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = torch.compile(model) if compile else model
+        on_device = cuda if reduce_on_device is None else reduce_on_device
+        self._reduce = (
+            _Reduce(mode, geometry.crop, tuple(tile_size))
+            if on_device and mode is not None and geometry is not None and tile_size is not None
+            else None
+        )
+        self.max_batch = max_batch
+        self.memory_budget = memory_budget
+        # A meta-device upper bound until the first CUDA batch measures the real peak.
+        self.bytes_per_tile: Optional[float] = None
+        self._measure = cuda
+        if memory_budget is not None and geometry is not None and tile_size is not None:
+            from ._probe import model_in_channels
 
-    def __call__(self, data: np.ndarray) -> np.ndarray:
-        """Network output of a ``(N, C, h, w)`` batch as a float32 numpy array."""
+            self.bytes_per_tile = estimate_bytes_per_tile(
+                model, model_in_channels(model) or 1, geometry.input_size(tile_size)
+            )
+        self._copy_stream = torch.cuda.Stream(self.device) if cuda else None
+
+    # -- memory ----------------------------------------------------------------------
+
+    def host_buffer(self, shape: tuple[int, ...]) -> np.ndarray:
+        """A float32 host array to gather a batch into (pinned on CUDA for async copies)."""
+        if self.device.type == "cuda":
+            return torch.empty(shape, dtype=torch.float32, pin_memory=True).numpy()
+        return np.empty(shape, dtype=np.float32)
+
+    def _fits(self, n: int) -> bool:
+        if self.max_batch is not None and n > self.max_batch:
+            return False
+        if self.memory_budget is not None and self.bytes_per_tile is not None:
+            return n * self.bytes_per_tile <= self.memory_budget
+        return True
+
+    # -- running ---------------------------------------------------------------------
+
+    def __call__(self, data: np.ndarray) -> Output:
+        """Start the network on a ``(N, C, h, w)`` float32 batch; return its `Output`.
+
+        Batches larger than the executor may run at once are split; on an
+        out-of-memory error the limit is halved and the batch retried, so no
+        tile is lost. A single tile that does not fit is an error.
+        """
+        n = len(data)
+        if n == 0:
+            raise UsageError("empty batch")
+        if not self._fits(n) and n > 1:
+            return self._split(data)
+        try:
+            return self._run(data)
+        except torch.OutOfMemoryError:
+            if n == 1:
+                raise TileSegmentError(
+                    f"one tile of input {data.shape[-2:]} does not fit in memory on {self.device}; "
+                    "use a smaller tile_size"
+                ) from None
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self.max_batch = max(1, n // 2)
+            return self._split(data)
+
+    def _split(self, data: np.ndarray) -> Output:
+        limit = max(1, min(len(data) // 2 if self.max_batch is None else self.max_batch, len(data) - 1))
+        parts = [self(data[i : i + limit]).numpy() for i in range(0, len(data), limit)]
+        reduced = self._reduce is not None
+        return Output(torch.from_numpy(np.concatenate(parts)), reduced)
+
+    def _run(self, data: np.ndarray) -> Output:
         cuda = self.device.type == "cuda"
         with torch.inference_mode():
-            x = torch.from_numpy(data)
-            x = x.pin_memory().to(self.device, non_blocking=True) if cuda else x
-            y = self.model(x)
+            x = self._to_device(torch.from_numpy(data))
+            measure = self._measure
+            if measure:
+                torch.cuda.reset_peak_memory_stats(self.device)
+                before = torch.cuda.memory_allocated(self.device)
+            with torch.autocast(self.device.type, dtype=_DTYPES.get(self.precision, torch.float32),
+                                enabled=self.precision != "fp32"):
+                y = self.model(x)
             if isinstance(y, (tuple, list)):
                 y = y[0]
-            return y.float().cpu().numpy()
+            if measure:
+                peak = torch.cuda.max_memory_allocated(self.device) - before
+                self.bytes_per_tile, self._measure = peak / len(data), False
+            if self._reduce is not None:
+                return self._reduced_to_host(y)
+            return Output(y.float().cpu(), reduced=False)
+
+    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        if self._copy_stream is None:
+            return x.contiguous(memory_format=fmt) if self.channels_last else x
+        if not x.is_pinned():
+            x = x.pin_memory()
+        # The upload runs on its own stream so it overlaps the previous batch's compute
+        # (already queued on the compute stream). Waiting for it here, not for the
+        # compute, lets the host buffer be recycled safely as soon as we return.
+        with torch.cuda.stream(self._copy_stream):
+            x_dev = x.to(self.device, non_blocking=True)
+        self._copy_stream.synchronize()
+        compute = torch.cuda.current_stream(self.device)
+        compute.wait_stream(self._copy_stream)
+        x_dev.record_stream(compute)
+        return x_dev.contiguous(memory_format=fmt)
+
+    def _reduced_to_host(self, y: torch.Tensor) -> Output:
+        r = self._reduce
+        y = y[:, :, r.crop[0] : r.crop[0] + r.tile[0], r.crop[1] : r.crop[1] + r.tile[1]].float()
+        y = reduce_logits(y, r.mode)
+        if self.device.type != "cuda":
+            return Output(y.cpu(), reduced=True)
+        host = torch.empty(y.shape, dtype=y.dtype, pin_memory=True)
+        host.copy_(y, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        return Output(host, reduced=True, event=event)
+
+
+def reduce_logits(y: torch.Tensor, mode: str) -> torch.Tensor:
+    """Turn ``(N, K, h, w)`` logits into what `mode` writes, as the stitcher's kernels do.
+
+    labels: ``(N, 1, h, w)`` uint8 argmax (``logit > 0`` for one class);
+    probabilities: ``(N, K, h, w)`` uint8 ``round(softmax * 255)`` (sigmoid for
+    one class); logits: float32 unchanged.
+    """
+    if mode == "labels":
+        labels = (y > 0) if y.shape[1] == 1 else y.argmax(1, keepdim=True)
+        return labels.to(torch.uint8)
+    if mode == "probabilities":
+        p = torch.sigmoid(y) if y.shape[1] == 1 else torch.softmax(y, dim=1)
+        return torch.floor(p * 255.0 + 0.5).to(torch.uint8)
+    return y
+
+
+def _to_device(model: nn.Module, device: torch.device) -> nn.Module:
+    """The model on `device` in eval mode, copied if it lives elsewhere."""
+    model = model.eval()
+    params = [*model.parameters(), *model.buffers()]
+    if all(p.device == device for p in params):
+        return model
+    import copy
+
+    if not isinstance(model, torch.jit.ScriptModule):
+        return copy.deepcopy(model).to(device)
+    return model.to(device)
+
+
+def estimate_bytes_per_tile(model: nn.Module, in_channels: int, input_size: Pair) -> int:
+    """Upper bound on activation bytes of one tile: the sum of all layer outputs (meta probe)."""
+    from torch.func import functional_call
+
+    total = 0
+
+    def hook(_module, _inputs, output):
+        nonlocal total
+        if isinstance(output, torch.Tensor):
+            total += output.numel() * output.element_size()
+
+    x = torch.empty(1, in_channels, *input_size, device="meta")
+    if isinstance(model, torch.jit.ScriptModule):  # no hooks: assume 64 float maps of the input
+        return 64 * x.numel() * 4
+    state = {k: torch.empty_like(v, device="meta") for k, v in [*model.named_parameters(), *model.named_buffers()]}
+    leaves = [m for m in model.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    try:
+        functional_call(model, state, (x,), strict=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return total
+
+
+def auto_batch_size(
+    model: nn.Module, device: torch.device, in_channels: int, input_size: Pair, budget: Optional[int] = None
+) -> int:
+    """Tiles per batch: 1 on CPU (fastest there); on CUDA what fits the memory budget.
+
+    The budget defaults to 70 % of the device's free memory; the per-tile need
+    comes from a meta-device probe (an upper bound) and is refined by the
+    executor's measured peak on the first batch.
+    """
+    if device.type != "cuda":
+        return 1
+    if budget is None:
+        free, _total = torch.cuda.mem_get_info(device)
+        budget = int(free * 0.7)
+    per_tile = max(1, estimate_bytes_per_tile(model, in_channels, input_size))
+    return int(max(1, min(64, math.floor(budget / per_tile))))

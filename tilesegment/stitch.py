@@ -20,7 +20,7 @@ MODES = ("labels", "probabilities", "logits")
 
 
 @numba.njit(cache=True, nogil=True)
-def _crop_logits(out, cy, cx, h, w, dest, dy, dx):  # pragma: no cover - compiled
+def _crop_copy(out, cy, cx, h, w, dest, dy, dx):  # pragma: no cover - compiled
     for k in range(out.shape[0]):
         for i in range(h):
             for j in range(w):
@@ -63,7 +63,7 @@ def _crop_probabilities(out, cy, cx, h, w, dest, dy, dx):  # pragma: no cover - 
                 dest[k, dy + i, dx + j] = np.uint8(math.floor(p * 255.0 + 0.5))
 
 
-_KERNELS = {"labels": _crop_labels, "probabilities": _crop_probabilities, "logits": _crop_logits}
+_KERNELS = {"labels": _crop_labels, "probabilities": _crop_probabilities, "logits": _crop_copy}
 _DTYPES = {"labels": np.uint8, "probabilities": np.uint8, "logits": np.float32}
 
 
@@ -151,7 +151,7 @@ class Stitcher:
 
     # -- adding outputs -------------------------------------------------------------
 
-    def add(self, tiles: Any, outputs: Any) -> None:
+    def add(self, tiles: Any, outputs: Any, reduced: bool = False) -> None:
         """Crop and store the network `outputs` of `tiles`.
 
         Parameters
@@ -161,16 +161,21 @@ class Stitcher:
         outputs : array-like or torch.Tensor
             Network outputs, shape ``(N, K, h_out, w_out)`` with ``h_out,
             w_out`` at least ``geometry.crop + tile_size``.
+        reduced : bool
+            The outputs are already cropped to ``tile_size`` and reduced to
+            what the mode writes (``(N, 1, h, w)`` labels, ``(N, K, h, w)``
+            uint8 probabilities or float32 logits), as a GPU executor
+            returns them; they are copied as they are.
         """
         if self._closed:
             raise UsageError("stitcher is closed; create a new one to add more tiles")
         indices = np.asarray(getattr(tiles, "indices", tiles), dtype=np.int64).reshape(-1)
         outputs = _as_numpy(outputs)
-        self._check(indices, outputs)
+        self._check(indices, outputs, reduced)
         if self._sink is None:
             self._open(outputs.shape[1])
-        kernel = _KERNELS[self.mode]
-        crop = self.plan.geometry.crop
+        kernel = _crop_copy if reduced else _KERNELS[self.mode]
+        crop = (0, 0) if reduced else self.plan.geometry.crop
         for index, out in zip(indices, outputs):
             if self._seen[index]:
                 raise UsageError(f"tile {index} was added twice; each tile goes in once")
@@ -182,7 +187,8 @@ class Stitcher:
             (oy, ox), start = self.plan.origins[index], self.plan.block_origins[block]
             h = min(self.plan.tile_size[0], self.plan.shape[0] - oy)
             w = min(self.plan.tile_size[1], self.plan.shape[1] - ox)
-            kernel(out, crop[0], crop[1], h, w, buffer, oy - start[0], ox - start[1])
+            dest = buffer[None] if buffer.ndim == 2 and reduced else buffer
+            kernel(out, crop[0], crop[1], h, w, dest, oy - start[0], ox - start[1])
             self._missing[block] -= 1
             if self._missing[block] == 0:
                 self._sink.commit(self._region(block), self._buffers.pop(block))
@@ -191,12 +197,22 @@ class Stitcher:
         b = self.plan.block(block)
         return (slice(b.start[0], b.stop[0]), slice(b.start[1], b.stop[1]))
 
-    def _check(self, indices: np.ndarray, outputs: np.ndarray) -> None:
+    def _check(self, indices: np.ndarray, outputs: np.ndarray, reduced: bool) -> None:
         if outputs.ndim != 4 or outputs.shape[0] != len(indices):
             raise UsageError(
                 f"outputs of shape {outputs.shape} do not match {len(indices)} tiles; "
                 "expected (N, classes, height, width)"
             )
+        if reduced:
+            if outputs.dtype != _DTYPES[self.mode] or (self.mode == "labels" and outputs.shape[1] != 1):
+                raise UsageError(
+                    f"reduced outputs for mode {self.mode!r} must be {np.dtype(_DTYPES[self.mode])}"
+                    f"{' with one channel' if self.mode == 'labels' else ''}; got {outputs.dtype}, "
+                    f"shape {outputs.shape}"
+                )
+            if outputs.shape[2:] != self.plan.tile_size:
+                raise UsageError(f"reduced outputs {outputs.shape[2:]} must be tile_size {self.plan.tile_size}")
+            return
         need = tuple(c + t for c, t in zip(self.plan.geometry.crop, self.plan.tile_size))
         if outputs.shape[2] < need[0] or outputs.shape[3] < need[1]:
             raise UsageError(

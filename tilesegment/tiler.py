@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -16,6 +16,8 @@ from .io.sources import ImageLike, ImageSource, open_image
 from .plan import TilePlan
 
 __all__ = ["Tiler", "Batch"]
+
+Allocator = Callable[[tuple], np.ndarray]
 
 
 @dataclass(frozen=True, eq=False)
@@ -105,10 +107,15 @@ class Tiler:
             out = np.empty((self.source.channels, *n_in), dtype=np.float32)
         return gather(region, _shift(iy, y0), _shift(ix, x0), self.scale, self.offset, out)
 
-    def batch(self, indices: Sequence[int]) -> Batch:
-        """Read the tiles `indices` into one `Batch`."""
+    def batch(self, indices: Sequence[int], allocate: Optional[Allocator] = None) -> Batch:
+        """Read the tiles `indices` into one `Batch`.
+
+        `allocate(shape)` may supply the float32 array to fill (e.g. pinned
+        memory for asynchronous device copies).
+        """
         indices = np.asarray(indices, dtype=np.int64)
-        data = np.empty((len(indices), self.source.channels, *self.plan.input_size), np.float32)
+        shape = (len(indices), self.source.channels, *self.plan.input_size)
+        data = np.empty(shape, np.float32) if allocate is None else allocate(shape)
         for k, index in enumerate(indices):
             self.read(int(index), out=data[k])
         return Batch(indices, data)
@@ -120,6 +127,7 @@ class Tiler:
         tiles: Optional[Sequence[int]] = None,
         prefetch: int = 2,
         workers: int = 2,
+        allocate: Optional[Allocator] = None,
     ) -> Iterator[Batch]:
         """Yield batches of tile inputs in plan order, reading ahead in threads.
 
@@ -135,19 +143,21 @@ class Tiler:
         workers : int
             Reader threads (0 reads in the calling thread). Decoding and the
             gather kernel release the GIL.
+        allocate : callable, optional
+            ``allocate(shape) -> float32 array`` for each batch's data.
         """
         if int(batch_size) < 1:
             raise UsageError(f"batch_size {batch_size} must be at least 1")
         order = np.arange(self.plan.n_tiles) if tiles is None else np.asarray(tiles, np.int64)
         groups = (order[i : i + int(batch_size)] for i in range(0, len(order), int(batch_size)))
         if workers <= 0:
-            yield from (self.batch(g) for g in groups)
+            yield from (self.batch(g, allocate) for g in groups)
             return
         pool = ThreadPoolExecutor(workers, thread_name_prefix="tilesegment-read")
         pending: deque = deque()
         try:
             for group in groups:
-                pending.append(pool.submit(self.batch, group))
+                pending.append(pool.submit(self.batch, group, allocate))
                 if len(pending) > prefetch:
                     yield pending.popleft().result()
             while pending:

@@ -1,0 +1,222 @@
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import tilesegment as ts
+from tilesegment.executor import Executor, auto_batch_size, estimate_bytes_per_tile, reduce_logits, resolve_devices
+from tilesegment.pipeline import run_pipeline
+from tilesegment.testing import whole_image_logits
+
+from conftest import small_unet
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.fixture(scope="module")
+def net():
+    return small_unet(3, 3, base=4, depth=2, seed=7)
+
+
+@pytest.fixture(scope="module")
+def image():
+    return np.random.default_rng(3).integers(0, 256, (97, 123, 3), dtype=np.uint8)
+
+
+def _our_threads():
+    return [t for t in threading.enumerate() if t.name.startswith("tilesegment-")]
+
+
+class OOMAbove(torch.nn.Module):
+    """Wraps a network and runs out of 'memory' for batches above `limit`."""
+
+    def __init__(self, net, limit):
+        super().__init__()
+        self.net, self.limit, self.sizes = net, limit, []
+
+    @property
+    def geometry(self):
+        return self.net.geometry
+
+    def forward(self, x):
+        self.sizes.append(len(x))
+        if len(x) > self.limit:
+            raise torch.OutOfMemoryError("simulated")
+        return self.net(x)
+
+
+def test_out_of_memory_halves_the_batch_and_loses_no_tile(net, image):
+    expected = whole_image_logits(image, net)
+    model = OOMAbove(net, limit=2)
+    out = ts.segment(image, model, tile_size=16, batch_size=7, mode="logits", device="cpu", progress=False)
+    assert np.abs(out - expected).max() <= 1e-5 * np.abs(expected).max()
+    assert model.sizes[0] == 7 and model.sizes[-1] <= 2
+
+
+def test_a_single_tile_that_does_not_fit_is_a_clear_error(net):
+    ex = Executor(OOMAbove(net, limit=0), "cpu")
+    with pytest.raises(ts.TileSegmentError, match="does not fit in memory.*smaller tile_size"):
+        ex(np.zeros((1, 3, 60, 60), np.float32))
+
+
+def test_memory_budget_splits_batches_before_running_them(net):
+    geom = net.geometry
+    per_tile = estimate_bytes_per_tile(net, 3, geom.input_size(16))
+    assert per_tile > 3 * 56 * 56 * 4  # at least the input's worth of activations
+    model = OOMAbove(net, limit=100)
+    ex = Executor(model, "cpu", mode="logits", geometry=geom, tile_size=(16, 16), memory_budget=int(2.5 * per_tile))
+    out = ex(np.random.rand(5, 3, *geom.input_size(16)).astype(np.float32)).numpy()
+    assert out.shape[0] == 5 and max(model.sizes) <= 2
+
+
+def test_auto_batch_size_is_one_on_cpu(net):
+    assert auto_batch_size(net, torch.device("cpu"), 3, (300, 300)) == 1
+
+
+def test_device_reduction_matches_the_stitcher_kernels(net, image):
+    """The GPU post-processing path (crop + reduce on device), exercised on the CPU."""
+    for mode in ("labels", "probabilities", "logits"):
+        tiler = ts.Tiler(image, net.geometry, tile_size=32)
+        ex = Executor(net, "cpu", mode=mode, geometry=net.geometry, tile_size=(32, 32), reduce_on_device=True)
+        with ts.Stitcher(tiler.plan, mode=mode) as on_device:
+            run_pipeline(tiler.batches(3), [ex], on_device)
+        host = ts.segment(image, net, tile_size=32, mode=mode, progress=False)
+        if mode == "logits":  # batch 3 vs 1: same numbers up to float rounding
+            assert np.abs(on_device.result - host).max() <= 1e-5 * np.abs(host).max()
+        else:
+            assert np.abs(on_device.result.astype(int) - host).max() <= (0 if mode == "labels" else 1)
+
+
+def test_reduce_logits_single_class_thresholds_and_sigmoids():
+    y = torch.tensor([[[[-1.0, 0.5]]]])
+    assert reduce_logits(y, "labels").tolist() == [[[[0, 1]]]]
+    assert reduce_logits(y, "probabilities").tolist() == [[[[round(255 / (1 + np.e)), round(255 / (1 + np.exp(-0.5)))]]]]
+
+
+class Jittery(torch.nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+        self.rng = np.random.default_rng(0)
+
+    @property
+    def geometry(self):
+        return self.net.geometry
+
+    def forward(self, x):
+        time.sleep(float(self.rng.uniform(0, 0.01)))
+        return self.net(x)
+
+
+def test_tiles_land_in_place_whatever_order_executors_finish(net, image):
+    expected = ts.segment(image, net, tile_size=16, batch_size=2, mode="logits", progress=False)
+    out = ts.segment(image, Jittery(net), tile_size=16, batch_size=2, mode="logits",
+                     device=["cpu", "cpu", "cpu"], progress=False)
+    assert np.abs(out - expected).max() <= 1e-6 * np.abs(expected).max()
+
+
+class Boom(Exception):
+    pass
+
+
+class FailingModel(torch.nn.Module):
+    def __init__(self, net, after):
+        super().__init__()
+        self.net, self.after, self.calls = net, after, 0
+
+    @property
+    def geometry(self):
+        return self.net.geometry
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls > self.after:
+            raise Boom("model")
+        return self.net(x)
+
+
+class FailingArray:
+    """An array whose reads fail after a few calls (a corrupt region of a slide)."""
+
+    def __init__(self, data, after):
+        self.data, self.after, self.calls = data, after, 0
+        self.shape, self.dtype = data.shape, data.dtype
+
+    def __getitem__(self, index):
+        self.calls += 1
+        if self.calls > self.after:
+            raise Boom("reader")
+        return self.data[index]
+
+
+class FailingStore(__import__("zarr").storage.MemoryStore):
+    async def set(self, key, value):
+        if "/c/" in key and key.endswith("/1"):
+            raise Boom("writer")
+        await super().set(key, value)
+
+
+@pytest.mark.parametrize("stage", ["reader", "model", "writer", "stitcher"])
+def test_an_error_in_any_stage_stops_everything_without_hang_or_orphan_threads(net, image, stage):
+    model, source, output = net, image, None
+    if stage == "reader":
+        source = FailingArray(image, after=5)
+    elif stage == "model":
+        model = FailingModel(net, after=3)
+    elif stage == "writer":
+        output = FailingStore()
+    errors = []
+
+    def run():
+        try:
+            if stage == "stitcher":  # the consumer itself fails mid-run
+                tiler = ts.Tiler(image, net.geometry, tile_size=16)
+                stitcher = ts.Stitcher(tiler.plan, mode="labels")
+                real_add = stitcher.add
+                calls = []
+
+                def add(*args, **kwargs):
+                    calls.append(1)
+                    if len(calls) > 4:
+                        raise Boom("stitcher")
+                    real_add(*args, **kwargs)
+
+                stitcher.add = add
+                run_pipeline(tiler.batches(2), [Executor(net, "cpu")] * 2, stitcher)
+            else:
+                ts.segment(source, model, output, tile_size=16, batch_size=2, device=["cpu", "cpu"], progress=False)
+        except Boom as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(timeout=60)
+    assert not thread.is_alive(), "pipeline hung"
+    assert [str(e) for e in errors] == [stage]
+    time.sleep(0.05)
+    assert _our_threads() == []
+
+
+def test_resolve_devices_lists_and_rejects():
+    assert resolve_devices(["cpu", "cpu"]) == [torch.device("cpu")] * 2
+    with pytest.raises(ts.UsageError, match="empty"):
+        resolve_devices([])
+    if not torch.cuda.is_available():
+        with pytest.raises(ts.UsageError, match="CUDA is not available"):
+            resolve_devices("cuda")
+
+
+@cuda
+def test_cuda_fp32_is_exact_and_bf16_labels_agree(net):
+    torch.manual_seed(1)
+    big = ts.UNet(3, 3, base_channels=8, depth=4).eval()
+    image = np.random.default_rng(0).integers(0, 256, (700, 600, 3), dtype=np.uint8)
+    expected = whole_image_logits(image, big)
+    fp32 = ts.segment(image, big, tile_size=256, mode="logits", device="cuda", precision="fp32", progress=False)
+    assert np.abs(fp32 - expected).max() <= 1e-5 * np.abs(expected).max()
+    labels32 = ts.segment(image, big, tile_size=256, device="cuda", precision="fp32", progress=False)
+    for precision in ("bf16", "fp16"):
+        labels = ts.segment(image, big, tile_size=256, device="cuda", precision=precision, progress=False)
+        assert (labels == labels32).mean() >= 0.999

@@ -1,0 +1,95 @@
+"""Run the stages concurrently: readers -> executors (a thread per device) -> stitcher.
+
+Reading and gathering run ahead in the tiler's thread pool; each executor
+thread pulls the next batch, starts it on its device and hands the in-flight
+`Output` on; the calling thread waits only for results and stitches them.
+Queues are bounded, so memory stays O(batch). An error in any stage stops
+every stage and is re-raised in the caller, with no thread left behind.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Callable, Iterator, Sequence
+
+from .executor import Executor
+from .stitch import Stitcher
+from .tiler import Batch
+
+__all__ = ["run_pipeline"]
+
+_DONE = object()
+
+
+def run_pipeline(
+    batches: Iterator[Batch],
+    executors: Sequence[Executor],
+    stitcher: Stitcher,
+    on_progress: Callable[[int], None] = lambda n: None,
+    depth: int = 2,
+) -> None:
+    """Feed `batches` through `executors` into `stitcher` until all are done.
+
+    Parameters
+    ----------
+    batches : iterator of Batch
+        Usually ``tiler.batches(...)``; shared by all executors.
+    executors : sequence of Executor
+        One thread each; batches go to whichever is free.
+    stitcher : Stitcher
+        Receives every result in the calling thread, in completion order.
+    on_progress : callable
+        Called with the number of tiles after each stitched batch.
+    depth : int
+        Results in flight per executor (bounds memory).
+    """
+    stop = threading.Event()
+    results: queue.Queue = queue.Queue(maxsize=max(1, depth) * len(executors))
+    take_lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def take():
+        with take_lock:
+            return None if stop.is_set() else next(batches, None)
+
+    def work(executor: Executor) -> None:
+        try:
+            while (batch := take()) is not None:
+                results.put((batch, executor(batch.data)))
+        except BaseException as exc:  # handed to the caller below
+            errors.append(exc)
+            stop.set()
+        finally:
+            results.put(_DONE)
+
+    threads = [
+        threading.Thread(target=work, args=(ex,), name=f"tilesegment-exec-{i}", daemon=True)
+        for i, ex in enumerate(executors)
+    ]
+    for thread in threads:
+        thread.start()
+    finished = 0
+    try:
+        while finished < len(threads):
+            item = results.get()
+            if item is _DONE:
+                finished += 1
+            elif not stop.is_set():
+                batch, output = item
+                stitcher.add(batch, output.numpy(), reduced=output.reduced)
+                on_progress(len(batch))
+    except BaseException:
+        stop.set()
+        while finished < len(threads):  # drain, so no executor blocks on a full queue
+            if results.get() is _DONE:
+                finished += 1
+        raise
+    finally:
+        for thread in threads:
+            thread.join()
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
+    if errors:
+        raise errors[0]
