@@ -79,6 +79,14 @@ class Job:
     def plan(self):
         return self.tiler.plan
 
+    @property
+    def readers(self) -> int:
+        """Reader (and writer) threads: one on CPU, where the cores belong to the
+        network; on GPUs enough to decode and gather several batches at once."""
+        if all(d.type == "cpu" for d in self.devices):
+            return 1
+        return max(2, min(os.cpu_count() or 2, 4 * len(self.devices)))
+
     def executors(self) -> list[Executor]:
         """One executor per device, each with its own copy of the model on it."""
         return [
@@ -95,11 +103,11 @@ class Job:
             start = time.perf_counter()
             with Stitcher(
                 tiler.plan, self.output, self.mode, overwrite=self.overwrite,
-                pixel_size=tiler.source.pixel_size,
+                pixel_size=tiler.source.pixel_size, writers=self.readers,
             ) as stitcher:
                 with _progress(tiler.plan.n_tiles, progress) as bar:
                     batches = tiler.batches(
-                        self.batch_size, prefetch=2 * len(executors),
+                        self.batch_size, prefetch=2 * len(executors), workers=self.readers,
                         allocate=executors[0].host_buffer,
                     )
                     run_pipeline(batches, executors, stitcher, bar.update)

@@ -1,0 +1,116 @@
+"""Pipeline efficiency: the bare model's time over end-to-end `segment()` time.
+
+End to end = uint8 image in memory -> labels in an OME-Zarr on disk, through
+readers, executor(s), stitcher and writers. Bare model = the same number of
+batches of the same shape through the network alone, on the same device and
+precision. Their ratio is the fraction of time the device is doing the
+network's work; both are measured in one run (best of `--repeats`).
+
+    python benchmarks/pipeline_efficiency.py                    # CPU: base 8, tile 512, batch 2, 2048^2
+    python benchmarks/pipeline_efficiency.py --base 16 --batch-size 1 --name cpu_throughput_base16
+    python benchmarks/pipeline_efficiency.py --device cuda      # GPU: tile 1024, batch auto, bf16
+
+Output: results/pipeline_efficiency_<device>.{csv,json}. On CUDA the row also
+has the model's FLOPs per written pixel and the fraction of the GPU's dense
+bf16 tensor peak that end to end achieves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import tilesegment as ts
+from _common import write_rows
+from tilesegment.bench import PEAK_TFLOPS, flops_per_pixel
+from tilesegment.executor import Executor
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bare_model_seconds(executor: Executor, batches: int, shape: tuple[int, ...]) -> float:
+    """Time `batches` forward passes of device-resident random inputs (no I/O, no copies)."""
+    x = torch.rand(shape, device=executor.device)
+    if executor.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(executor.precision, torch.float32)
+    with torch.inference_mode(), torch.autocast(executor.device.type, dtype=dtype,
+                                                enabled=executor.precision != "fp32"):
+        executor.model(x)
+        _sync(executor.device)
+        start = time.perf_counter()
+        for _ in range(batches):
+            executor.model(x)
+        _sync(executor.device)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--size", type=int, default=None, help="image edge (default 2048 CPU, 8192 GPU)")
+    parser.add_argument("--base", type=int, default=8)
+    parser.add_argument("--tile-size", type=int, default=None, help="default 512 CPU, 1024 GPU")
+    parser.add_argument("--batch-size", default=None, help="default 2 CPU, auto GPU")
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--name", default=None, help="results file stem")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    size = args.size or (8192 if gpu else 2048)
+    tile = args.tile_size or (1024 if gpu else 512)
+    batch = args.batch_size or ("auto" if gpu else 2)
+
+    torch.manual_seed(0)
+    net = ts.UNet(3, 3, base_channels=args.base, depth=4).eval()
+    image = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    ts.segment(image[:64, :64], net, tile_size=16, device=device, progress=False)  # compile kernels
+
+    with tempfile.TemporaryDirectory() as tmp:
+        def job(i):
+            return ts.prepare(image, net, Path(tmp) / f"out{i}.zarr", tile_size=tile,
+                              batch_size=batch, device=device, precision=args.precision)
+
+        probe = job("probe")
+        executor = probe.executors()[0]
+        n_batches = -(-probe.plan.n_tiles // probe.batch_size)
+        shape = (probe.batch_size, 3, *probe.plan.input_size)
+        model_s, e2e_s = [], []
+        for i in range(args.repeats):
+            model_s.append(bare_model_seconds(executor, n_batches, shape))
+            _, stats = job(i).run(progress=False)
+            e2e_s.append(stats.seconds)
+
+    mpx = size * size / 1e6
+    row = {
+        "device": torch.cuda.get_device_name(device) if gpu else "cpu",
+        "torch_threads": torch.get_num_threads(), "image": size, "base_channels": args.base,
+        "tile_size": tile, "input_size": probe.plan.input_size[0], "batch_size": probe.batch_size,
+        "precision": executor.precision, "tiles": probe.plan.n_tiles,
+        "model_only_s": round(min(model_s), 3), "end_to_end_s": round(min(e2e_s), 3),
+        "model_only_mpx_s": round(mpx / min(model_s), 3), "end_to_end_mpx_s": round(mpx / min(e2e_s), 3),
+        "pipeline_efficiency": round(min(model_s) / min(e2e_s), 4),
+    }
+    fpp = flops_per_pixel(net, 3, net.geometry, (tile, tile))
+    row["gflop_per_written_px"] = round(fpp / 1e9, 6)
+    if gpu:
+        name = row["device"]
+        peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+        achieved = fpp * mpx * 1e6 / min(e2e_s) / 1e12
+        row["achieved_tflops"] = round(achieved, 2)
+        row["fraction_of_peak"] = round(achieved / peak, 4) if peak else None
+    write_rows(args.name or f"pipeline_efficiency_{device.type}", [row])
+    print(row)
+
+
+if __name__ == "__main__":
+    main()
