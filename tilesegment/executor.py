@@ -138,9 +138,9 @@ class Executor:
         Largest batch to run at once; larger batches are split. Halved
         automatically on out-of-memory errors.
     memory_budget : int, optional
-        Bytes the executor may use for activations; batches whose measured
-        or estimated need exceeds it are split as if the device ran out of
-        memory.
+        Bytes the executor may use for activations (default on CUDA: 70 % of
+        the free memory); batches whose measured or estimated need exceeds it
+        are split as if the device ran out of memory.
     reduce_on_device : bool, optional
         Crop and reduce on the device (default: on CUDA only; on CPU the
         stitcher's single-pass kernels are cheaper).
@@ -183,6 +183,8 @@ class Executor:
             else None
         )
         self.max_batch = max_batch
+        if memory_budget is None and cuda:
+            memory_budget = int(torch.cuda.mem_get_info(self.device)[0] * 0.7)
         self.memory_budget = memory_budget
         # A meta-device upper bound until the first CUDA batch measures the real peak.
         self.bytes_per_tile: Optional[float] = None
