@@ -41,6 +41,8 @@ class OOMAbove(torch.nn.Module):
         return self.net.geometry
 
     def forward(self, x):
+        if x.device.type == "meta":  # shape probes
+            return self.net(x)
         self.sizes.append(len(x))
         if len(x) > self.limit:
             raise torch.OutOfMemoryError("simulated")

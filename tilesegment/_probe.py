@@ -7,7 +7,7 @@ from typing import Optional
 from .errors import ModelError
 from .geometry import Geometry
 
-__all__ = ["probe_geometry", "model_in_channels"]
+__all__ = ["probe_geometry", "model_in_channels", "model_out_channels"]
 
 _LIMIT = 4096
 
@@ -60,6 +60,15 @@ def _output_shape(run, in_channels: int, ny: int, nx: int):
     if not hasattr(y, "shape") or y.ndim != 4 or min(y.shape[-2:]) < 1:
         return None
     return tuple(int(s) for s in y.shape)
+
+
+def model_out_channels(model: object, geometry: Geometry) -> int:
+    """Output channels (classes) of `model`, from one meta-device forward pass."""
+    in_channels = model_in_channels(model) or 1
+    shape = _output_shape(_meta_runner(model), in_channels, *geometry.min_input)
+    if shape is None:
+        raise ModelError(f"model fails on its smallest valid input {geometry.min_input}")
+    return int(shape[1])
 
 
 def probe_geometry(model: object, in_channels: Optional[int] = None) -> Geometry:

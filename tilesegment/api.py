@@ -6,12 +6,12 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
-from ._probe import model_in_channels
+from ._probe import model_in_channels, model_out_channels
 from .errors import ModelError, UsageError
 from .executor import PRECISIONS, Executor, auto_batch_size, resolve_devices
 from .geometry import Geometry, Pair
@@ -21,6 +21,7 @@ from .models.load import ModelSpec, load_model
 from .stitch import MODES, Stitcher
 from .pipeline import run_pipeline
 from .tiler import Tiler
+from .tissue import MaskLike, load_mask
 
 __all__ = ["segment", "prepare", "Job", "RunStats", "auto_tile_size"]
 
@@ -36,6 +37,7 @@ class RunStats:
     device: str
     seconds: float
     pixels: int
+    skipped: int = 0
 
     @property
     def megapixels_per_second(self) -> float:
@@ -74,6 +76,14 @@ class Job:
     precision: str = "auto"
     compile: bool = False
     memory_budget: Optional[int] = None
+    compute: Optional[np.ndarray] = None  # per tile: computed (True) or filled as background
+
+    @property
+    def skipped(self) -> np.ndarray:
+        """Plan indices of tiles that are filled as background, not computed."""
+        if self.compute is None:
+            return np.zeros(0, np.int64)
+        return np.flatnonzero(~self.compute)
 
     @property
     def plan(self):
@@ -101,16 +111,19 @@ class Job:
         with self.tiler as tiler:
             executors = self.executors()
             start = time.perf_counter()
+            skipped = self.skipped
+            todo = None if self.compute is None else np.flatnonzero(self.compute)
             with Stitcher(
                 tiler.plan, self.output, self.mode, overwrite=self.overwrite,
                 pixel_size=tiler.source.pixel_size, writers=self.readers,
+                num_classes=model_out_channels(self.model, self.plan.geometry),
             ) as stitcher:
-                with _progress(tiler.plan.n_tiles, progress) as bar:
+                with _progress(tiler.plan.n_tiles - len(skipped), progress) as bar:
                     batches = tiler.batches(
-                        self.batch_size, prefetch=2 * len(executors), workers=self.readers,
-                        allocate=executors[0].host_buffer,
+                        self.batch_size, tiles=todo, prefetch=2 * len(executors),
+                        workers=self.readers, allocate=executors[0].host_buffer,
                     )
-                    run_pipeline(batches, executors, stitcher, bar.update)
+                    run_pipeline(batches, executors, stitcher, bar.update, skipped=skipped)
             stats = RunStats(
                 tiles=tiler.plan.n_tiles,
                 tile_size=tiler.plan.tile_size,
@@ -119,6 +132,7 @@ class Job:
                 device=", ".join(str(d) for d in self.devices),
                 seconds=time.perf_counter() - start,
                 pixels=int(np.prod(tiler.plan.shape)),
+                skipped=len(skipped),
             )
         return stitcher.result, stats
 
@@ -140,6 +154,10 @@ def prepare(
     precision: str = "auto",
     compile: bool = False,
     memory_budget: Optional[int] = None,
+    mpp: Optional[float] = None,
+    series: int = 0,
+    channels: Optional[Sequence[int]] = None,
+    tissue_mask: MaskLike = None,
 ) -> Job:
     """Check every argument of `segment` and plan the run, without computing anything.
 
@@ -156,7 +174,7 @@ def prepare(
     dev = devices[0]
     if precision not in PRECISIONS:
         raise UsageError(f"precision {precision!r} is unknown; use one of {', '.join(PRECISIONS)}")
-    source = open_image(image, axes=axes, level=level)
+    source = open_image(image, axes=axes, level=level, series=series, channels=channels, mpp=mpp)
     if tile_size in ("auto", None):
         tile_size = auto_tile_size(source.shape, geometry, dev)
     tiler = Tiler(
@@ -174,8 +192,10 @@ def prepare(
         batch = int(batch_size)
     if batch < 1:
         raise UsageError(f"batch_size {batch_size} must be at least 1")
+    mask = load_mask(tissue_mask, source)
+    compute = None if mask is None else tiler.plan.tiles_touching(mask)
     return Job(model, tiler, tuple(devices), batch, mode, output, overwrite, precision,
-               compile, memory_budget)
+               compile, memory_budget, compute)
 
 
 def segment(
@@ -196,6 +216,10 @@ def segment(
     precision: str = "auto",
     compile: bool = False,
     memory_budget: Optional[int] = None,
+    mpp: Optional[float] = None,
+    series: int = 0,
+    channels: Optional[Sequence[int]] = None,
+    tissue_mask: MaskLike = None,
 ) -> Any:
     """Segment `image` with `model`, tile by tile, exactly as whole-image inference would.
 
@@ -246,6 +270,17 @@ def segment(
         Run the model through ``torch.compile``.
     memory_budget : int, optional
         Bytes of device memory a batch may use (auto batch size and splitting).
+    mpp : float, optional
+        Segment at this pixel size (um/px): the finest pyramid level not finer
+        than it is read and area-resampled; the output keeps that pixel size.
+    series : int
+        Series of a multi-series TIFF.
+    channels : sequence of int, optional
+        Image channels to feed the model, in its order.
+    tissue_mask : None, "auto", array or path
+        Compute only tiles whose padded input touches tissue; the others are
+        written as background (label 0, probability of class 0 = 255, logits
+        0). "auto" thresholds saturation (Otsu) on a low-resolution level.
 
     Returns
     -------
@@ -268,6 +303,7 @@ def segment(
         image, model, output, tile_size=tile_size, batch_size=batch_size, device=device,
         mode=mode, padding=padding, level=level, axes=axes, chunk_size=chunk_size,
         overwrite=overwrite, precision=precision, compile=compile, memory_budget=memory_budget,
+        mpp=mpp, series=series, channels=channels, tissue_mask=tissue_mask,
     )
     return job.run(progress)[0]
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from .errors import TileSegmentError
+from .errors import TileSegmentError, UsageError
 
 __all__ = ["main"]
 
@@ -38,8 +38,9 @@ def _parser() -> argparse.ArgumentParser:
         "whole-image inference for every valid tile size."))
     seg.add_argument("input", help="TIFF/SVS/OME-TIFF/NDPI file or zarr store")
     seg.add_argument("output", help="output OME-Zarr path (e.g. result.zarr)")
-    seg.add_argument("--model", "-m", required=True,
-                     help="checkpoint (.pt, from ts.save_model), TorchScript file, or package.module:factory")
+    seg.add_argument("--model", "-m", default=None,
+                     help="'demo' (bundled H&E model: background, tissue, nuclei; the default), a "
+                          "checkpoint (.pt, from ts.save_model), a TorchScript file, or package.module:factory")
     seg.add_argument("--tile-size", type=_size, default="auto", metavar="N",
                      help="written tile edge, a multiple of the network step (default: auto)")
     seg.add_argument("--batch-size", type=int, default=None, metavar="N", help="tiles per forward pass (default: auto)")
@@ -51,6 +52,13 @@ def _parser() -> argparse.ArgumentParser:
     seg.add_argument("--mode", choices=("labels", "probabilities", "logits"), default="labels",
                      help="labels: uint8 argmax; probabilities: uint8 softmax*255; logits: float32")
     seg.add_argument("--level", type=int, default=0, help="pyramid level to segment (default: 0)")
+    seg.add_argument("--mpp", type=float, default=None,
+                     help="segment at this pixel size in um/px (best level + area resampling)")
+    seg.add_argument("--series", type=int, default=0, help="series of a multi-series TIFF (default: 0)")
+    seg.add_argument("--channels", default=None, metavar="I,J,K",
+                     help="image channels to feed the model, in its order, e.g. 2,0,1")
+    seg.add_argument("--tissue-mask", default=None, metavar="auto|PATH",
+                     help="compute only tiles with tissue: 'auto' (Otsu on saturation) or a mask image")
     seg.add_argument("--axes", default=None, help="override the input's axes, e.g. YXS or CYX")
     seg.add_argument("--padding", default="reflect", choices=("reflect", "symmetric", "edge", "constant"),
                      help="pixels outside the image (default: reflect)")
@@ -59,6 +67,17 @@ def _parser() -> argparse.ArgumentParser:
     seg.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     seg.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
     seg.set_defaults(run=_segment)
+
+    demo = verbs.add_parser("demo", help="segment a generated H&E slide with the bundled model",
+                            description="Generate a synthetic H&E slide, segment it with the bundled "
+                                        "demo model, write OME-Zarr and an overview PNG.")
+    demo.add_argument("out_dir", nargs="?", default="tilesegment-demo", help="output folder (default: tilesegment-demo)")
+    demo.add_argument("--size", type=int, default=3072, help="edge of the generated slide in px (default: 3072)")
+    demo.add_argument("--image", default=None, help="segment this H&E slide instead of a generated one")
+    demo.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    demo.add_argument("--overwrite", action="store_true", help="replace an earlier demo output")
+    demo.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    demo.set_defaults(run=_demo)
 
     info = verbs.add_parser("info", help="describe an image (and a model's geometry)")
     info.add_argument("input", help="image file or zarr store")
@@ -70,12 +89,19 @@ def _parser() -> argparse.ArgumentParser:
 def _segment(args: argparse.Namespace) -> int:
     from .api import prepare
 
+    if args.model is None:
+        args.model = "demo"
+        if not args.quiet:
+            print("note     no --model given: using the bundled demo model (H&E: background, "
+                  "tissue, nuclei)", file=sys.stderr)
     device = args.device.split(",") if "," in args.device else args.device
     job = prepare(args.input, args.model, args.output, tile_size=args.tile_size,
                   batch_size=args.batch_size, device=device, mode=args.mode,
                   padding=args.padding, level=args.level, axes=args.axes,
                   chunk_size=args.chunk_size, overwrite=args.overwrite,
-                  precision=args.precision, compile=args.compile)
+                  precision=args.precision, compile=args.compile, mpp=args.mpp,
+                  series=args.series, channels=_channels(args.channels),
+                  tissue_mask=args.tissue_mask)
     plan, source, geometry = job.plan, job.tiler.source, job.plan.geometry
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
     say(f"input    {args.input}: {source.shape[0]} x {source.shape[1]} px, "
@@ -85,21 +111,53 @@ def _segment(args: argparse.Namespace) -> int:
         f"({plan.computed_fraction():.2f} computed px per written px)")
     devices = ", ".join(str(d) for d in job.devices)
     say(f"plan     {plan.n_tiles} tiles in {plan.n_blocks} blocks, batch {job.batch_size} on {devices}")
+    if job.compute is not None:
+        say(f"tissue   {len(job.skipped)} of {plan.n_tiles} tiles have no tissue and are written "
+            f"as background ({len(job.skipped) / plan.n_tiles:.0%} skipped)")
     _, run = job.run(progress=not args.quiet)
-    say(f"done     {run.tiles} tiles in {run.seconds:.1f} s: "
+    say(f"done     {run.tiles - run.skipped} tiles computed in {run.seconds:.1f} s: "
         f"{run.megapixels_per_second:.2f} Mpx/s -> {args.output}")
     return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    result = run_demo(args.out_dir, size=args.size, image=args.image, device=args.device,
+                      overwrite=args.overwrite, progress=not args.quiet)
+    print(f"slide       {result.slide}")
+    print(f"labels      {result.output}  (OME-Zarr: 0 background, 1 tissue, 2 nuclei; "
+          f"{result.seconds:.1f} s)")
+    print(f"overview    {result.overview}  (left: slide, right: tissue green, nuclei yellow)")
+    if result.scores:
+        print("agreement   Dice with the generated truth: " +
+              ", ".join(f"{k[5:]} {v:.3f}" for k, v in result.scores.items()))
+    print(f"open it     napari --plugin napari-ome-zarr {result.output}   "
+          f"(pip install napari napari-ome-zarr)")
+    return 0
+
+
+def _channels(text):
+    if text is None:
+        return None
+    try:
+        return [int(c) for c in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--channels {text!r} is not a list of channel numbers; use e.g. 2,0,1") from None
 
 
 def _info(args: argparse.Namespace) -> int:
     import tilesegment as ts
 
     source = ts.open_image(args.input)
-    print(f"image      {args.input}")
+    print(f"image      {args.input} ({source.format})")
     print(f"shape      {source.shape[0]} x {source.shape[1]} px (Y x X), axes {source.axes}, "
           f"{source.channels} channel(s), {source.dtype}")
     if source.pixel_size is not None:
         print(f"pixel size {source.pixel_size[0]:.4g} x {source.pixel_size[1]:.4g} um")
+    for i, lv in enumerate(source.levels):
+        size = "" if lv.pixel_size is None else f", {lv.pixel_size[1]:.4g} um/px"
+        print(f"level {i:<4} {lv.shape[0]} x {lv.shape[1]} px{size}")
     if args.model:
         geometry = ts.Geometry.of(ts.load_model(args.model))
         step = geometry.step[0]

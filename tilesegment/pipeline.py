@@ -13,6 +13,8 @@ import queue
 import threading
 from typing import Callable, Iterator, Sequence
 
+import numpy as np
+
 from .executor import Executor
 from .stitch import Stitcher
 from .tiler import Batch
@@ -28,6 +30,7 @@ def run_pipeline(
     stitcher: Stitcher,
     on_progress: Callable[[int], None] = lambda n: None,
     depth: int = 2,
+    skipped: Sequence[int] = (),
 ) -> None:
     """Feed `batches` through `executors` into `stitcher` until all are done.
 
@@ -43,6 +46,10 @@ def run_pipeline(
         Called with the number of tiles after each stitched batch.
     depth : int
         Results in flight per executor (bounds memory).
+    skipped : sequence of int
+        Sorted plan indices that are not computed; `stitcher.fill` writes
+        them as background, interleaved in plan order so that blocks
+        complete (and leave memory) as they would without skipping.
     """
     stop = threading.Event()
     results: queue.Queue = queue.Queue(maxsize=max(1, depth) * len(executors))
@@ -69,7 +76,7 @@ def run_pipeline(
     ]
     for thread in threads:
         thread.start()
-    finished = 0
+    finished, skip_at = 0, 0
     try:
         while finished < len(threads):
             item = results.get()
@@ -79,6 +86,12 @@ def run_pipeline(
                 batch, output = item
                 stitcher.add(batch, output.numpy(), reduced=output.reduced)
                 on_progress(len(batch))
+                until = int(np.searchsorted(skipped, batch.indices.max()))
+                if until > skip_at:
+                    stitcher.fill(skipped[skip_at:until])
+                    skip_at = until
+        if not errors and skip_at < len(skipped):
+            stitcher.fill(skipped[skip_at:])
     except BaseException:
         stop.set()
         while finished < len(threads):  # drain, so no executor blocks on a full queue

@@ -173,6 +173,27 @@ class TilePlan:
         """Block index of every tile, in plan order."""
         return np.repeat(np.arange(self.n_blocks), np.diff(self.block_tiles))
 
+    def tiles_touching(self, mask: np.ndarray) -> np.ndarray:
+        """Which tiles' network inputs overlap a True pixel of `mask`.
+
+        `mask` covers the whole image at any resolution (scaled by shape);
+        an input region counts from ``origin - halo`` over ``input_size``,
+        clipped to the image (mirrored pixels are image pixels near the edge).
+        """
+        mask = np.asarray(mask, dtype=bool)
+        (my, mx), (ny, nx) = mask.shape, self.shape
+        table = np.zeros((my + 1, mx + 1), np.int64)
+        table[1:, 1:] = mask.cumsum(0).cumsum(1)
+        n_in = self.input_size
+        start = self.origins - np.asarray(self.geometry.halo)
+        stop = start + np.asarray(n_in)
+        y0 = np.clip(np.floor(np.clip(start[:, 0], 0, ny) * my / ny), 0, my - 1).astype(np.int64)
+        x0 = np.clip(np.floor(np.clip(start[:, 1], 0, nx) * mx / nx), 0, mx - 1).astype(np.int64)
+        y1 = np.clip(np.ceil(np.clip(stop[:, 0], 0, ny) * my / ny), y0 + 1, my).astype(np.int64)
+        x1 = np.clip(np.ceil(np.clip(stop[:, 1], 0, nx) * mx / nx), x0 + 1, mx).astype(np.int64)
+        inside = table[y1, x1] - table[y0, x1] - table[y1, x0] + table[y0, x0]
+        return inside > 0
+
     def computed_fraction(self) -> float:
         """Network input pixels computed per output pixel written (the halo overhead)."""
         n_in = self.input_size

@@ -147,7 +147,8 @@ class Stitcher:
             self._sink = MemorySink(shape, dtype)
         else:
             chunks = self.plan.chunk_size if self.mode == "labels" else (num_classes, *self.plan.chunk_size)
-            self._sink = ZarrSink(self._output, shape, dtype, chunks, **self._options)
+            labels = num_classes if self.mode == "labels" else None
+            self._sink = ZarrSink(self._output, shape, dtype, chunks, labels=labels, **self._options)
 
     # -- adding outputs -------------------------------------------------------------
 
@@ -177,21 +178,53 @@ class Stitcher:
         kernel = _crop_copy if reduced else _KERNELS[self.mode]
         crop = (0, 0) if reduced else self.plan.geometry.crop
         for index, out in zip(indices, outputs):
-            if self._seen[index]:
-                raise UsageError(f"tile {index} was added twice; each tile goes in once")
-            self._seen[index] = True
-            block = int(self._block_of[index])
-            buffer = self._buffers.get(block)
-            if buffer is None:
-                buffer = self._buffers[block] = self._sink.buffer(self._region(block))
-            (oy, ox), start = self.plan.origins[index], self.plan.block_origins[block]
-            h = min(self.plan.tile_size[0], self.plan.shape[0] - oy)
-            w = min(self.plan.tile_size[1], self.plan.shape[1] - ox)
+            buffer, dy, dx, h, w = self._target(int(index))
             dest = buffer[None] if buffer.ndim == 2 and reduced else buffer
-            kernel(out, crop[0], crop[1], h, w, dest, oy - start[0], ox - start[1])
-            self._missing[block] -= 1
-            if self._missing[block] == 0:
-                self._sink.commit(self._region(block), self._buffers.pop(block))
+            kernel(out, crop[0], crop[1], h, w, dest, dy, dx)
+            self._tile_done(int(index))
+
+    def fill(self, tiles: Any) -> None:
+        """Write background for tiles that are not computed (e.g. no tissue).
+
+        Labels get 0; probabilities 255 for class 0 and 0 for the others;
+        logits 0 for every class. Needs `num_classes` (given, or seen in an
+        earlier output) for the probability and logit modes.
+        """
+        if self._closed:
+            raise UsageError("stitcher is closed; create a new one to add more tiles")
+        if self._sink is None:
+            if self.mode != "labels":
+                raise UsageError("fill() before any output needs Stitcher(..., num_classes=K)")
+            self._open(1)
+        for index in np.asarray(getattr(tiles, "indices", tiles), dtype=np.int64).reshape(-1):
+            buffer, dy, dx, h, w = self._target(int(index))
+            window = buffer[..., dy : dy + h, dx : dx + w]
+            window[...] = 0
+            if self.mode == "probabilities":
+                window[0] = 255
+            self._tile_done(int(index))
+
+    def _target(self, index: int) -> tuple[np.ndarray, int, int, int, int]:
+        """Buffer, offset in it and clipped size of tile `index`; marks the tile seen."""
+        if not 0 <= index < self.plan.n_tiles:
+            raise UsageError(f"tile index {index} is not in [0, {self.plan.n_tiles})")
+        if self._seen[index]:
+            raise UsageError(f"tile {index} was added twice; each tile goes in once")
+        self._seen[index] = True
+        block = int(self._block_of[index])
+        buffer = self._buffers.get(block)
+        if buffer is None:
+            buffer = self._buffers[block] = self._sink.buffer(self._region(block))
+        (oy, ox), start = self.plan.origins[index], self.plan.block_origins[block]
+        h = int(min(self.plan.tile_size[0], self.plan.shape[0] - oy))
+        w = int(min(self.plan.tile_size[1], self.plan.shape[1] - ox))
+        return buffer, int(oy - start[0]), int(ox - start[1]), h, w
+
+    def _tile_done(self, index: int) -> None:
+        block = int(self._block_of[index])
+        self._missing[block] -= 1
+        if self._missing[block] == 0:
+            self._sink.commit(self._region(block), self._buffers.pop(block))
 
     def _region(self, block: int) -> tuple[slice, slice]:
         b = self.plan.block(block)
@@ -223,8 +256,6 @@ class Stitcher:
             raise UsageError(f"outputs have {outputs.shape[1]} classes, expected {self._num_classes}")
         if self.mode == "labels" and outputs.shape[1] > 256:
             raise UsageError(f"{outputs.shape[1]} classes do not fit uint8 labels; use mode='logits'")
-        if indices.size and (indices.min() < 0 or indices.max() >= self.plan.n_tiles):
-            raise UsageError(f"tile indices must be in [0, {self.plan.n_tiles}); got {indices}")
 
     # -- finishing -------------------------------------------------------------------
 

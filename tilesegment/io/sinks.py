@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import OutputExistsError, UsageError
 
-__all__ = ["Sink", "MemorySink", "ZarrSink"]
+__all__ = ["Sink", "MemorySink", "ZarrSink", "palette"]
 
 Region = tuple[slice, slice]
 
@@ -77,9 +77,9 @@ class ZarrSink:
         overwrite: bool = False,
         pixel_size: Optional[tuple[float, float]] = None,
         writers: int = 2,
+        labels: Optional[int] = None,
     ) -> None:
         import zarr
-        from zarr.codecs import BloscCodec
 
         self.check_output(output, overwrite)
         self._final: Optional[Path] = None
@@ -90,21 +90,72 @@ class ZarrSink:
                 target = self._final.with_name(f".{self._final.name}.{uuid.uuid4().hex[:8]}.tmp")
             self._path = Path(target)
         group = zarr.open_group(target, mode="w" if overwrite and not _is_path(output) else "w-", zarr_format=3)
-        names = ("y", "x") if len(shape) == 2 else ("c", "y", "x")
-        self.array = group.create_array(
-            "0",
-            shape=shape,
-            chunks=chunks,
-            dtype=dtype,
-            fill_value=0,
-            compressors=BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"),
-            dimension_names=names,
-        )
-        group.attrs["ome"] = _multiscales(names, pixel_size, Path(str(output)).stem)
+        self._names = ("y", "x") if len(shape) == 2 else ("c", "y", "x")
+        self._pixel_size, self._labels = pixel_size, labels
+        self._title = Path(str(output)).stem
         self.group = group
+        self.array = self._create("0", shape, chunks, dtype)
+        group.attrs["ome"] = self._metadata(1)
         self._pool = ThreadPoolExecutor(max(1, writers), thread_name_prefix="tilesegment-write")
         self._slots = threading.BoundedSemaphore(2 * max(1, writers))
         self._futures: list[Future] = []
+
+    def _create(self, name: str, shape, chunks, dtype):
+        from zarr.codecs import BloscCodec
+
+        return self.group.create_array(
+            name,
+            shape=shape,
+            chunks=tuple(min(c, n) for c, n in zip(chunks, shape)),
+            dtype=dtype,
+            fill_value=0,
+            compressors=BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"),
+            dimension_names=self._names,
+        )
+
+    def _metadata(self, n_levels: int) -> dict:
+        meta = _multiscales(self._names, self._pixel_size, self._title, n_levels)
+        if self._labels is not None:
+            meta["image-label"] = {
+                "version": "0.5",
+                "colors": [{"label-value": k, "rgba": list(rgba)} for k, rgba in enumerate(palette(self._labels))],
+            }
+        return meta
+
+    def _build_pyramid(self, smallest: int = 1024) -> int:
+        """Write 2x-downsampled levels until the last fits `smallest` px; return the level count.
+
+        Labels take the top-left pixel of each 2x2 (nearest: labels stay
+        labels); probabilities and logits the mean. Each level is written
+        chunk by chunk from the previous one, in the writer threads.
+        """
+        previous, level = self.array, 0
+        while max(previous.shape[-2:]) > smallest:
+            level += 1
+            shape = (*previous.shape[:-2], *(-(-n // 2) for n in previous.shape[-2:]))
+            current = self._create(str(level), shape, self.array.chunks, self.array.dtype)
+            ch, cw = current.chunks[-2:]
+            jobs = [
+                self._pool.submit(self._downsample, previous, current, y, x)
+                for y in range(0, shape[-2], ch)
+                for x in range(0, shape[-1], cw)
+            ]
+            for job in jobs:
+                job.result()
+            previous = current
+        return level + 1
+
+    def _downsample(self, source, dest, y: int, x: int) -> None:
+        ch, cw = dest.chunks[-2:]
+        y1, x1 = min(y + ch, dest.shape[-2]), min(x + cw, dest.shape[-1])
+        block = source[..., 2 * y : 2 * y1, 2 * x : 2 * x1]
+        if self._labels is not None:
+            dest[..., y:y1, x:x1] = block[..., ::2, ::2]
+            return
+        pad = [(0, 0)] * (block.ndim - 2) + [(0, 2 * (y1 - y) - block.shape[-2]), (0, 2 * (x1 - x) - block.shape[-1])]
+        block = np.pad(block.astype(np.float32), pad, mode="edge")
+        mean = (block[..., ::2, ::2] + block[..., 1::2, ::2] + block[..., ::2, 1::2] + block[..., 1::2, 1::2]) / 4
+        dest[..., y:y1, x:x1] = np.rint(mean) if dest.dtype.kind == "u" else mean
 
     @staticmethod
     def check_output(output: Any, overwrite: bool) -> None:
@@ -141,10 +192,11 @@ class ZarrSink:
             future.result()
 
     def close(self) -> Any:
-        self._pool.shutdown(wait=True)
-        self._raise_failed()
         for future in self._futures:
             future.result()
+        self._raise_failed()
+        self.group.attrs["ome"] = self._metadata(self._build_pyramid())
+        self._pool.shutdown(wait=True)
         if self._final is not None and self._path != self._final:
             backup = self._final.with_name(f".{self._final.name}.{uuid.uuid4().hex[:8]}.old")
             self._final.rename(backup)
@@ -168,7 +220,14 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def _multiscales(names: tuple[str, ...], pixel_size, name: str) -> dict:
+def palette(n: int) -> list[tuple[int, int, int, int]]:
+    """RGBA colour per label value: 0 transparent, then green, yellow and tab10 colours."""
+    colours = [(40, 170, 90), (255, 210, 0), (31, 119, 180), (214, 39, 40), (148, 103, 189),
+               (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+    return [(0, 0, 0, 0)] + [(*colours[(k - 1) % len(colours)], 255) for k in range(1, n)]
+
+
+def _multiscales(names: tuple[str, ...], pixel_size, name: str, n_levels: int = 1) -> dict:
     axes = [
         {"name": n, "type": "channel"} if n == "c" else {"name": n, "type": "space", "unit": "micrometer"}
         for n in names
@@ -177,16 +236,10 @@ def _multiscales(names: tuple[str, ...], pixel_size, name: str) -> dict:
         for axis in axes:
             axis.pop("unit", None)
         pixel_size = (1.0, 1.0)
-    scale = [1.0] * (len(names) - 2) + [float(pixel_size[0]), float(pixel_size[1])]
-    return {
-        "version": "0.5",
-        "multiscales": [
-            {
-                "name": name,
-                "axes": axes,
-                "datasets": [
-                    {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}
-                ],
-            }
-        ],
-    }
+    datasets = []
+    for level in range(n_levels):
+        scale = [1.0] * (len(names) - 2) + [float(p) * 2**level for p in pixel_size]
+        datasets.append(
+            {"path": str(level), "coordinateTransformations": [{"type": "scale", "scale": scale}]}
+        )
+    return {"version": "0.5", "multiscales": [{"name": name, "axes": axes, "datasets": datasets}]}

@@ -4,19 +4,27 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 
 from ..errors import InputError
 
-__all__ = ["ImageSource", "open_image", "ImageLike"]
+__all__ = ["ImageSource", "Level", "open_image", "ImageLike"]
 
 ImageLike = Union[str, os.PathLike, np.ndarray, Any]
 _SPATIAL = "YX"
 _CHANNEL = "CS"
+
+
+@dataclass(frozen=True)
+class Level:
+    """One level of an image pyramid: spatial shape and pixel size (um), if known."""
+
+    shape: tuple[int, int]
+    pixel_size: Optional[tuple[float, float]] = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -35,12 +43,22 @@ class ImageSource:
         Physical pixel size ``(y, x)`` in micrometres, when the file says.
     name : str
         What to call the image in messages.
+    format : str
+        What the file is ("svs", "ome-tiff", "ndpi", "qptiff", "tiff", "ome-zarr", "zarr", "array").
+    levels : tuple of Level
+        The pyramid of the file (shape and pixel size per level), if any.
+    channel_order : tuple of int, optional
+        Channels to read, in this order (``channels=`` of `open_image`).
     """
 
     array: Any
     axes: str
     pixel_size: Optional[tuple[float, float]] = None
     name: str = "image"
+    format: str = "array"
+    levels: tuple["Level", ...] = ()
+    channel_order: Optional[tuple[int, ...]] = None
+    _open_level: Optional[Callable[[int], Any]] = field(default=None, repr=False)
     _resources: tuple = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
@@ -68,6 +86,14 @@ class ImageSource:
         dtype = np.dtype(self.array.dtype)
         if dtype.kind not in "uif" and dtype != np.bool_:
             raise InputError(f"{self.name} has dtype {dtype}; expected an integer or float image")
+        if self.channel_order is not None:
+            native = self._native_channels
+            bad = [c for c in self.channel_order if not 0 <= c < native]
+            if bad or not self.channel_order:
+                raise InputError(
+                    f"channels {list(self.channel_order)} do not exist in {self.name}, which has "
+                    f"{native} channel(s) (0..{native - 1})"
+                )
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -76,25 +102,29 @@ class ImageSource:
         return (int(s[self.axes.index("Y")]), int(s[self.axes.index("X")]))
 
     @property
-    def channels(self) -> int:
-        """Number of channels (1 when the image has no channel axis)."""
+    def _native_channels(self) -> int:
         for i, a in enumerate(self.axes):
             if a in _CHANNEL:
                 return int(self.array.shape[i])
         return 1
 
     @property
+    def channels(self) -> int:
+        """Number of channels read (1 when the image has no channel axis)."""
+        return len(self.channel_order) if self.channel_order is not None else self._native_channels
+
+    @property
     def dtype(self) -> np.dtype:
         return np.dtype(self.array.dtype)
 
-    def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-        """Return pixels ``[y0:y1, x0:x1]`` as a ``(Y, X, C)`` array (a view where possible)."""
+    def read(self, y0: int, y1: int, x0: int, x1: int, step: int = 1) -> np.ndarray:
+        """Return pixels ``[y0:y1:step, x0:x1:step]`` as a ``(Y, X, C)`` array (a view where possible)."""
         index, order = [], []
         for axis in self.axes:
             if axis == "Y":
-                index.append(slice(y0, y1))
+                index.append(slice(y0, y1, step))
             elif axis == "X":
-                index.append(slice(x0, x1))
+                index.append(slice(x0, x1, step))
             elif axis in _CHANNEL:
                 index.append(slice(None))
             else:
@@ -109,7 +139,26 @@ class ImageSource:
             region = region[..., None]
             order.append("C")
         perm = [order.index("Y"), order.index("X"), 3 - order.index("Y") - order.index("X")]
-        return region.transpose(perm)
+        region = region.transpose(perm)
+        if self.channel_order is not None:
+            region = region[..., list(self.channel_order)]
+        return region
+
+    def overview(self, max_edge: int = 2048) -> np.ndarray:
+        """A ``(y, x, C)`` picture of the whole image, at most about `max_edge` pixels a side.
+
+        Reads the smallest pyramid level that is still at least `max_edge`
+        wide (when the file has levels), then keeps every n-th pixel.
+        """
+        source: ImageSource = self
+        if self._open_level is not None and len(self.levels) > 1:
+            fine_enough = [i for i, lv in enumerate(self.levels) if max(lv.shape) >= max_edge]
+            index = fine_enough[-1] if fine_enough else 0
+            if index:
+                source = replace(self, array=self._open_level(index), levels=(), _resources=())
+        ny, nx = source.shape
+        step = max(1, int(np.ceil(max(ny, nx) / max_edge)))
+        return source.read(0, ny, 0, nx, step=step)
 
     def close(self) -> None:
         """Close files the source holds open."""
@@ -128,72 +177,127 @@ def _default_axes(shape: tuple[int, ...]) -> str:
     )
 
 
-def open_image(image: ImageLike, axes: Optional[str] = None, level: int = 0) -> ImageSource:
+def open_image(
+    image: ImageLike,
+    axes: Optional[str] = None,
+    level: int = 0,
+    *,
+    series: int = 0,
+    channels: Optional[Sequence[int]] = None,
+    mpp: Optional[float] = None,
+) -> ImageSource:
     """Open `image` for region reads without loading it.
 
     Parameters
     ----------
     image : path, numpy array, zarr array or dask array
-        A TIFF-family file (SVS, OME-TIFF, NDPI, generic tiled TIFF), a zarr
-        store path, or an array of shape (Y, X), (Y, X, S) with S in {3, 4},
-        or (C, Y, X).
+        A TIFF-family file (SVS, OME-TIFF, NDPI, QPTIFF, generic tiled
+        TIFF), an OME-Zarr (NGFF 0.4 or 0.5) or zarr array path, or an array
+        of shape (Y, X), (Y, X, S) with S in {3, 4}, or (C, Y, X).
     axes : str, optional
-        Override the axes, one letter per dimension (``Y``, ``X``, ``C``/``S``).
+        Override the axes, one letter per dimension (``Y``, ``X``, ``C``/``S``;
+        other letters must have size 1).
     level : int
         Pyramid level to read (0 is full resolution).
+    series : int
+        Series of a multi-series TIFF.
+    channels : sequence of int, optional
+        Channels to read, in the model's order (e.g. ``[2, 0, 1]``).
+    mpp : float, optional
+        Target pixel size in micrometres: the finest-but-not-finer level is
+        read and area-resampled to exactly `mpp` (see `ResampledSource`).
+        Overrides `level`.
 
     Raises
     ------
     InputError
-        If the file is missing or not an image, or the axes cannot be told.
+        If the file is missing or not an image, the axes cannot be told, or
+        a level, series or channel does not exist.
     """
-    if isinstance(image, ImageSource):
+    if hasattr(image, "read") and hasattr(image, "channels"):  # already a source
         return image
     if isinstance(image, (str, os.PathLike)):
-        return _open_path(Path(image), axes, level)
+        path = Path(image)
+        if not path.exists():
+            raise InputError(f"input {str(path)!r} does not exist; check the path")
+        opener = _open_zarr if path.is_dir() or path.suffix == ".zarr" else _open_tiff
+        source = opener(path, axes, level if mpp is None else 0, series)
+    else:
+        source = _open_array(image, axes, level)
+    if channels is not None:
+        source = replace(source, channel_order=tuple(int(c) for c in channels))
+    if mpp is not None:
+        from .resample import at_pixel_size
+
+        return at_pixel_size(source, float(mpp))
+    return source
+
+
+def _open_array(image: Any, axes: Optional[str], level: int) -> ImageSource:
     if not hasattr(image, "shape") or not hasattr(image, "dtype"):
         try:
             image = np.asarray(image)
         except Exception as exc:
             raise InputError(f"cannot use a {type(image).__name__} as an image: {exc}") from exc
     if level != 0:
-        raise InputError(f"level={level} needs a pyramidal file; an array has only level 0")
+        raise InputError(f"level {level} is out of range: an array has only level 0")
     shape = tuple(image.shape)
     return ImageSource(image, axes or _default_axes(shape), name=f"array {shape}")
 
 
-def _open_path(path: Path, axes: Optional[str], level: int) -> ImageSource:
-    if not path.exists():
-        raise InputError(f"input {str(path)!r} does not exist; check the path")
-    if path.is_dir() or path.suffix == ".zarr":
-        return _open_zarr(path, axes, level)
+def _check_level(level: int, count: int, name: str) -> None:
+    if not 0 <= level < count:
+        raise InputError(
+            f"level {level} is out of range for {name}: it has {count} level(s), 0..{count - 1}"
+        )
+
+
+def _tiff_format(tif) -> str:
+    for flag, name in (("is_svs", "svs"), ("is_ndpi", "ndpi"), ("is_qpi", "qptiff"), ("is_ome", "ome-tiff")):
+        if getattr(tif, flag, False):
+            return name
+    return "tiff"
+
+
+def _open_tiff(path: Path, axes: Optional[str], level: int, series: int) -> ImageSource:
     import tifffile
+    import zarr
 
     try:
         tif = tifffile.TiffFile(path)
+        all_series = tif.series
     except Exception as exc:
         raise InputError(
             f"input {str(path)!r} is not a readable TIFF-family image ({exc}); "
-            "supported: TIFF, SVS, OME-TIFF, NDPI, zarr"
+            "supported: TIFF, SVS, OME-TIFF, NDPI, QPTIFF, OME-Zarr"
         ) from None
     try:
-        series = tif.series[0]
-        if not 0 <= level < len(series.levels):
+        if not 0 <= series < len(all_series):
             raise InputError(
-                f"level {level} is out of range for {path.name}: it has "
-                f"{len(series.levels)} level(s), 0..{len(series.levels) - 1}"
+                f"series {series} is out of range for {path.name}: it has {len(all_series)} "
+                f"series, 0..{len(all_series) - 1}"
             )
-        import zarr
+        chosen = all_series[series]
+        _check_level(level, len(chosen.levels), path.name)
+        native = chosen.levels[0].axes
+        base = _tiff_pixel_size(tif)
+        levels = []
+        for lv in chosen.levels:
+            shape = (int(lv.shape[native.index("Y")]), int(lv.shape[native.index("X")]))
+            scale = chosen.levels[0].shape[native.index("X")] / shape[1]
+            levels.append(Level(shape, None if base is None else (base[0] * scale, base[1] * scale)))
 
-        store = series.aszarr(level=level)
-        array = zarr.open_array(store, mode="r")
-        native = series.levels[level].axes
-        scale = series.levels[0].shape[native.index("X")] / array.shape[native.index("X")]
-        pixel_size = _tiff_pixel_size(tif)
-        if pixel_size is not None:
-            pixel_size = (pixel_size[0] * scale, pixel_size[1] * scale)
+        def open_level(index: int):
+            return zarr.open_array(chosen.aszarr(level=index), mode="r")
+
+        try:
+            array = open_level(level)
+        except Exception as exc:
+            raise InputError(f"cannot read {path.name} (level {level}): {exc}") from None
         return ImageSource(
-            array, axes or native, pixel_size, name=path.name, _resources=(store, tif)
+            array, axes or chosen.levels[level].axes, levels[level].pixel_size, name=path.name,
+            format=_tiff_format(tif), levels=tuple(levels), _open_level=open_level,
+            _resources=(tif,),
         )
     except Exception:
         tif.close()
@@ -222,36 +326,39 @@ def _tiff_pixel_size(tif) -> Optional[tuple[float, float]]:
     return None
 
 
-def _open_zarr(path: Path, axes: Optional[str], level: int) -> ImageSource:
+def _open_zarr(path: Path, axes: Optional[str], level: int, series: int = 0) -> ImageSource:
     import zarr
 
     try:
         node = zarr.open(str(path), mode="r")
     except Exception as exc:
         raise InputError(f"input {str(path)!r} is not a zarr store ({exc})") from None
-    pixel_size = None
-    if isinstance(node, zarr.Group):
-        attrs = node.attrs.asdict()
-        multiscales = attrs.get("ome", attrs).get("multiscales")
-        if not multiscales:
-            raise InputError(
-                f"zarr group {str(path)!r} has no OME multiscales; pass the array path inside it"
-            )
-        ms = multiscales[0]
-        datasets = ms["datasets"]
-        if not 0 <= level < len(datasets):
-            raise InputError(
-                f"level {level} is out of range for {path.name}: it has {len(datasets)} "
-                f"level(s), 0..{len(datasets) - 1}"
-            )
-        node = node[datasets[level]["path"]]
-        names = [a["name"] if isinstance(a, dict) else a for a in ms.get("axes", [])]
-        if axes is None and names:
-            axes = "".join({"c": "C"}.get(n.lower(), n.upper()) for n in names)
-        for t in datasets[level].get("coordinateTransformations", []):
-            if t.get("type") == "scale" and len(t["scale"]) == len(names):
+    if not isinstance(node, zarr.Group):
+        _check_level(level, 1, path.name)
+        return ImageSource(node, axes or _default_axes(tuple(node.shape)), name=path.name, format="zarr")
+    attrs = node.attrs.asdict()
+    multiscales = attrs.get("ome", attrs).get("multiscales")  # NGFF 0.5 nests under "ome"
+    if not multiscales:
+        raise InputError(
+            f"zarr group {str(path)!r} has no OME multiscales; pass the array path inside it"
+        )
+    ms = multiscales[0]
+    datasets = ms["datasets"]
+    _check_level(level, len(datasets), path.name)
+    names = [a["name"] if isinstance(a, dict) else a for a in ms.get("axes", [])]
+    if axes is None and names:
+        axes = "".join({"c": "C"}.get(n.lower(), n.upper()) for n in names)
+    levels = []
+    for ds in datasets:
+        array = node[ds["path"]]
+        pixel_size = None
+        for t in ds.get("coordinateTransformations", []):
+            if t.get("type") == "scale" and names and len(t["scale"]) == len(names) and "y" in names:
                 pixel_size = (float(t["scale"][names.index("y")]), float(t["scale"][names.index("x")]))
-    elif level != 0:
-        raise InputError(f"level={level} needs an OME-Zarr group; {path.name} is a plain array")
-    shape = tuple(node.shape)
-    return ImageSource(node, axes or _default_axes(shape), pixel_size, name=path.name)
+        ax = axes or _default_axes(tuple(array.shape))
+        levels.append(Level((int(array.shape[ax.index("Y")]), int(array.shape[ax.index("X")])), pixel_size))
+    return ImageSource(
+        node[datasets[level]["path"]], axes or _default_axes(tuple(node[datasets[level]["path"]].shape)),
+        levels[level].pixel_size, name=path.name, format="ome-zarr", levels=tuple(levels),
+        _open_level=lambda i: node[datasets[i]["path"]],
+    )

@@ -20,6 +20,8 @@ ModelSpec = Union[nn.Module, str, os.PathLike]
 _FORMAT = "tilesegment.checkpoint"
 _VERSION = 1
 _ARCHITECTURES = {"UNet": UNet}
+#: The bundled demo model; see tilesegment/models/train_demo.py and docs/demo.md.
+DEMO_MODEL = Path(__file__).with_name("demo_unet.pt")
 
 
 def save_model(model: UNet, path: Union[str, os.PathLike], **metadata: Any) -> Path:
@@ -67,7 +69,8 @@ def load_model(spec: ModelSpec) -> nn.Module:
     Parameters
     ----------
     spec : nn.Module, path or str
-        A module (returned as is); a tilesegment checkpoint written by
+        A module (returned as is); ``"demo"``, the bundled H&E model
+        (background, tissue, nuclei); a tilesegment checkpoint written by
         `save_model`; a TorchScript file; or ``"package.module:factory"``, a
         callable that returns a module.
 
@@ -79,6 +82,8 @@ def load_model(spec: ModelSpec) -> nn.Module:
     if isinstance(spec, nn.Module):
         return spec.eval()
     text = os.fspath(spec)
+    if text == "demo":
+        return _load_file(DEMO_MODEL).eval()
     path = Path(text)
     if path.is_file():
         return _load_file(path).eval()
