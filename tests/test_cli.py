@@ -39,6 +39,9 @@ def test_info_lists_shape_pixel_size_and_valid_tiles(capsys, rgb_tiff, model_fil
         (["segment", "{tiff}", "{existing}", "--model", "{model}"], "exists; pass overwrite=True", 2),
         (["segment", "{tiff}", "{out}", "--model", "{missing}"], "not found", 2),
         (["segment", "{tiff}", "{out}", "--model", "{model}", "--device", "tpu"], "device 'tpu'", 2),
+        (["segment", "{truncated}", "{out}", "--model", "{model}"], "truncated or corrupt", 2),
+        (["segment", "{tiff}", "{out}", "--model", "{model}", "--level", "2"], "level 2 is out of range", 2),
+        (["segment", "{tiff}", "{out}", "--model", "{model}", "--axes", "QYX"], "non-spatial axes [('Q', 150)]", 2),
     ],
 )
 def test_bad_input_gets_one_line_and_nonzero_exit_and_changes_nothing(
@@ -50,10 +53,14 @@ def test_bad_input_gets_one_line_and_nonzero_exit_and_changes_nothing(
     text.write_text("hello")
     gray = tmp_path / "gray.tif"
     tifffile.imwrite(gray, np.zeros((40, 40), np.uint8))
+    truncated = tmp_path / "truncated.tif"
+    noise = np.random.default_rng(0).integers(0, 256, (300, 300, 3), dtype=np.uint8)
+    tifffile.imwrite(truncated, noise, tile=(64, 64), photometric="rgb", compression="zlib")
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
     existing = tmp_path / "existing.zarr"
     existing.mkdir()
     (existing / "keep.txt").write_text("precious")
-    names = dict(missing=tmp_path / "missing.tif", text=text, gray=gray, tiff=rgb_tiff,
+    names = dict(missing=tmp_path / "missing.tif", text=text, gray=gray, tiff=rgb_tiff, truncated=truncated,
                  model=model_file, out=tmp_path / "out.zarr", existing=existing)
     before = sorted(p.name for p in tmp_path.iterdir())
     code, out, err = _run(capsys, *[a.format(**names) for a in args])

@@ -64,7 +64,8 @@ class ZarrSink:
     Blocks are written by a thread pool (compression releases the GIL); at
     most ``2 * writers`` blocks wait in memory. When the output exists and
     `overwrite` is set, the new image is written beside it and swapped in
-    only once complete, so a failed run never destroys the old one.
+    only once complete, so a failed run never destroys the old one; a failed
+    run removes what it wrote.
     """
 
     def __init__(
@@ -208,8 +209,9 @@ class ZarrSink:
         return root["0"]
 
     def abort(self) -> None:
+        """Stop writing and remove what this run wrote; an older output stays as it was."""
         self._pool.shutdown(wait=True, cancel_futures=True)
-        if self._final is not None and self._path != self._final:
+        if self._final is not None:
             _remove(self._path)
 
 

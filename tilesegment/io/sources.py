@@ -78,8 +78,8 @@ class ImageSource:
         extra = [(a, n) for a, n in zip(axes, shape) if a not in _SPATIAL + _CHANNEL and n != 1]
         if extra:
             raise InputError(
-                f"{self.name} has non-spatial axes {extra} larger than 1; "
-                "select one plane first (e.g. image[0])"
+                f"{self.name} has non-spatial axes {extra} larger than 1 (axes {axes}); "
+                "pass axes= to name them (Y, X, C) or select one plane first (e.g. image[0])"
             )
         if 0 in shape:
             raise InputError(f"{self.name} is empty (shape {shape})")
@@ -226,11 +226,25 @@ def open_image(
         source = _open_array(image, axes, level)
     if channels is not None:
         source = replace(source, channel_order=tuple(int(c) for c in channels))
+    _check_readable(source)
     if mpp is not None:
         from .resample import at_pixel_size
 
         return at_pixel_size(source, float(mpp))
     return source
+
+
+def _check_readable(source: ImageSource) -> None:
+    """Decode the last pixel: a truncated or corrupt file fails here, before any work."""
+    ny, nx = source.shape
+    try:
+        source.read(ny - 1, ny, nx - 1, nx)
+    except Exception as exc:
+        source.close()
+        raise InputError(
+            f"cannot read the end of {source.name} ({type(exc).__name__}: {exc}); the file is "
+            "truncated or corrupt, or needs a codec that is not installed (pip install imagecodecs)"
+        ) from None
 
 
 def _open_array(image: Any, axes: Optional[str], level: int) -> ImageSource:
