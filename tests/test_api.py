@@ -123,3 +123,42 @@ def test_model_normalization_is_applied_by_the_loader(rgb_image):
     expected = ts.segment(x.astype(np.float32), plain, tile_size=32, mode="logits", progress=False)
     got = ts.segment(rgb_image, normed, tile_size=32, mode="logits", progress=False)
     assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+def test_output_that_is_the_input_is_refused_before_anything_is_touched(net, rgb_image, tmp_path):
+    src = tmp_path / "in.zarr"
+    z = zarr.create_array(src, shape=rgb_image.shape, chunks=(64, 64, 3), dtype=np.uint8)
+    z[:] = rgb_image
+    for out in (src, src / "labels.zarr"):
+        with pytest.raises(ts.UsageError, match="is \\(or contains, or is inside\\) the input"):
+            ts.segment(src, net, out, overwrite=True, progress=False)
+    np.testing.assert_array_equal(zarr.open_array(src, mode="r")[:], rgb_image)
+
+
+def test_existing_zarr_store_output_needs_overwrite(net, rgb_image):
+    store = zarr.storage.MemoryStore()
+    ts.segment(rgb_image, net, store, tile_size=32, progress=False)
+    with pytest.raises(ts.OutputExistsError, match="already holds a zarr group"):
+        ts.segment(rgb_image, net, store, tile_size=32, progress=False)
+    ts.segment(rgb_image, net, store, tile_size=32, overwrite=True, progress=False)
+
+
+def test_float16_images_are_read_as_float32(net, rgb_image):
+    half = (rgb_image / 255).astype(np.float16)
+    a = ts.segment(half, net, tile_size=32, mode="logits", progress=False)
+    b = ts.segment(half.astype(np.float32), net, tile_size=32, mode="logits", progress=False)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_failed_fresh_output_is_removed(net, rgb_image, tmp_path):
+    class Boom(Exception):
+        pass
+
+    def explode(*_):
+        raise Boom()
+
+    failing = small_unet(3, 3, base=4, depth=2)
+    failing.head.register_forward_hook(lambda m, i, o: explode() if o.device.type != "meta" else None)
+    with pytest.raises(Boom):
+        ts.segment(rgb_image, failing, tmp_path / "fresh.zarr", tile_size=32, progress=False)
+    assert not (tmp_path / "fresh.zarr").exists()

@@ -67,9 +67,15 @@ class SameConvNet(nn.Module):
         return self.up(self.pool(self.conv(x)))
 
 
-def test_probe_finds_step_of_same_padded_network_with_zero_shrink():
-    geom = ts.Geometry.of(SameConvNet())
-    assert geom.step == (2, 2) and geom.shrink == (0, 0)
+def test_same_padded_network_must_declare_its_context_margin():
+    net = SameConvNet()
+    with pytest.raises(ts.ModelError, match="pads internally.*step=2"):
+        ts.Geometry.of(net)
+    net.geometry = ts.Geometry(halo=8, step=2)
+    assert ts.Geometry.of(net).crop == (8, 8)
+    image = np.random.default_rng(0).random((37, 41, 2)).astype(np.float32)
+    out = ts.segment(image, net, tile_size=16, mode="logits", axes="YXC", progress=False)
+    assert out.shape == (3, 37, 41)
 
 
 def test_probe_of_plain_valid_conv_stack():

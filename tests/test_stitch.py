@@ -95,3 +95,14 @@ def test_output_smaller_than_tile_is_refused_with_the_sizes():
     stitcher = ts.Stitcher(tiler.plan)
     with pytest.raises(ts.UsageError, match="smaller than crop"):
         stitcher.add([0], np.zeros((1, 2, 10, 10), np.float32))
+
+
+def test_bfloat16_outputs_and_single_class_label_colours(tmp_path):
+    import torch
+
+    tiler, _ = _identity_tiler()
+    with ts.Stitcher(tiler.plan, tmp_path / "o.zarr", mode="labels") as stitcher:
+        for batch in tiler.batches(4):
+            stitcher.add(batch, torch.from_numpy(batch.data - 0.5).to(torch.bfloat16))
+    colours = zarr.open_group(tmp_path / "o.zarr").attrs["ome"]["image-label"]["colors"]
+    assert [c["label-value"] for c in colours] == [0, 1]

@@ -25,6 +25,15 @@ def model_in_channels(model: object) -> Optional[int]:
     return None
 
 
+def _has_spatial_kernel(model) -> bool:
+    for module in model.modules():
+        kind = getattr(module, "original_name", type(module).__name__)
+        size = getattr(module, "kernel_size", None)
+        if kind.startswith("Conv") and size is not None and max(size) > 1:
+            return True
+    return False
+
+
 def _meta_runner(model):
     """A callable running `model` on meta tensors without touching its weights."""
     import io
@@ -112,6 +121,12 @@ def probe_geometry(model: object, in_channels: Optional[int] = None) -> Geometry
             )
         step = valid[1] - valid[0]
         shrink = -best
+        if shrink == 0 and _has_spatial_kernel(model):
+            raise ModelError(
+                f"{type(model).__name__} pads internally (its output is as large as its input), "
+                "so tiles would see zero padding at their borders; declare a context margin: "
+                f"model.geometry = ts.Geometry(halo=..., step={step}) (see docs/exactness.md)"
+            )
         geom = Geometry(halo=(shrink + 1) // 2, step=step, min_input=valid[0], shrink=shrink)
         # Second probe: a large, non-square valid size must follow the same arithmetic.
         ny, nx = valid[0] + 37 * step, valid[0] + 5 * step

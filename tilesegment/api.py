@@ -168,6 +168,7 @@ def prepare(
         raise UsageError(f"mode {mode!r} is unknown; use one of {', '.join(MODES)}")
     if output is not None:
         ZarrSink.check_output(output, overwrite)
+        _check_not_input(image, output)
     model = load_model(model)
     geometry = Geometry.of(model)
     devices = resolve_devices(device)
@@ -308,14 +309,27 @@ def segment(
     return job.run(progress)[0]
 
 
+def _check_not_input(image: Any, output: Any) -> None:
+    from pathlib import Path
+
+    if not isinstance(image, (str, os.PathLike)) or not isinstance(output, (str, os.PathLike)):
+        return
+    a, b = Path(image).resolve(), Path(output).resolve()
+    if a == b or a in b.parents or b in a.parents:
+        raise UsageError(
+            f"output {str(output)!r} is (or contains, or is inside) the input {str(image)!r}; "
+            "write the result somewhere else"
+        )
+
+
 def _check_channels(model, tiler: Tiler) -> None:
     expected = model_in_channels(model)
     got = tiler.source.channels
     if expected is not None and expected != got:
         raise ModelError(
             f"model expects {expected} input channel(s) but {tiler.source.name} has {got} "
-            f"(axes {tiler.source.axes}, shape {tuple(tiler.source.array.shape)}); "
-            "use a model for this image or pass axes= to say which axis holds the channels"
+            f"(axes {tiler.source.axes}); use a model for this image, pass channels= to pick "
+            "channels, or axes= to say which axis holds them"
         )
 
 

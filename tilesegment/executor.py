@@ -10,6 +10,8 @@ numba kernels crop and reduce them in one pass.
 
 from __future__ import annotations
 
+import copy
+import gc
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
@@ -120,7 +122,8 @@ class Executor:
     Parameters
     ----------
     model : torch.nn.Module
-        The network (a copy is moved to `device`; the caller's model is not touched).
+        The network, put in eval mode; it is copied to `device` (and to
+        channels-last) when it lives elsewhere, so the caller's weights stay put.
     device : str or torch.device
         ``"auto"`` picks CUDA when available.
     precision : {"auto", "fp32", "bf16", "fp16"}
@@ -172,9 +175,7 @@ class Executor:
             torch.backends.cudnn.allow_tf32 = False
             torch.backends.cuda.matmul.allow_tf32 = False
         self.channels_last = cuda if channels_last is None else channels_last
-        model = _to_device(model, self.device)
-        if self.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+        model = _to_device(model, self.device, self.channels_last)
         self.model = torch.compile(model) if compile else model
         on_device = cuda if reduce_on_device is None else reduce_on_device
         self._reduce = (
@@ -228,16 +229,21 @@ class Executor:
             return self._split(data)
         try:
             return self._run(data)
-        except torch.OutOfMemoryError:
-            if n == 1:
-                raise TileSegmentError(
-                    f"one tile of input {data.shape[-2:]} does not fit in memory on {self.device}; "
-                    "use a smaller tile_size"
-                ) from None
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            self.max_batch = max(1, n // 2)
-            return self._split(data)
+        except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
+            if not _is_out_of_memory(exc):
+                raise
+        # Retry outside the except block: its traceback would keep the failed
+        # attempt's activations alive while the halves run.
+        if n == 1:
+            raise TileSegmentError(
+                f"one tile of input {data.shape[-2:]} does not fit in memory on {self.device}; "
+                "use a smaller tile_size"
+            )
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.max_batch = max(1, n // 2)
+        return self._split(data)
 
     def _split(self, data: np.ndarray) -> Output:
         limit = max(1, min(len(data) // 2 if self.max_batch is None else self.max_batch, len(data) - 1))
@@ -295,6 +301,11 @@ class Executor:
         return Output(host, reduced=True, event=event)
 
 
+def _is_out_of_memory(exc: BaseException) -> bool:
+    # TorchScript modules raise a plain RuntimeError on CUDA out-of-memory.
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
 def reduce_logits(y: torch.Tensor, mode: str) -> torch.Tensor:
     """Turn ``(N, K, h, w)`` logits into what `mode` writes, as the stitcher's kernels do.
 
@@ -311,17 +322,16 @@ def reduce_logits(y: torch.Tensor, mode: str) -> torch.Tensor:
     return y
 
 
-def _to_device(model: nn.Module, device: torch.device) -> nn.Module:
-    """The model on `device` in eval mode, copied if it lives elsewhere."""
+def _to_device(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
+    """The model in eval mode on `device` (channels-last if asked); the caller's weights
+    are copied, never moved or converted in place."""
     model = model.eval()
-    params = [*model.parameters(), *model.buffers()]
-    if all(p.device == device for p in params):
+    if not channels_last and all(p.device == device for p in [*model.parameters(), *model.buffers()]):
         return model
-    import copy
-
-    if not isinstance(model, torch.jit.ScriptModule):
-        return copy.deepcopy(model).to(device)
-    return model.to(device)
+    if isinstance(model, torch.jit.ScriptModule):
+        return model.to(device)  # cannot be deep-copied; TorchScript keeps NCHW
+    model = copy.deepcopy(model).to(device)
+    return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
 def estimate_bytes_per_tile(model: nn.Module, in_channels: int, input_size: Pair) -> int:

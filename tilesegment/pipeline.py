@@ -51,7 +51,7 @@ def run_pipeline(
         them as background, interleaved in plan order so that blocks
         complete (and leave memory) as they would without skipping.
     """
-    stop = threading.Event()
+    stop, abandon = threading.Event(), threading.Event()
     results: queue.Queue = queue.Queue(maxsize=max(1, depth) * len(executors))
     take_lock = threading.Lock()
     errors: list[BaseException] = []
@@ -60,15 +60,23 @@ def run_pipeline(
         with take_lock:
             return None if stop.is_set() else next(batches, None)
 
+    def put(item) -> None:
+        while not abandon.is_set():
+            try:
+                return results.put(item, timeout=0.1)
+            except queue.Full:
+                pass
+
     def work(executor: Executor) -> None:
         try:
             while (batch := take()) is not None:
-                results.put((batch, executor(batch.data)))
+                # Only the indices travel on: the (pinned) input can be freed now.
+                put((batch.indices, executor(batch.data)))
         except BaseException as exc:  # handed to the caller below
             errors.append(exc)
             stop.set()
         finally:
-            results.put(_DONE)
+            put(_DONE)
 
     threads = [
         threading.Thread(target=work, args=(ex,), name=f"tilesegment-exec-{i}", daemon=True)
@@ -83,10 +91,10 @@ def run_pipeline(
             if item is _DONE:
                 finished += 1
             elif not stop.is_set():
-                batch, output = item
-                stitcher.add(batch, output.numpy(), reduced=output.reduced)
-                on_progress(len(batch))
-                until = int(np.searchsorted(skipped, batch.indices.max()))
+                indices, output = item
+                stitcher.add(indices, output.numpy(), reduced=output.reduced)
+                on_progress(len(indices))
+                until = int(np.searchsorted(skipped, indices.max()))
                 if until > skip_at:
                     stitcher.fill(skipped[skip_at:until])
                     skip_at = until
@@ -99,6 +107,7 @@ def run_pipeline(
                 finished += 1
         raise
     finally:
+        abandon.set()  # a second Ctrl-C may have cut the drain short: let workers go
         for thread in threads:
             thread.join()
         close = getattr(batches, "close", None)

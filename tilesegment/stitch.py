@@ -147,7 +147,7 @@ class Stitcher:
             self._sink = MemorySink(shape, dtype)
         else:
             chunks = self.plan.chunk_size if self.mode == "labels" else (num_classes, *self.plan.chunk_size)
-            labels = num_classes if self.mode == "labels" else None
+            labels = max(num_classes, 2) if self.mode == "labels" else None
             self._sink = ZarrSink(self._output, shape, dtype, chunks, labels=labels, **self._options)
 
     # -- adding outputs -------------------------------------------------------------
@@ -244,7 +244,10 @@ class Stitcher:
                     f"shape {outputs.shape}"
                 )
             if outputs.shape[2:] != self.plan.tile_size:
-                raise UsageError(f"reduced outputs {outputs.shape[2:]} must be tile_size {self.plan.tile_size}")
+                raise UsageError(
+                    f"outputs cropped to {outputs.shape[2:]} do not match tile_size "
+                    f"{self.plan.tile_size}; is the geometry right for this model?"
+                )
             return
         need = tuple(c + t for c, t in zip(self.plan.geometry.crop, self.plan.tile_size))
         if outputs.shape[2] < need[0] or outputs.shape[3] < need[1]:
@@ -301,5 +304,8 @@ class Stitcher:
 
 def _as_numpy(outputs: Any) -> np.ndarray:
     if hasattr(outputs, "detach"):  # torch.Tensor on any device
-        outputs = outputs.detach().cpu().numpy()
+        outputs = outputs.detach()
+        if not outputs.dtype.is_floating_point or outputs.dtype.itemsize >= 4:
+            return outputs.cpu().numpy()
+        outputs = outputs.float().cpu().numpy()  # numpy has no bfloat16
     return np.asarray(outputs)

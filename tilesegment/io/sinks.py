@@ -55,7 +55,8 @@ class MemorySink:
 
 
 def _is_path(output: Any) -> bool:
-    return isinstance(output, (str, os.PathLike))
+    """A local path (URLs such as s3://... go to zarr/fsspec as stores)."""
+    return isinstance(output, (str, os.PathLike)) and "://" not in os.fspath(output)
 
 
 class ZarrSink:
@@ -95,8 +96,9 @@ class ZarrSink:
         self._pixel_size, self._labels = pixel_size, labels
         self._title = Path(str(output)).stem
         self.group = group
+        # The OME metadata is written last, in close(): until then the group is not an
+        # image, so a run killed midway never leaves something that looks complete.
         self.array = self._create("0", shape, chunks, dtype)
-        group.attrs["ome"] = self._metadata(1)
         self._pool = ThreadPoolExecutor(max(1, writers), thread_name_prefix="tilesegment-write")
         self._slots = threading.BoundedSemaphore(2 * max(1, writers))
         self._futures: list[Future] = []
@@ -160,8 +162,17 @@ class ZarrSink:
 
     @staticmethod
     def check_output(output: Any, overwrite: bool) -> None:
-        """Raise `OutputExistsError` if `output` exists and `overwrite` is false."""
+        """Raise `OutputExistsError` if `output` exists and `overwrite` is false.
+
+        For zarr stores and URLs (not local paths) `overwrite=True` clears the
+        store when the run starts: there is no sibling to write beside.
+        """
         if not _is_path(output):
+            if not overwrite and _store_has_group(output):
+                raise OutputExistsError(
+                    f"output store {output!r} already holds a zarr group; pass overwrite=True "
+                    "(CLI: --overwrite) to clear and replace it, or use an empty store"
+                )
             return
         path = Path(output)
         if path.exists() and not overwrite:
@@ -193,15 +204,23 @@ class ZarrSink:
             future.result()
 
     def close(self) -> Any:
-        for future in self._futures:
-            future.result()
-        self._raise_failed()
-        self.group.attrs["ome"] = self._metadata(self._build_pyramid())
-        self._pool.shutdown(wait=True)
+        try:
+            for future in self._futures:
+                future.result()
+            self._raise_failed()
+            self.group.attrs["ome"] = self._metadata(self._build_pyramid())
+            self._pool.shutdown(wait=True)
+        except BaseException:
+            self.abort()
+            raise
         if self._final is not None and self._path != self._final:
             backup = self._final.with_name(f".{self._final.name}.{uuid.uuid4().hex[:8]}.old")
             self._final.rename(backup)
-            self._path.rename(self._final)
+            try:
+                self._path.rename(self._final)
+            except BaseException:
+                backup.rename(self._final)  # put the old output back where it was
+                raise
             _remove(backup)
         import zarr
 
@@ -213,6 +232,16 @@ class ZarrSink:
         self._pool.shutdown(wait=True, cancel_futures=True)
         if self._final is not None:
             _remove(self._path)
+
+
+def _store_has_group(store: Any) -> bool:
+    import zarr
+
+    try:
+        zarr.open_group(store, mode="r")
+        return True
+    except Exception:
+        return False
 
 
 def _remove(path: Path) -> None:

@@ -135,6 +135,8 @@ class ImageSource:
         if hasattr(region, "compute"):  # dask
             region = region.compute()
         region = np.asarray(region)
+        if region.dtype == np.float16:  # the gather kernel has no float16
+            region = region.astype(np.float32)
         if len(order) == 2:
             region = region[..., None]
             order.append("C")

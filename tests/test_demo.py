@@ -1,0 +1,60 @@
+"""The bundled demo model and `tilesegment demo`."""
+
+import numpy as np
+import pytest
+
+import tilesegment as ts
+from tilesegment.cli import main
+from tilesegment.he import demo_scores, reference_masks, synthetic_slide
+from tilesegment.models.load import DEMO_MODEL
+
+
+def test_demo_model_is_small_bundled_and_documents_its_training():
+    assert DEMO_MODEL.stat().st_size <= 5 * 1024 * 1024
+    model = ts.load_model("demo")
+    assert model.config == {"in_channels": 3, "num_classes": 3, "base_channels": 8, "depth": 4}
+    assert model.metadata["classes"] == ["background", "tissue", "nuclei"]
+    assert {"seed", "data", "validation", "steps"} <= set(model.metadata)
+
+
+def test_demo_model_finds_synthetic_nuclei_it_never_saw():
+    rgb, truth = synthetic_slide((512, 512), seed=4242)
+    labels = ts.segment(rgb, "demo", tile_size=256, progress=False)
+    for k in (0, 2):
+        pred, true = labels == k, truth == k
+        assert 2 * (pred & true).sum() / (pred.sum() + true.sum()) >= 0.7
+
+
+def test_demo_model_on_the_real_slide_matches_colour_deconvolution(shared_svs):
+    labels = ts.segment(shared_svs, "demo", tile_size=512, progress=False)
+    source = ts.open_image(shared_svs)
+    rgb = source.read(0, source.shape[0], 0, source.shape[1])
+    scores = demo_scores(rgb, labels)
+    assert scores["nuclei_dice"] >= 0.6
+    assert scores["blank_glass_as_background"] >= 0.9
+
+
+def test_reference_masks_find_synthetic_nuclei():
+    rgb, truth = synthetic_slide((400, 400), seed=5)
+    glass, nuclei = reference_masks(rgb)
+    assert 2 * (nuclei & (truth == 2)).sum() / (nuclei.sum() + (truth == 2).sum()) >= 0.7
+    assert (glass == (truth == 0)).mean() >= 0.85
+
+
+def test_demo_command_writes_zarr_and_overview_and_says_how_to_open_it(tmp_path, capsys):
+    import imagecodecs
+    import zarr
+
+    assert main(["demo", str(tmp_path / "demo"), "--size", "640", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "napari" in out and "overview.png" in out
+    labels = zarr.open_array(tmp_path / "demo" / "segmentation.zarr" / "0", mode="r")
+    assert labels.shape == (640, 640) and set(np.unique(labels[:])) <= {0, 1, 2}
+    png = imagecodecs.png_decode((tmp_path / "demo" / "overview.png").read_bytes())
+    assert png.shape == (640, 2 * 640 + 8, 3)
+    assert main(["demo", str(tmp_path / "demo"), "--size", "640", "--quiet"]) == 2  # no silent overwrite
+
+
+def test_segment_without_model_uses_the_demo_model_and_says_so(tmp_path, rgb_tiff, capsys):
+    assert main(["segment", str(rgb_tiff), str(tmp_path / "o.zarr")]) == 0
+    assert "bundled demo model" in capsys.readouterr().err
