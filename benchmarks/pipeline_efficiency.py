@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,30 +26,7 @@ import torch
 
 import tilesegment as ts
 from _common import write_rows
-from tilesegment.bench import PEAK_TFLOPS, flops_per_pixel
-from tilesegment.executor import Executor
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def bare_model_seconds(executor: Executor, batches: int, shape: tuple[int, ...]) -> float:
-    """Time `batches` forward passes of device-resident random inputs (no I/O, no copies)."""
-    x = torch.rand(shape, device=executor.device)
-    if executor.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(executor.precision, torch.float32)
-    with torch.inference_mode(), torch.autocast(executor.device.type, dtype=dtype,
-                                                enabled=executor.precision != "fp32"):
-        executor.model(x)
-        _sync(executor.device)
-        start = time.perf_counter()
-        for _ in range(batches):
-            executor.model(x)
-        _sync(executor.device)
-    return time.perf_counter() - start
+from tilesegment.bench import PEAK_TFLOPS, bare_model_seconds, flops_per_pixel
 
 
 def main() -> None:

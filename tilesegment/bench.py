@@ -1,4 +1,4 @@
-"""Cost figures of a network: FLOPs per written pixel, halo overhead."""
+"""Benchmarks: cost figures of a network and tile size x batch size sweeps."""
 
 from __future__ import annotations
 
@@ -7,7 +7,16 @@ from torch import nn
 
 from .geometry import Geometry, Pair
 
-__all__ = ["count_flops", "flops_per_pixel", "PEAK_TFLOPS"]
+__all__ = [
+    "PEAK_TFLOPS",
+    "auto_tile_sizes",
+    "bare_model_seconds",
+    "bench",
+    "count_flops",
+    "flops_per_pixel",
+    "recommend",
+    "write_results",
+]
 
 #: Dense bf16/fp16 tensor-core peaks (TFLOP/s) by device-name fragment, for efficiency figures.
 PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0,
@@ -49,3 +58,218 @@ def flops_per_pixel(model: nn.Module, in_channels: int, geometry: Geometry, tile
     """FLOPs per *written* output pixel at `tile_size` (halo overhead included)."""
     n_in = geometry.input_size(tile_size)
     return count_flops(model, in_channels, n_in) / (tile_size[0] * tile_size[1])
+
+
+# -- tile size x batch size sweeps ------------------------------------------------------
+
+
+def bare_model_seconds(executor, batches: int, shape: tuple[int, ...]) -> float:
+    """Seconds for `batches` forward passes of device-resident inputs of `shape` (no I/O, no copies)."""
+    import time
+
+    x = torch.rand(shape, device=executor.device)
+    if executor.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(executor.precision, torch.float32)
+    with torch.inference_mode(), torch.autocast(executor.device.type, dtype=dtype,
+                                                enabled=executor.precision != "fp32"):
+        executor.model(x)
+        _sync(executor.device)
+        start = time.perf_counter()
+        for _ in range(batches):
+            executor.model(x)
+        _sync(executor.device)
+    return time.perf_counter() - start
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _PeakRSS:
+    """Highest resident set size (MB) seen while the block runs, sampled every 10 ms."""
+
+    def __enter__(self) -> "_PeakRSS":
+        import threading
+
+        self.peak, self._stop = _rss_mb(), threading.Event()
+        self._thread = threading.Thread(target=self._sample, name="tilesegment-rss", daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.01):
+            self.peak = max(self.peak, _rss_mb())
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_mb())
+
+
+def _rss_mb() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            import os
+
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:  # not Linux: the lifetime peak is the best we have
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def auto_tile_sizes(geometry: Geometry, shape: Pair) -> list[int]:
+    """Tile sizes worth trying for an image: 128 to 2048 (multiples of the step), not past the image."""
+    step = geometry.step[0]
+    top = max(shape)
+    sizes = sorted({max(step, t // step * step) for t in (128, 256, 512, 1024, 2048)})
+    return [t for t in sizes if t <= max(top, sizes[0])] or sizes[:1]
+
+
+def bench(
+    image=None,
+    model="demo",
+    tile_sizes="auto",
+    batch_sizes=(1, 2),
+    device: str = "auto",
+    precision: str = "auto",
+    size: int = 2048,
+    out=None,
+    repeats: int = 1,
+) -> list[dict]:
+    """Measure throughput and memory for every tile size x batch size.
+
+    Each cell segments the image end to end (readers, executor, stitcher,
+    writers, to an OME-Zarr in a temporary folder) and times the bare network
+    on the same number of batches of the same shape. Rows hold: end-to-end and
+    model-only Mpx/s (written pixels), halo overhead (computed / written
+    pixels), GFLOP per written pixel, latency per batch, peak host RSS and
+    peak device memory.
+
+    Parameters
+    ----------
+    image : path or array, optional
+        What to segment; default a random uint8 RGB image of `size` x `size`
+        (throughput does not depend on the content).
+    model : module or spec
+        Anything `load_model` accepts (default: the demo model).
+    tile_sizes : sequence of int or "auto"
+        "auto": 128 to 2048 as the image allows (`auto_tile_sizes`).
+    batch_sizes : sequence of int
+    device, precision
+        As for `segment`.
+    out : path, optional
+        Folder for bench.csv, bench.json and bench.png.
+    repeats : int
+        Best of this many runs per cell.
+
+    Returns
+    -------
+    list of dict
+        One row per cell; ``recommend(rows)`` picks the fastest.
+    """
+    import tempfile
+    from pathlib import Path
+
+    import numpy as np
+
+    from ._probe import model_in_channels
+    from .api import prepare
+    from .models.load import load_model
+
+    net = load_model(model)
+    geometry = Geometry.of(net)
+    if image is None:
+        image = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        first = prepare(image, net, device=device, precision=precision, tile_size=geometry.step[0] * 8)
+        if tile_sizes in ("auto", None):
+            tile_sizes = auto_tile_sizes(geometry, first.plan.shape)
+        in_channels = model_in_channels(net) or first.tiler.source.channels
+        # Warm up (numba compilation, oneDNN/cuDNN set-up) outside the measurements.
+        from .api import segment
+
+        warm = np.zeros((geometry.step[0] * 4, geometry.step[1] * 4, in_channels), np.float32)
+        segment(warm, net, tile_size=geometry.step[0] * 2, device=first.devices[0], axes="YXC",
+                precision=precision, progress=False)
+        for tile in tile_sizes:
+            for batch in batch_sizes:
+                best = None
+                for r in range(repeats):
+                    job = prepare(image, net, Path(tmp) / f"t{tile}b{batch}r{r}.zarr", tile_size=tile,
+                                  batch_size=batch, device=device, precision=precision)
+                    dev = job.devices[0]
+                    if dev.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats(dev)
+                    with _PeakRSS() as rss:
+                        _, stats = job.run(progress=False)
+                    executor = job.executors()[0]
+                    n_batches = -(-job.plan.n_tiles // job.batch_size)
+                    shape = (job.batch_size, in_channels, *job.plan.input_size)
+                    model_s = bare_model_seconds(executor, n_batches, shape)
+                    if best is None or stats.seconds < best[0].seconds:
+                        best = (stats, model_s, rss.peak, job, dev)
+                stats, model_s, peak, job, dev = best
+                mpx = stats.pixels / 1e6
+                rows.append({
+                    "tile_size": tile, "input_size": job.plan.input_size[0], "batch_size": job.batch_size,
+                    "tiles": job.plan.n_tiles, "device": str(dev), "precision": executor.precision,
+                    "end_to_end_mpx_s": round(mpx / stats.seconds, 4),
+                    "model_only_mpx_s": round(mpx / model_s, 4),
+                    "halo_overhead": round(job.plan.computed_fraction(), 3),
+                    "gflop_per_px": round(flops_per_pixel(net, in_channels, geometry, job.plan.tile_size) / 1e9, 6),
+                    "batch_latency_ms": round(1000 * stats.seconds / n_batches, 1),
+                    "peak_host_mb": round(peak, 1),
+                    "peak_device_mb": round(torch.cuda.max_memory_allocated(dev) / 2**20, 1) if dev.type == "cuda" else None,
+                })
+        first.tiler.close()
+    if out is not None:
+        write_results(rows, Path(out))
+    return rows
+
+
+def recommend(rows: list[dict]) -> dict:
+    """The fastest cell end to end."""
+    return max(rows, key=lambda r: r["end_to_end_mpx_s"])
+
+
+def write_results(rows: list[dict], out) -> list:
+    """Write bench.csv, bench.json and (with matplotlib) bench.png into `out`; return the paths."""
+    import csv
+    import json
+    from pathlib import Path
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "bench.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "bench.json").write_text(json.dumps({"rows": rows, "recommended": recommend(rows)}, indent=2))
+    paths = [out / "bench.csv", out / "bench.json"]
+    try:
+        import matplotlib
+    except ImportError:
+        return paths
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for batch in sorted({r["batch_size"] for r in rows}):
+        cells = sorted((r for r in rows if r["batch_size"] == batch), key=lambda r: r["tile_size"])
+        ax.plot([r["tile_size"] for r in cells], [r["end_to_end_mpx_s"] for r in cells], "o-", label=f"batch {batch}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("tile size (written px)")
+    ax.set_ylabel("end-to-end throughput (Mpx/s)")
+    ax.legend(loc="upper left")
+    halo = ax.twinx()
+    cells = sorted({(r["tile_size"], r["halo_overhead"]) for r in rows})
+    halo.plot([c[0] for c in cells], [c[1] for c in cells], "k--", alpha=0.5)
+    halo.set_ylabel("halo overhead (computed / written px), dashed")
+    fig.tight_layout()
+    fig.savefig(out / "bench.png", dpi=110)
+    plt.close(fig)
+    return paths + [out / "bench.png"]

@@ -79,6 +79,20 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     demo.set_defaults(run=_demo)
 
+    bench = verbs.add_parser("bench", help="measure throughput for tile sizes x batch sizes",
+                             description="Sweep tile size x batch size end to end and model-only; "
+                                         "write bench.csv, bench.json and bench.png; recommend a setting.")
+    bench.add_argument("input", nargs="?", default=None, help="image to use (default: random RGB of --size)")
+    bench.add_argument("--model", "-m", default="demo", help="model spec (default: demo)")
+    bench.add_argument("--tile-sizes", default="auto", help="comma-separated, or auto (128..2048)")
+    bench.add_argument("--batch-sizes", default="1,2", help="comma-separated (default: 1,2)")
+    bench.add_argument("--device", default="auto")
+    bench.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
+    bench.add_argument("--size", type=int, default=2048, help="edge of the random image (default: 2048)")
+    bench.add_argument("--repeats", type=int, default=1, help="best of N runs per cell (default: 1)")
+    bench.add_argument("--out", default="tilesegment-bench", help="output folder (default: tilesegment-bench)")
+    bench.set_defaults(run=_bench)
+
     info = verbs.add_parser("info", help="describe an image (and a model's geometry)")
     info.add_argument("input", help="image file or zarr store")
     info.add_argument("--model", "-m", default=None, help="also show this model's geometry")
@@ -134,6 +148,39 @@ def _demo(args: argparse.Namespace) -> int:
               ", ".join(f"{k[5:]} {v:.3f}" for k, v in result.scores.items()))
     print(f"open it     napari --plugin napari-ome-zarr {result.output}   "
           f"(pip install napari napari-ome-zarr)")
+    return 0
+
+
+def _ints(text: str, name: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise UsageError(f"{name} {text!r} is not a comma-separated list of integers, e.g. 256,512") from None
+    if min(values) < 1:
+        raise UsageError(f"{name} {text!r} must be positive")
+    return values
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import bench, recommend, write_results
+
+    tiles = "auto" if args.tile_sizes == "auto" else _ints(args.tile_sizes, "--tile-sizes")
+    rows = bench(args.input, args.model, tiles, _ints(args.batch_sizes, "--batch-sizes"),
+                 device=args.device, precision=args.precision, size=args.size, repeats=args.repeats)
+    paths = write_results(rows, args.out)
+    columns = [("tile_size", "tile"), ("input_size", "input"), ("batch_size", "batch"),
+               ("end_to_end_mpx_s", "e2e Mpx/s"), ("model_only_mpx_s", "model Mpx/s"),
+               ("halo_overhead", "halo x"), ("batch_latency_ms", "ms/batch"), ("peak_host_mb", "host MB"),
+               ("peak_device_mb", "dev MB")]
+    print("  ".join(f"{title:>11}" for _, title in columns))
+    for row in rows:
+        print("  ".join(f"{'-' if row[key] is None else row[key]:>11}" for key, _ in columns))
+    best = recommend(rows)
+    print(f"recommended: --tile-size {best['tile_size']} --batch-size {best['batch_size']} "
+          f"({best['end_to_end_mpx_s']:.2f} Mpx/s end to end on {best['device']})")
+    print("wrote " + ", ".join(str(p) for p in paths))
+    if not any(p.suffix == ".png" for p in paths):
+        print("(pip install matplotlib for bench.png)")
     return 0
 
 

@@ -13,8 +13,8 @@ from .errors import OutputExistsError
 
 __all__ = ["run_demo", "overview", "DemoResult", "CLASS_COLOURS", "write_tiff_pyramid"]
 
-#: RGB overlay colour per demo class; None leaves the pixel as it is.
-CLASS_COLOURS = (None, (40, 170, 90), (255, 210, 0))
+#: RGB overlay colour and opacity per demo class; None leaves the pixel as it is.
+CLASS_COLOURS = (None, ((40, 170, 90), 0.3), ((255, 210, 0), 0.8))
 _OVERVIEW_EDGE = 1024
 
 
@@ -46,11 +46,12 @@ def write_tiff_pyramid(path: Union[str, os.PathLike], rgb: np.ndarray, pixel_siz
     return path
 
 
-def overview(rgb: np.ndarray, labels: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+def overview(rgb: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Side-by-side RGB image and its coloured label overlay, as one uint8 image."""
     blend = rgb.astype(np.float32).copy()
-    for k, colour in enumerate(CLASS_COLOURS):
-        if colour is not None:
+    for k, style in enumerate(CLASS_COLOURS):
+        if style is not None:
+            colour, alpha = style
             mask = labels == k
             blend[mask] = (1 - alpha) * blend[mask] + alpha * np.asarray(colour, np.float32)
     gap = np.full((rgb.shape[0], 8, 3), 255, np.uint8)
