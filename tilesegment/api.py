@@ -45,16 +45,36 @@ class RunStats:
         return self.pixels / max(self.seconds, 1e-9) / 1e6
 
 
-def auto_tile_size(shape: Pair, geometry: Geometry, device: torch.device) -> Pair:
-    """Default tile size: 512 on CPU, 1024 on GPU, never much larger than the image.
+def auto_tile_size(
+    shape: Pair,
+    geometry: Geometry,
+    device: torch.device,
+    model: Optional[torch.nn.Module] = None,
+    in_channels: int = 3,
+    memory_budget: Optional[int] = None,
+) -> Pair:
+    """Default tile size, from the cost model of the halo against memory.
 
-    Larger tiles amortize the halo (computed / written pixels falls from 1.84
-    at 512 to 1.40 at 1024 for the paper's network); on a CPU the gain is
-    smaller than the cache cost of huge activations.
+    Computed pixels per written pixel fall with the tile size (1.87 at 512,
+    1.40 at 1024, 1.19 at 2048 for a depth-4 U-Net), so a GPU gets the largest
+    of 512, 1024 and 2048 whose activations for a batch of two fit the memory
+    budget (70 % of free device memory; per-tile need from a meta-device
+    probe). On CPU, the measured optimum is 512 (benchmarks.md: larger tiles
+    lose more to cache misses than they save in halo). Never much larger than
+    the image.
     """
-    target = 1024 if device.type == "cuda" else 512
+    target = 512
+    if device.type == "cuda" and model is not None:
+        from .executor import estimate_bytes_per_tile
+
+        if memory_budget is None:
+            memory_budget = int(torch.cuda.mem_get_info(device)[0] * 0.7)
+        for t in (1024, 2048):
+            if 2 * estimate_bytes_per_tile(model, in_channels, geometry.input_size(t)) <= memory_budget:
+                target = t
     return tuple(  # type: ignore[return-value]
-        max(st, min(target // st * st, math.ceil(n / st) * st)) for n, st in zip(shape, geometry.step)
+        max(st, min(max(st, target // st * st), math.ceil(n / st) * st))
+        for n, st in zip(shape, geometry.step)
     )
 
 
@@ -177,7 +197,7 @@ def prepare(
         raise UsageError(f"precision {precision!r} is unknown; use one of {', '.join(PRECISIONS)}")
     source = open_image(image, axes=axes, level=level, series=series, channels=channels, mpp=mpp)
     if tile_size in ("auto", None):
-        tile_size = auto_tile_size(source.shape, geometry, dev)
+        tile_size = auto_tile_size(source.shape, geometry, dev, model, source.channels, memory_budget)
     tiler = Tiler(
         source,
         geometry,
@@ -237,9 +257,10 @@ def segment(
         the full-resolution ``zarr.Array`` is returned.
     tile_size : int, (int, int) or "auto"
         Edge of the written tile, a multiple of the network step. The network
-        input is ``geometry.input_size(tile_size)``. "auto": 512 on CPU, 1024
-        on GPU, capped at the image size. A pure speed knob: the result is the
-        same for every valid tile size.
+        input is ``geometry.input_size(tile_size)``. "auto": see
+        `auto_tile_size` (512 on CPU; on GPU the largest of 512/1024/2048 that
+        fits memory). A pure speed knob: the result is the same for every
+        valid tile size.
     batch_size : int or "auto"
         Tiles per forward pass. "auto": 1 on CPU (fastest there); on CUDA
         what fits `memory_budget` (default 70 % of free device memory). On

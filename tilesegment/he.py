@@ -67,8 +67,9 @@ def reference_masks(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def clearly_blank(glass: np.ndarray, margin: int = 16) -> np.ndarray:
     """Glass pixels at least `margin` pixels away from anything that is not glass."""
-    t = torch.from_numpy((~glass).astype(np.float32))[None, None]
-    near = F.max_pool2d(F.pad(t, (margin,) * 4, mode="replicate"), 2 * margin + 1, stride=1)
+    from .tissue import max_filter
+
+    near = max_filter(torch.from_numpy((~glass).astype(np.float32))[None, None], margin)
     return glass & (near[0, 0].numpy() == 0)
 
 
