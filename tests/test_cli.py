@@ -87,3 +87,17 @@ def test_real_svs_through_cli_agrees_with_whole_image_inference(capsys, shared_s
     reference = whole_image_logits(shared_svs, net).argmax(0)
     assert labels.shape == (2967, 2220)
     assert (labels == reference).mean() >= 0.9999
+
+
+def test_bench_sweeps_tiles_and_batches_and_writes_csv_json_png(capsys, tmp_path):
+    import csv
+
+    out = tmp_path / "bench"
+    code, stdout, err = _run(capsys, "bench", "--tile-sizes", "64,128", "--batch-sizes", "1,2",
+                             "--device", "cpu", "--size", "320", "--out", out)
+    assert code == 0, err
+    rows = list(csv.DictReader((out / "bench.csv").open()))
+    assert [(r["tile_size"], r["batch_size"]) for r in rows] == [("64", "1"), ("64", "2"), ("128", "1"), ("128", "2")]
+    assert all(float(r["end_to_end_mpx_s"]) > 0 and float(r["halo_overhead"]) > 1 for r in rows)
+    assert (out / "bench.png").stat().st_size > 1000 and (out / "bench.json").exists()
+    assert "recommended: --tile-size" in stdout
