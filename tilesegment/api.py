@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
@@ -15,6 +15,7 @@ from ._probe import model_in_channels, model_out_channels
 from .errors import ModelError, UsageError
 from .executor import PRECISIONS, Executor, auto_batch_size, resolve_devices
 from .geometry import Geometry, Pair
+from .io.manifest import Manifest, input_identity, model_hash
 from .io.sinks import ZarrSink
 from .io.sources import ImageLike, open_image
 from .models.load import ModelSpec, load_model
@@ -97,13 +98,24 @@ class Job:
     compile: bool = False
     memory_budget: Optional[int] = None
     compute: Optional[np.ndarray] = None  # per tile: computed (True) or filled as background
+    record: Optional[dict] = None  # identity of the run, for the output's manifest
+    resume: bool = False
+    done_blocks: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+    @property
+    def pending(self) -> np.ndarray:
+        """Per tile: still to be written (not in a block a stopped run finished)."""
+        todo = np.ones(self.plan.n_tiles, bool)
+        for b in self.done_blocks:
+            todo[self.plan.block_tiles[b] : self.plan.block_tiles[b + 1]] = False
+        return todo
 
     @property
     def skipped(self) -> np.ndarray:
         """Plan indices of tiles that are filled as background, not computed."""
         if self.compute is None:
             return np.zeros(0, np.int64)
-        return np.flatnonzero(~self.compute)
+        return np.flatnonzero(~self.compute & self.pending)
 
     @property
     def plan(self):
@@ -132,11 +144,13 @@ class Job:
             executors = self.executors()
             start = time.perf_counter()
             skipped = self.skipped
-            todo = None if self.compute is None else np.flatnonzero(self.compute)
+            todo = self.pending if self.compute is None else self.pending & self.compute
+            todo = None if todo.all() else np.flatnonzero(todo)
             with Stitcher(
                 tiler.plan, self.output, self.mode, overwrite=self.overwrite,
                 pixel_size=tiler.source.pixel_size, writers=self.readers,
                 num_classes=model_out_channels(self.model, self.plan.geometry),
+                record=self.record, resume=self.resume, done_blocks=self.done_blocks,
             ) as stitcher:
                 with _progress(tiler.plan.n_tiles - len(skipped), progress) as bar:
                     batches = tiler.batches(
@@ -178,6 +192,7 @@ def prepare(
     series: int = 0,
     channels: Optional[Sequence[int]] = None,
     tissue_mask: MaskLike = None,
+    resume: bool = False,
 ) -> Job:
     """Check every argument of `segment` and plan the run, without computing anything.
 
@@ -186,8 +201,12 @@ def prepare(
     """
     if mode not in MODES:
         raise UsageError(f"mode {mode!r} is unknown; use one of {', '.join(MODES)}")
+    if resume and overwrite:
+        raise UsageError("resume and overwrite exclude each other: resume continues an output, "
+                         "overwrite replaces it")
     if output is not None:
-        ZarrSink.check_output(output, overwrite)
+        if not (resume and Manifest(output).exists if _is_local(output) else False):
+            ZarrSink.check_output(output, overwrite)
         _check_not_input(image, output)
     model = load_model(model)
     geometry = Geometry.of(model)
@@ -215,8 +234,26 @@ def prepare(
         raise UsageError(f"batch_size {batch_size} must be at least 1")
     mask = load_mask(tissue_mask, source)
     compute = None if mask is None else tiler.plan.tiles_touching(mask)
+    record = None
+    if output is not None and _is_local(output):
+        record = {
+            "input": input_identity(image, source), "model": model_hash(model), "mode": mode,
+            "tile_size": list(tiler.plan.tile_size), "chunk_size": list(tiler.plan.chunk_size),
+            "padding": padding, "level": level, "mpp": mpp, "series": series,
+            "channels": None if channels is None else [int(c) for c in channels],
+            "tissue_mask": tissue_mask if tissue_mask in (None, "auto") else "given",
+        }
+    done = np.zeros(0, np.int64)
+    resuming = bool(resume and record is not None and Manifest(output).exists)
+    if resuming:
+        manifest = Manifest(output)
+        manifest.check_matches(record, output)
+        done = manifest.done_blocks()
+    elif resume and output is not None and _is_local(output) and os.path.exists(output):
+        raise UsageError(f"{str(output)!r} has no unfinished run to resume (it is complete or not "
+                         "ours); use another output, or --overwrite to replace it")
     return Job(model, tiler, tuple(devices), batch, mode, output, overwrite, precision,
-               compile, memory_budget, compute)
+               compile, memory_budget, compute, record, resuming, done)
 
 
 def segment(
@@ -241,6 +278,7 @@ def segment(
     series: int = 0,
     channels: Optional[Sequence[int]] = None,
     tissue_mask: MaskLike = None,
+    resume: bool = False,
 ) -> Any:
     """Segment `image` with `model`, tile by tile, exactly as whole-image inference would.
 
@@ -303,6 +341,10 @@ def segment(
         Compute only tiles whose padded input touches tissue; the others are
         written as background (label 0, probability of class 0 = 255, logits
         0). "auto" thresholds saturation (Otsu) on a low-resolution level.
+    resume : bool
+        Continue an output that a stopped run left (killed, Ctrl-C, error):
+        its manifest must show the same input, model, tile size, mode and
+        other settings; finished blocks are not computed again.
 
     Returns
     -------
@@ -325,9 +367,13 @@ def segment(
         image, model, output, tile_size=tile_size, batch_size=batch_size, device=device,
         mode=mode, padding=padding, level=level, axes=axes, chunk_size=chunk_size,
         overwrite=overwrite, precision=precision, compile=compile, memory_budget=memory_budget,
-        mpp=mpp, series=series, channels=channels, tissue_mask=tissue_mask,
+        mpp=mpp, series=series, channels=channels, tissue_mask=tissue_mask, resume=resume,
     )
     return job.run(progress)[0]
+
+
+def _is_local(output: Any) -> bool:
+    return isinstance(output, (str, os.PathLike)) and "://" not in os.fspath(output)
 
 
 def _check_not_input(image: Any, output: Any) -> None:

@@ -65,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     seg.add_argument("--chunk-size", type=_size, default=None, metavar="N",
                      help="output chunk edge; divides the tile size or is a multiple of it")
     seg.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    seg.add_argument("--resume", action="store_true",
+                     help="continue an OUTPUT that a stopped run left (same settings required)")
     seg.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
     seg.set_defaults(run=_segment)
 
@@ -115,7 +117,7 @@ def _segment(args: argparse.Namespace) -> int:
                   chunk_size=args.chunk_size, overwrite=args.overwrite,
                   precision=args.precision, compile=args.compile, mpp=args.mpp,
                   series=args.series, channels=_channels(args.channels),
-                  tissue_mask=args.tissue_mask)
+                  tissue_mask=args.tissue_mask, resume=args.resume)
     plan, source, geometry = job.plan, job.tiler.source, job.plan.geometry
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
     say(f"input    {args.input}: {source.shape[0]} x {source.shape[1]} px, "
@@ -128,10 +130,25 @@ def _segment(args: argparse.Namespace) -> int:
     if job.compute is not None:
         say(f"tissue   {len(job.skipped)} of {plan.n_tiles} tiles have no tissue and are written "
             f"as background ({len(job.skipped) / plan.n_tiles:.0%} skipped)")
-    _, run = job.run(progress=not args.quiet)
+    if job.resume:
+        say(f"resume   {len(job.done_blocks)} of {plan.n_blocks} blocks were finished by an earlier run")
+    try:
+        _, run = job.run(progress=not args.quiet)
+    except BaseException:
+        _say_resumable(args.output, plan.n_blocks)
+        raise
     say(f"done     {run.tiles - run.skipped} tiles computed in {run.seconds:.1f} s: "
         f"{run.megapixels_per_second:.2f} Mpx/s -> {args.output}")
     return 0
+
+
+def _say_resumable(output: str, n_blocks: int) -> None:
+    from .io.manifest import Manifest
+
+    manifest = Manifest(output)
+    if manifest.exists and len(manifest.done_blocks()):
+        print(f"tilesegment: {len(manifest.done_blocks())} of {n_blocks} blocks are saved in {output}; "
+              "run the same command with --resume to continue", file=sys.stderr)
 
 
 def _demo(args: argparse.Namespace) -> int:

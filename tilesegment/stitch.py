@@ -95,6 +95,13 @@ class Stitcher:
         Micrometres per pixel ``(y, x)`` for the OME-Zarr metadata.
     writers : int
         Threads that compress and write finished blocks.
+    record : dict, optional
+        Identity of the run, kept in the output's manifest for `resume`.
+    resume : bool
+        Continue an output that a stopped run left; `done_blocks` are not
+        expected again.
+    done_blocks : array of int, optional
+        Blocks already written (from the manifest).
 
     Examples
     --------
@@ -117,14 +124,18 @@ class Stitcher:
         overwrite: bool = False,
         pixel_size: Optional[tuple[float, float]] = None,
         writers: int = 2,
+        record: Optional[dict] = None,
+        resume: bool = False,
+        done_blocks: Optional[np.ndarray] = None,
     ) -> None:
         if mode not in MODES:
             raise UsageError(f"mode {mode!r} is unknown; use one of {', '.join(MODES)}")
         self.plan = plan
         self.mode = mode
         self._output = output
-        self._options = dict(overwrite=overwrite, pixel_size=pixel_size, writers=writers)
-        if output is not None:
+        self._options = dict(overwrite=overwrite, pixel_size=pixel_size, writers=writers,
+                             record=record, resume=resume)
+        if output is not None and not resume:
             ZarrSink.check_output(output, overwrite)
         self._sink: Optional[Sink] = None
         self._num_classes = num_classes
@@ -132,6 +143,9 @@ class Stitcher:
         self._block_of = plan.tile_blocks()
         self._missing = np.diff(plan.block_tiles).astype(np.int64)
         self._seen = np.zeros(plan.n_tiles, dtype=bool)
+        for block in () if done_blocks is None else done_blocks:
+            self._seen[plan.block_tiles[block] : plan.block_tiles[block + 1]] = True
+            self._missing[block] = 0
         self._closed = False
         self.result: Any = None
         if num_classes is not None:
@@ -224,7 +238,7 @@ class Stitcher:
         block = int(self._block_of[index])
         self._missing[block] -= 1
         if self._missing[block] == 0:
-            self._sink.commit(self._region(block), self._buffers.pop(block))
+            self._sink.commit(self._region(block), self._buffers.pop(block), block)
 
     def _region(self, block: int) -> tuple[slice, slice]:
         b = self.plan.block(block)

@@ -13,6 +13,7 @@ from typing import Any, Optional, Protocol, Union
 import numpy as np
 
 from ..errors import OutputExistsError, UsageError
+from .manifest import Manifest
 
 __all__ = ["Sink", "MemorySink", "ZarrSink", "palette"]
 
@@ -25,8 +26,8 @@ class Sink(Protocol):
     def buffer(self, region: Region) -> np.ndarray:
         """An array to crop the tiles of `region` into."""
 
-    def commit(self, region: Region, buffer: np.ndarray) -> None:
-        """`buffer` holds all of `region`: store it."""
+    def commit(self, region: Region, buffer: np.ndarray, block: Optional[int] = None) -> None:
+        """`buffer` holds all of `region` (block `block` of the plan): store it."""
 
     def close(self) -> Any:
         """Finish and return the result."""
@@ -44,7 +45,7 @@ class MemorySink:
     def buffer(self, region: Region) -> np.ndarray:
         return self.array[(..., *region)]
 
-    def commit(self, region: Region, buffer: np.ndarray) -> None:
+    def commit(self, region: Region, buffer: np.ndarray, block: Optional[int] = None) -> None:
         pass  # the buffer is a view of the result
 
     def close(self) -> np.ndarray:
@@ -65,8 +66,13 @@ class ZarrSink:
     Blocks are written by a thread pool (compression releases the GIL); at
     most ``2 * writers`` blocks wait in memory. When the output exists and
     `overwrite` is set, the new image is written beside it and swapped in
-    only once complete, so a failed run never destroys the old one; a failed
-    run removes what it wrote.
+    only once complete, so a failed run never destroys the old one.
+
+    With a run `record` (local paths only), every block is marked done in the
+    output's manifest after its chunks are written; a run that stops early
+    (error, Ctrl-C, SIGKILL) with at least one block done leaves a resumable
+    output, and ``resume=True`` reopens it. A failed run with nothing done
+    removes what it wrote.
     """
 
     def __init__(
@@ -80,25 +86,40 @@ class ZarrSink:
         pixel_size: Optional[tuple[float, float]] = None,
         writers: int = 2,
         labels: Optional[int] = None,
+        record: Optional[dict] = None,
+        resume: bool = False,
     ) -> None:
         import zarr
 
-        self.check_output(output, overwrite)
         self._final: Optional[Path] = None
-        target = output
-        if _is_path(output):
-            self._final = Path(output)
-            if self._final.exists():
-                target = self._final.with_name(f".{self._final.name}.{uuid.uuid4().hex[:8]}.tmp")
-            self._path = Path(target)
-        group = zarr.open_group(target, mode="w" if overwrite and not _is_path(output) else "w-", zarr_format=3)
         self._names = ("y", "x") if len(shape) == 2 else ("c", "y", "x")
         self._pixel_size, self._labels = pixel_size, labels
         self._title = Path(str(output)).stem
-        self.group = group
-        # The OME metadata is written last, in close(): until then the group is not an
-        # image, so a run killed midway never leaves something that looks complete.
-        self.array = self._create("0", shape, chunks, dtype)
+        self._record, self.manifest = record, None
+        if resume:
+            self._final = self._path = Path(output)
+            self.group = zarr.open_group(self._path, mode="r+")
+            self.array = self.group["0"]
+            if self.array.shape != tuple(shape) or self.array.dtype != np.dtype(dtype):
+                raise UsageError(f"cannot resume {str(output)!r}: its array is {self.array.shape} "
+                                 f"{self.array.dtype}, this run writes {tuple(shape)} {np.dtype(dtype)}")
+            self.manifest = Manifest(self._path)
+        else:
+            self.check_output(output, overwrite)
+            target = output
+            if _is_path(output):
+                self._final = Path(output)
+                if self._final.exists():
+                    target = self._final.with_name(f".{self._final.name}.{uuid.uuid4().hex[:8]}.tmp")
+                self._path = Path(target)
+            mode = "w" if overwrite and not _is_path(output) else "w-"
+            self.group = zarr.open_group(target, mode=mode, zarr_format=3)
+            # The OME metadata is written last, in close(): until then the group is not an
+            # image, so a run killed midway never leaves something that looks complete.
+            self.array = self._create("0", shape, chunks, dtype)
+            if record is not None and self._final is not None:
+                self.manifest = Manifest(self._path)
+                self.manifest.start(record)
         self._pool = ThreadPoolExecutor(max(1, writers), thread_name_prefix="tilesegment-write")
         self._slots = threading.BoundedSemaphore(2 * max(1, writers))
         self._futures: list[Future] = []
@@ -187,15 +208,17 @@ class ZarrSink:
         shape = tuple(s.stop - s.start for s in region)
         return np.zeros((*self.array.shape[:-2], *shape), dtype=self.array.dtype)
 
-    def commit(self, region: Region, buffer: np.ndarray) -> None:
+    def commit(self, region: Region, buffer: np.ndarray, block: Optional[int] = None) -> None:
         self._slots.acquire()  # back-pressure: never more than 2 * writers blocks queued
-        future = self._pool.submit(self._write, region, buffer)
+        future = self._pool.submit(self._write, region, buffer, block)
         future.add_done_callback(lambda _: self._slots.release())
         self._futures.append(future)
         self._raise_failed()
 
-    def _write(self, region: Region, buffer: np.ndarray) -> None:
+    def _write(self, region: Region, buffer: np.ndarray, block: Optional[int]) -> None:
         self.array[(..., *region)] = buffer
+        if self.manifest is not None and block is not None:
+            self.manifest.mark_done(block)  # only now are the block's chunks on disk
 
     def _raise_failed(self) -> None:
         done = [f for f in self._futures if f.done()]
@@ -209,7 +232,11 @@ class ZarrSink:
                 future.result()
             self._raise_failed()
             self.group.attrs["ome"] = self._metadata(self._build_pyramid())
+            if self._record is not None:
+                self.group.attrs["tilesegment"] = {**self._record, "complete": True}
             self._pool.shutdown(wait=True)
+            if self.manifest is not None:
+                self.manifest.finish()
         except BaseException:
             self.abort()
             raise
@@ -227,10 +254,20 @@ class ZarrSink:
         root = zarr.open_group(self._final if self._final is not None else self.group.store, mode="r")
         return root["0"]
 
+    @property
+    def resumable(self) -> bool:
+        """Whether a stopped run left blocks that `resume=True` can build on."""
+        return (self.manifest is not None and self._path == self._final
+                and len(self.manifest.done_blocks()) > 0)
+
     def abort(self) -> None:
-        """Stop writing and remove what this run wrote; an older output stays as it was."""
+        """Stop writing: blocks in flight finish (and are recorded), queued ones are dropped.
+
+        A resumable output is kept; otherwise what this run wrote is removed (an
+        older output being overwritten stays as it was).
+        """
         self._pool.shutdown(wait=True, cancel_futures=True)
-        if self._final is not None:
+        if self._final is not None and not self.resumable:
             _remove(self._path)
 
 

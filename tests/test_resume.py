@@ -1,0 +1,121 @@
+"""Resumable runs: a killed run continues where it stopped and gives the same output."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+import zarr
+
+import tilesegment as ts
+from tilesegment.cli import main
+from tilesegment.io.manifest import Manifest
+
+
+@pytest.fixture
+def slide(tmp_path):
+    image = np.random.default_rng(0).integers(0, 256, (640, 640, 3), dtype=np.uint8)
+    path = tmp_path / "slide.tif"
+    tifffile.imwrite(path, image, tile=(64, 64), photometric="rgb")
+    return path
+
+
+@pytest.fixture
+def model(tmp_path):
+    torch.manual_seed(0)
+    return ts.save_model(ts.UNet(3, 3, base_channels=4, depth=2), tmp_path / "m.pt")
+
+
+def _args(slide, out, model, *extra):
+    return ["segment", str(slide), str(out), "--model", str(model), "--tile-size", "64", "--quiet", *extra]
+
+
+def test_sigkilled_run_resumes_to_the_identical_output_recomputing_only_the_rest(tmp_path, slide, model, monkeypatch):
+    reference = tmp_path / "reference.zarr"
+    assert main(_args(slide, reference, model)) == 0
+    out = tmp_path / "out.zarr"
+    # A slow model (sleep per tile) so the run can be killed midway.
+    slow = tmp_path / "slow.py"
+    slow.write_text(
+        "import time, torch, tilesegment as ts\n"
+        "net = ts.load_model(%r)\n"
+        "class Slow(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__(); self.net = net\n"
+        "    geometry = net.geometry\n"
+        "    def forward(self, x):\n"
+        "        if x.device.type != 'meta': time.sleep(0.05)\n"
+        "        return self.net(x)\n"
+        "def build():\n"
+        "    return Slow()\n" % str(model)
+    )
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    cmd = [sys.executable, "-m", "tilesegment.cli", *_args(slide, out, "slow:build")]
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
+    manifest, blocks = Manifest(out), 100
+    deadline = time.time() + 120
+    while len(manifest.done_blocks()) < 0.6 * blocks and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = len(manifest.done_blocks())
+    assert 0 < done_before < blocks
+    assert "ome" not in zarr.open_group(out, mode="r").attrs  # not mistakable for a finished image
+
+    with pytest.raises(ts.OutputExistsError):
+        ts.prepare(slide, model, out)
+    with pytest.raises(ts.UsageError, match="cannot resume .*model was"):
+        ts.prepare(slide, model, out, tile_size=64, resume=True)  # the plain model is not the slow one
+    monkeypatch.syspath_prepend(str(tmp_path))
+    job = ts.prepare(slide, "slow:build", out, tile_size=64, resume=True)
+    assert job.resume and len(job.done_blocks) == done_before
+    computed = []
+    original = job.tiler.batch
+    job.tiler.batch = lambda indices, allocate=None: computed.extend(indices) or original(indices, allocate)
+    job.run(progress=False)
+    assert len(computed) == blocks - done_before  # one tile per block here
+    np.testing.assert_array_equal(zarr.open_array(out / "0")[:], zarr.open_array(reference / "0")[:])
+    group = zarr.open_group(out, mode="r")
+    assert group.attrs["tilesegment"]["complete"] and not (out / ".tilesegment").exists()
+
+
+def test_resume_with_other_settings_is_refused(tmp_path, slide, model):
+    out = tmp_path / "out.zarr"
+    job = ts.prepare(slide, model, out, tile_size=64)
+    # Leave a stopped run behind: two blocks written, then interrupted.
+    stitcher = ts.Stitcher(job.plan, out, record=job.record, num_classes=3)
+    stitcher.fill([0, 1])
+    stitcher.__exit__(KeyboardInterrupt, None, None)
+    assert len(Manifest(out).done_blocks()) == 2
+    with pytest.raises(ts.UsageError, match="cannot resume .*tile_size was \\[64, 64\\], now \\[128, 128\\]"):
+        ts.prepare(slide, model, out, tile_size=128, resume=True)
+    other = ts.save_model(ts.UNet(3, 3, base_channels=4, depth=2), tmp_path / "other.pt")
+    with pytest.raises(ts.UsageError, match="cannot resume .*model was"):
+        ts.prepare(slide, other, out, tile_size=64, resume=True)
+    with pytest.raises(ts.UsageError, match="exclude each other"):
+        ts.prepare(slide, model, out, tile_size=64, resume=True, overwrite=True)
+
+
+def test_ctrl_c_keeps_a_resumable_output_and_says_how_to_resume(tmp_path, slide, model, capsys, monkeypatch):
+    calls = {"n": 0}
+    original_add = ts.Stitcher.add
+
+    def interrupting_add(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 30:
+            raise KeyboardInterrupt
+        return original_add(self, *args, **kwargs)
+
+    monkeypatch.setattr(ts.Stitcher, "add", interrupting_add)
+    out = tmp_path / "out.zarr"
+    assert main(_args(slide, out, model)) == 130
+    err = capsys.readouterr().err
+    assert "--resume" in err and "blocks are saved" in err
+    monkeypatch.setattr(ts.Stitcher, "add", original_add)
+    assert main(_args(slide, out, model, "--resume")) == 0
+    assert not (out / ".tilesegment").exists()
