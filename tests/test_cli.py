@@ -101,3 +101,17 @@ def test_bench_sweeps_tiles_and_batches_and_writes_csv_json_png(capsys, tmp_path
     assert all(float(r["end_to_end_mpx_s"]) > 0 and float(r["halo_overhead"]) > 1 for r in rows)
     assert (out / "bench.png").stat().st_size > 1000 and (out / "bench.json").exists()
     assert "recommended: --tile-size" in stdout
+
+
+def test_batch_mode_writes_one_zarr_per_slide_and_skips_finished_ones(capsys, tmp_path, rgb_image, model_file):
+    import tifffile
+
+    for name in ("a", "b"):
+        tifffile.imwrite(tmp_path / f"{name}.tif", rgb_image, photometric="rgb")
+    out = tmp_path / "results"
+    args = ["segment", str(tmp_path / "*.tif"), str(out), "--model", str(model_file), "--tile-size", "32", "--quiet"]
+    code, _, err = _run(capsys, *args)
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["a.zarr", "b.zarr"]
+    code, _, err = _run(capsys, *args)
+    assert code == 0 and err.count("finished earlier: skipped") == 2

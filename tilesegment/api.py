@@ -101,6 +101,8 @@ class Job:
     record: Optional[dict] = None  # identity of the run, for the output's manifest
     resume: bool = False
     done_blocks: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    image_path: Optional[str] = None  # for workers that open the image themselves
+    open_options: dict = field(default_factory=dict)
 
     @property
     def pending(self) -> np.ndarray:
@@ -138,8 +140,16 @@ class Job:
             for device in self.devices
         ]
 
-    def run(self, progress: bool = True) -> tuple[Any, RunStats]:
-        """Segment, write the output and return ``(result, stats)``."""
+    def run(self, progress: bool = True, client: Any = None) -> tuple[Any, RunStats]:
+        """Segment, write the output and return ``(result, stats)``.
+
+        With a dask.distributed `client`, blocks run as tasks on its workers
+        (see `tilesegment.distributed`).
+        """
+        if client is not None:
+            from .distributed import run_on_cluster
+
+            return run_on_cluster(self, client, progress)
         with self.tiler as tiler:
             executors = self.executors()
             start = time.perf_counter()
@@ -252,8 +262,10 @@ def prepare(
     elif resume and output is not None and _is_local(output) and os.path.exists(output):
         raise UsageError(f"{str(output)!r} has no unfinished run to resume (it is complete or not "
                          "ours); use another output, or --overwrite to replace it")
+    open_options = dict(axes=axes, level=level, series=series, channels=channels, mpp=mpp)
+    image_path = os.fspath(image) if isinstance(image, (str, os.PathLike)) else None
     return Job(model, tiler, tuple(devices), batch, mode, output, overwrite, precision,
-               compile, memory_budget, compute, record, resuming, done)
+               compile, memory_budget, compute, record, resuming, done, image_path, open_options)
 
 
 def segment(
@@ -279,6 +291,7 @@ def segment(
     channels: Optional[Sequence[int]] = None,
     tissue_mask: MaskLike = None,
     resume: bool = False,
+    client: Any = None,
 ) -> Any:
     """Segment `image` with `model`, tile by tile, exactly as whole-image inference would.
 
@@ -345,6 +358,9 @@ def segment(
         Continue an output that a stopped run left (killed, Ctrl-C, error):
         its manifest must show the same input, model, tile size, mode and
         other settings; finished blocks are not computed again.
+    client : dask.distributed.Client, optional
+        Run the blocks as tasks on this cluster; the image and the output must
+        be paths all workers can reach. The result equals a local run's.
 
     Returns
     -------
@@ -369,7 +385,7 @@ def segment(
         overwrite=overwrite, precision=precision, compile=compile, memory_budget=memory_budget,
         mpp=mpp, series=series, channels=channels, tissue_mask=tissue_mask, resume=resume,
     )
-    return job.run(progress)[0]
+    return job.run(progress, client=client)[0]
 
 
 def _is_local(output: Any) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 from .errors import TileSegmentError, UsageError
@@ -36,8 +37,10 @@ def _parser() -> argparse.ArgumentParser:
     seg = verbs.add_parser("segment", help="segment an image into an OME-Zarr", description=(
         "Segment INPUT tile by tile and write OUTPUT as OME-Zarr. The result equals "
         "whole-image inference for every valid tile size."))
-    seg.add_argument("input", help="TIFF/SVS/OME-TIFF/NDPI file or zarr store")
-    seg.add_argument("output", help="output OME-Zarr path (e.g. result.zarr)")
+    seg.add_argument("paths", nargs="+", metavar="INPUT ... OUTPUT",
+                     help="image(s) (TIFF/SVS/OME-TIFF/NDPI/zarr; a quoted glob such as 'slides/*.svs' "
+                          "works) and the output: an OME-Zarr path for one image, a folder for several "
+                          "(one <name>.zarr each; finished ones are skipped)")
     seg.add_argument("--model", "-m", default=None,
                      help="'demo' (bundled H&E model: background, tissue, nuclei; the default), a "
                           "checkpoint (.pt, from ts.save_model), a TorchScript file, or package.module:factory")
@@ -67,6 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     seg.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     seg.add_argument("--resume", action="store_true",
                      help="continue an OUTPUT that a stopped run left (same settings required)")
+    seg.add_argument("--scheduler", default=None, metavar="ADDRESS|local:N",
+                     help="run blocks on a dask.distributed cluster: a scheduler address, or local:N "
+                          "for N local worker processes (paths must be shared with the workers)")
     seg.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
     seg.set_defaults(run=_segment)
 
@@ -103,15 +109,98 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _segment(args: argparse.Namespace) -> int:
-    from .api import prepare
-
     if args.model is None:
         args.model = "demo"
         if not args.quiet:
             print("note     no --model given: using the bundled demo model (H&E: background, "
                   "tissue, nuclei)", file=sys.stderr)
+    if len(args.paths) < 2:
+        raise UsageError("segment needs an INPUT and an OUTPUT, e.g. tilesegment segment slide.svs slide.zarr")
+    *inputs, output = args.paths
+    with _client(args.scheduler) as client:
+        if len(inputs) == 1 and not any(c in inputs[0] for c in "*?["):
+            return _segment_one(args, inputs[0], output, client)
+        return _segment_many(args, _expand(inputs), Path(output), client)
+
+
+def _expand(patterns: list[str]) -> list[str]:
+    import glob
+
+    found = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
+        if not matches:
+            raise UsageError(f"no file matches {pattern!r}; check the pattern")
+        found.extend(matches)
+    return found
+
+
+def _segment_many(args, inputs: list[str], folder: Path, client) -> int:
+    """Batch mode: one OME-Zarr per input in `folder`; finished outputs are skipped."""
+    import zarr
+
+    from .io.manifest import Manifest
+
+    folder.mkdir(parents=True, exist_ok=True)
+    failed = []
+    for i, image in enumerate(inputs, 1):
+        out = folder / (Path(image).name.split(".")[0] + ".zarr")
+        print(f"[{i}/{len(inputs)}] {image} -> {out}", file=sys.stderr)
+        if out.exists() and not args.overwrite and not Manifest(out).exists:
+            try:
+                complete = zarr.open_group(out, mode="r").attrs.get("tilesegment", {}).get("complete")
+            except Exception:
+                complete = False
+            if complete:
+                print("         finished earlier: skipped", file=sys.stderr)
+                continue
+        try:
+            _segment_one(args, image, str(out), client)
+        except TileSegmentError as exc:
+            print(f"tilesegment: error: {exc}", file=sys.stderr)
+            failed.append(image)
+    if failed:
+        print(f"tilesegment: {len(failed)} of {len(inputs)} inputs failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+class _client:
+    """A dask.distributed client for --scheduler, closed afterwards (None without it)."""
+
+    def __init__(self, scheduler):
+        self.scheduler, self.client, self.cluster = scheduler, None, None
+
+    def __enter__(self):
+        if self.scheduler is None:
+            return None
+        try:
+            from distributed import Client, LocalCluster
+        except ImportError:
+            raise UsageError("--scheduler needs dask.distributed: pip install distributed") from None
+        if self.scheduler.startswith("local:"):
+            try:
+                n = int(self.scheduler.split(":", 1)[1])
+            except ValueError:
+                raise UsageError(f"--scheduler {self.scheduler!r}: use local:N with N workers") from None
+            self.cluster = LocalCluster(n_workers=n, threads_per_worker=1, dashboard_address=":0")
+            self.client = Client(self.cluster)
+        else:
+            self.client = Client(self.scheduler)
+        return self.client
+
+    def __exit__(self, *exc):
+        if self.client is not None:
+            self.client.close()
+        if self.cluster is not None:
+            self.cluster.close()
+
+
+def _segment_one(args, image: str, output: str, client) -> int:
+    from .api import prepare
+
     device = args.device.split(",") if "," in args.device else args.device
-    job = prepare(args.input, args.model, args.output, tile_size=args.tile_size,
+    job = prepare(image, args.model, output, tile_size=args.tile_size,
                   batch_size=args.batch_size, device=device, mode=args.mode,
                   padding=args.padding, level=args.level, axes=args.axes,
                   chunk_size=args.chunk_size, overwrite=args.overwrite,
@@ -120,25 +209,25 @@ def _segment(args: argparse.Namespace) -> int:
                   tissue_mask=args.tissue_mask, resume=args.resume)
     plan, source, geometry = job.plan, job.tiler.source, job.plan.geometry
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
-    say(f"input    {args.input}: {source.shape[0]} x {source.shape[1]} px, "
+    say(f"input    {image}: {source.shape[0]} x {source.shape[1]} px, "
         f"{source.channels} channel(s), {source.dtype}")
     say(f"network  halo {geometry.halo[0]}, step {geometry.step[0]}; tile {plan.tile_size[0]}x"
         f"{plan.tile_size[1]} -> network input {plan.input_size[0]}x{plan.input_size[1]} "
         f"({plan.computed_fraction():.2f} computed px per written px)")
-    devices = ", ".join(str(d) for d in job.devices)
-    say(f"plan     {plan.n_tiles} tiles in {plan.n_blocks} blocks, batch {job.batch_size} on {devices}")
+    where = "a dask cluster" if client is not None else ", ".join(str(d) for d in job.devices)
+    say(f"plan     {plan.n_tiles} tiles in {plan.n_blocks} blocks, batch {job.batch_size} on {where}")
     if job.compute is not None:
         say(f"tissue   {len(job.skipped)} of {plan.n_tiles} tiles have no tissue and are written "
             f"as background ({len(job.skipped) / plan.n_tiles:.0%} skipped)")
     if job.resume:
         say(f"resume   {len(job.done_blocks)} of {plan.n_blocks} blocks were finished by an earlier run")
     try:
-        _, run = job.run(progress=not args.quiet)
+        _, run = job.run(progress=not args.quiet, client=client)
     except BaseException:
-        _say_resumable(args.output, plan.n_blocks)
+        _say_resumable(output, plan.n_blocks)
         raise
     say(f"done     {run.tiles - run.skipped} tiles computed in {run.seconds:.1f} s: "
-        f"{run.megapixels_per_second:.2f} Mpx/s -> {args.output}")
+        f"{run.megapixels_per_second:.2f} Mpx/s -> {output}")
     return 0
 
 

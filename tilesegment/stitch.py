@@ -101,7 +101,10 @@ class Stitcher:
         Continue an output that a stopped run left; `done_blocks` are not
         expected again.
     done_blocks : array of int, optional
-        Blocks already written (from the manifest).
+        Blocks already written (from the manifest), or written by others.
+    sink : Sink, optional
+        Write into this sink instead of one made from `output` (used by the
+        distributed runner, whose tasks each write their own block).
 
     Examples
     --------
@@ -127,6 +130,7 @@ class Stitcher:
         record: Optional[dict] = None,
         resume: bool = False,
         done_blocks: Optional[np.ndarray] = None,
+        sink: Optional[Sink] = None,
     ) -> None:
         if mode not in MODES:
             raise UsageError(f"mode {mode!r} is unknown; use one of {', '.join(MODES)}")
@@ -137,18 +141,17 @@ class Stitcher:
                              record=record, resume=resume)
         if output is not None and not resume:
             ZarrSink.check_output(output, overwrite)
-        self._sink: Optional[Sink] = None
+        self._sink: Optional[Sink] = sink
         self._num_classes = num_classes
         self._buffers: dict[int, np.ndarray] = {}
         self._block_of = plan.tile_blocks()
         self._missing = np.diff(plan.block_tiles).astype(np.int64)
         self._seen = np.zeros(plan.n_tiles, dtype=bool)
-        for block in () if done_blocks is None else done_blocks:
-            self._seen[plan.block_tiles[block] : plan.block_tiles[block + 1]] = True
-            self._missing[block] = 0
+        if done_blocks is not None:
+            self.mark_written(done_blocks)
         self._closed = False
         self.result: Any = None
-        if num_classes is not None:
+        if num_classes is not None and sink is None:
             self._open(num_classes)
 
     # -- setup -----------------------------------------------------------------------
@@ -217,6 +220,13 @@ class Stitcher:
             if self.mode == "probabilities":
                 window[0] = 255
             self._tile_done(int(index))
+
+    def mark_written(self, blocks: Any) -> None:
+        """Count `blocks` as complete: written by an earlier run or by another process."""
+        done = np.zeros(self.plan.n_blocks, bool)
+        done[np.asarray(blocks, dtype=np.int64)] = True
+        self._seen |= np.repeat(done, np.diff(self.plan.block_tiles))
+        self._missing[done] = 0
 
     def _target(self, index: int) -> tuple[np.ndarray, int, int, int, int]:
         """Buffer, offset in it and clipped size of tile `index`; marks the tile seen."""

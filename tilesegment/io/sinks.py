@@ -15,7 +15,7 @@ import numpy as np
 from ..errors import OutputExistsError, UsageError
 from .manifest import Manifest
 
-__all__ = ["Sink", "MemorySink", "ZarrSink", "palette"]
+__all__ = ["Sink", "MemorySink", "ZarrSink", "BlockSink", "palette"]
 
 Region = tuple[slice, slice]
 
@@ -49,6 +49,32 @@ class MemorySink:
         pass  # the buffer is a view of the result
 
     def close(self) -> np.ndarray:
+        return self.array
+
+    def abort(self) -> None:
+        pass
+
+
+class BlockSink:
+    """Writes blocks straight into an existing zarr array and records them done.
+
+    What a distributed task uses: it owns a few blocks of an output that the
+    client created, writes each synchronously, then marks it in the manifest.
+    """
+
+    def __init__(self, array: Any, manifest: Optional[Manifest] = None) -> None:
+        self.array, self.manifest = array, manifest
+
+    def buffer(self, region: Region) -> np.ndarray:
+        shape = tuple(s.stop - s.start for s in region)
+        return np.zeros((*self.array.shape[:-2], *shape), dtype=self.array.dtype)
+
+    def commit(self, region: Region, buffer: np.ndarray, block: Optional[int] = None) -> None:
+        self.array[(..., *region)] = buffer
+        if self.manifest is not None and block is not None:
+            self.manifest.mark_done(block)
+
+    def close(self) -> Any:
         return self.array
 
     def abort(self) -> None:
@@ -253,6 +279,11 @@ class ZarrSink:
 
         root = zarr.open_group(self._final if self._final is not None else self.group.store, mode="r")
         return root["0"]
+
+    @property
+    def path(self) -> Optional[Path]:
+        """Where this run writes (a temporary sibling while overwriting); None for stores."""
+        return self._path if self._final is not None else None
 
     @property
     def resumable(self) -> bool:

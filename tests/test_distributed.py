@@ -1,0 +1,101 @@
+"""The same plan on a dask.distributed LocalCluster (2 worker processes)."""
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+import zarr
+
+import tilesegment as ts
+
+distributed = pytest.importorskip("distributed")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=":0", silence_logs=40) as lc:
+        with distributed.Client(lc) as client:
+            yield client
+
+
+@pytest.fixture
+def slide(tmp_path):
+    image = np.random.default_rng(0).integers(0, 256, (500, 430, 3), dtype=np.uint8)
+    path = tmp_path / "slide.tif"
+    tifffile.imwrite(path, image, tile=(64, 64), photometric="rgb", resolution=(2e4, 2e4), resolutionunit="CENTIMETER")
+    return path
+
+
+@pytest.fixture
+def net():
+    torch.manual_seed(0)
+    return ts.UNet(3, 3, base_channels=4, depth=2).eval()
+
+
+@pytest.mark.parametrize("mode", ["labels", "probabilities"])
+def test_distributed_output_equals_local_bit_for_bit(cluster, slide, net, tmp_path, mode):
+    local = ts.segment(slide, net, tmp_path / "local.zarr", tile_size=64, chunk_size=128, mode=mode, progress=False)
+    remote = ts.segment(slide, net, tmp_path / "remote.zarr", tile_size=64, chunk_size=128, mode=mode,
+                        client=cluster, progress=False)
+    for level in ("0", "1") if max(local.shape) > 1024 else ("0",):
+        np.testing.assert_array_equal(zarr.open_array(tmp_path / "remote.zarr" / level)[:],
+                                      zarr.open_array(tmp_path / "local.zarr" / level)[:])
+    assert remote.shape == local.shape
+    remote_attrs = zarr.open_group(tmp_path / "remote.zarr").attrs.asdict()
+    local_attrs = zarr.open_group(tmp_path / "local.zarr").attrs.asdict()
+    for attrs in (remote_attrs, local_attrs):
+        attrs["ome"]["multiscales"][0].pop("name")  # the output's file name
+    assert remote_attrs["ome"] == local_attrs["ome"] and remote_attrs["tilesegment"]["complete"]
+
+
+def test_a_worker_killed_midway_is_survived(slide, net, tmp_path):
+    import threading
+    import time
+
+    expected = ts.segment(slide, net, tile_size=64, progress=False)
+
+    class Slow(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        geometry = net.geometry
+
+        def forward(self, x):
+            if x.device.type != "meta":
+                time.sleep(0.05)
+            return self.net(x)
+
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=":0", silence_logs=50) as lc, distributed.Client(lc) as client:
+        import os
+        import signal
+
+        pid = next(iter(client.run(os.getpid).values()))
+        killed = []
+
+        def kill_one():  # like a node going away, once blocks are being written
+            manifest = tmp_path / "o.zarr" / ".tilesegment" / "done"
+            while not (manifest.is_dir() and len(list(manifest.iterdir())) >= 3):
+                time.sleep(0.01)
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+        killer = threading.Thread(target=kill_one, daemon=True)
+        killer.start()
+        out = ts.segment(slide, Slow(), tmp_path / "o.zarr", tile_size=64, client=client, progress=False)
+        killer.join(timeout=5)
+        assert killed and pid not in client.run(os.getpid).values()
+    np.testing.assert_array_equal(out[:], expected)
+
+
+def test_cli_scheduler_local_runs_on_a_local_cluster(slide, net, tmp_path, capsys):
+    from tilesegment.cli import main
+
+    model = ts.save_model(net, tmp_path / "m.pt")
+    code = main(["segment", str(slide), str(tmp_path / "o.zarr"), "--model", str(model), "--tile-size", "64",
+                 "--scheduler", "local:2"])
+    assert code == 0, capsys.readouterr().err
+    expected = ts.segment(slide, net, tile_size=64, progress=False)
+    np.testing.assert_array_equal(zarr.open_array(tmp_path / "o.zarr" / "0")[:], expected)

@@ -1,0 +1,166 @@
+"""Run the same plan on a dask.distributed cluster: groups of blocks as tasks.
+
+The client creates the output (and its manifest) and scatters the model to
+every worker once. Each task opens the image itself, computes its blocks'
+tiles with the same loader, executor and stitcher kernels as a local run, and
+writes its chunks straight into the shared zarr store, then marks the blocks
+done. Tasks are retried on worker loss (a block's chunks are rewritten whole,
+so a retry is harmless). The client finishes the pyramid and metadata.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+
+from .errors import UsageError
+from .geometry import Geometry, Pair
+
+__all__ = ["run_on_cluster", "BlockSpec"]
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """Everything a worker needs to compute blocks of a plan (plain, picklable values)."""
+
+    image: str
+    open_options: dict
+    geometry: Geometry
+    tile_size: Pair
+    chunk_size: Pair
+    padding: str
+    mode: str
+    num_classes: int
+    batch_size: int
+    precision: str
+    array_path: str
+    manifest_root: Optional[str]
+    compute: Optional[np.ndarray]  # per tile, or None for all
+
+
+def _compute_blocks(spec: BlockSpec, blocks: list[int], model: Any) -> list[int]:
+    """Task body: compute and write `blocks`; return them."""
+    import zarr
+
+    from .io.manifest import Manifest
+    from .io.sinks import BlockSink
+    from .io.sources import open_image
+    from .pipeline import run_pipeline
+    from .stitch import Stitcher
+    from .tiler import Tiler
+
+    source = open_image(spec.image, **spec.open_options)
+    with Tiler(source, spec.geometry, spec.tile_size, chunk_size=spec.chunk_size, padding=spec.padding,
+               normalization=getattr(model, "normalization", None)) as tiler:
+        plan = tiler.plan
+        mine = np.zeros(plan.n_blocks, bool)
+        mine[blocks] = True
+        tiles = np.flatnonzero(np.repeat(mine, np.diff(plan.block_tiles)))
+        compute = np.ones(plan.n_tiles, bool) if spec.compute is None else spec.compute
+        sink = BlockSink(zarr.open_array(spec.array_path, mode="r+"),
+                         Manifest(spec.manifest_root) if spec.manifest_root else None)
+        stitcher = Stitcher(plan, mode=spec.mode, num_classes=spec.num_classes, sink=sink,
+                            done_blocks=np.flatnonzero(~mine))
+        todo, skipped = tiles[compute[tiles]], tiles[~compute[tiles]]
+        batches = tiler.batches(spec.batch_size, tiles=todo, workers=1)
+        run_pipeline(batches, [_worker_executor(model, spec)], stitcher, skipped=skipped)
+        stitcher.close()
+    return blocks
+
+
+def _worker_executor(model: Any, spec: BlockSpec):
+    """One executor per worker and model, kept on the dask worker between tasks."""
+    from .executor import Executor
+
+    try:
+        from distributed import get_worker
+
+        cache = get_worker().__dict__.setdefault("_tilesegment_executors", {})
+    except (ImportError, ValueError):  # not on a worker (tests call the task body directly)
+        cache = {}
+    key = (id(model), spec.precision, spec.mode, spec.tile_size)
+    if key not in cache:
+        cache[key] = Executor(model, "auto", precision=spec.precision, mode=spec.mode,
+                              geometry=spec.geometry, tile_size=spec.tile_size)
+    return cache[key]
+
+
+def _groups(plan, pending_blocks: np.ndarray, min_tiles: int) -> list[list[int]]:
+    """Consecutive pending blocks grouped into tasks of at least `min_tiles` tiles."""
+    counts = np.diff(plan.block_tiles)
+    groups, current, size = [], [], 0
+    for b in pending_blocks:
+        current.append(int(b))
+        size += int(counts[b])
+        if size >= min_tiles:
+            groups.append(current)
+            current, size = [], 0
+    if current:
+        groups.append(current)
+    return groups
+
+
+def run_on_cluster(job, client, progress: bool = True):
+    """Run a prepared `Job` on a dask.distributed `client`; return ``(zarr array, stats)``.
+
+    The output must be a path every worker can write (shared storage), and the
+    image a path every worker can read.
+    """
+    import time
+
+    from distributed import as_completed
+
+    from ._probe import model_out_channels
+    from .api import RunStats, _progress
+    from .stitch import Stitcher
+
+    if job.output is None or not isinstance(job.output, (str, os.PathLike)):
+        raise UsageError("a distributed run writes to a shared OME-Zarr path; pass output=PATH")
+    image = job.image_path
+    if image is None:
+        raise UsageError("a distributed run reads the image on the workers; pass a file path, "
+                         "not an array, as the image")
+    plan = job.plan
+    start = time.perf_counter()
+    num_classes = model_out_channels(job.model, plan.geometry)
+    stitcher = Stitcher(plan, job.output, job.mode, num_classes=num_classes, overwrite=job.overwrite,
+                        pixel_size=job.tiler.source.pixel_size, record=job.record, resume=job.resume,
+                        done_blocks=job.done_blocks)
+    with stitcher:
+        sink = stitcher._sink
+        spec = BlockSpec(
+            image=os.fspath(image), open_options=job.open_options, geometry=plan.geometry,
+            tile_size=plan.tile_size, chunk_size=plan.chunk_size, padding=job.tiler.padding,
+            mode=job.mode, num_classes=num_classes, batch_size=job.batch_size,
+            precision=job.precision, array_path=os.fspath(sink.path / "0"),
+            manifest_root=os.fspath(sink.path) if sink.manifest is not None else None,
+            compute=job.compute,
+        )
+        pending = np.setdiff1d(np.arange(plan.n_blocks), job.done_blocks)
+        groups = _groups(plan, pending, min_tiles=4 * job.batch_size)
+        gpu = any("GPU" in w.get("resources", {}) for w in client.scheduler_info()["workers"].values())
+        model = client.scatter(job.model, broadcast=True, hash=False)
+        futures = [
+            client.submit(_compute_blocks, spec, group, model, retries=3, pure=False,
+                          key=f"tilesegment-blocks-{group[0]}-{os.getpid()}-{id(spec)}",
+                          resources={"GPU": 1} if gpu else None)
+            for group in groups
+        ]
+        counts = np.diff(plan.block_tiles)
+        try:
+            with _progress(int(counts[pending].sum()), progress) as bar:
+                for future in as_completed(futures):
+                    blocks = future.result()
+                    stitcher.mark_written(blocks)
+                    bar.update(int(counts[blocks].sum()))
+        except BaseException:
+            client.cancel(futures)
+            raise
+    stats = RunStats(tiles=plan.n_tiles, tile_size=plan.tile_size, input_size=plan.input_size,
+                     batch_size=job.batch_size, device=f"cluster ({len(client.scheduler_info()['workers'])} workers)",
+                     seconds=time.perf_counter() - start, pixels=int(np.prod(plan.shape)),
+                     skipped=len(job.skipped))
+    return stitcher.result, stats
