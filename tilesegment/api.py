@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import time
@@ -273,25 +274,9 @@ def segment(
     model: ModelSpec,
     output: Union[None, str, os.PathLike, Any] = None,
     *,
-    tile_size: Union[int, tuple[int, int], str, None] = "auto",
-    batch_size: Union[int, str, None] = "auto",
-    device: Union[str, torch.device] = "auto",
-    mode: str = "labels",
-    padding: str = "reflect",
-    level: int = 0,
-    axes: Optional[str] = None,
-    chunk_size: Union[int, tuple[int, int], None] = None,
-    overwrite: bool = False,
     progress: bool = True,
-    precision: str = "auto",
-    compile: bool = False,
-    memory_budget: Optional[int] = None,
-    mpp: Optional[float] = None,
-    series: int = 0,
-    channels: Optional[Sequence[int]] = None,
-    tissue_mask: MaskLike = None,
-    resume: bool = False,
     client: Any = None,
+    **options: Any,
 ) -> Any:
     """Segment `image` with `model`, tile by tile, exactly as whole-image inference would.
 
@@ -379,13 +364,15 @@ def segment(
     >>> labels.shape, labels.dtype
     ((100, 80), dtype('uint8'))
     """
-    job = prepare(
-        image, model, output, tile_size=tile_size, batch_size=batch_size, device=device,
-        mode=mode, padding=padding, level=level, axes=axes, chunk_size=chunk_size,
-        overwrite=overwrite, precision=precision, compile=compile, memory_budget=memory_budget,
-        mpp=mpp, series=series, channels=channels, tissue_mask=tissue_mask, resume=resume,
-    )
-    return job.run(progress, client=client)[0]
+    return prepare(image, model, output, **options).run(progress, client=client)[0]
+
+
+# segment() takes prepare()'s options: one list of them, shown in help() and IDEs.
+segment.__signature__ = inspect.Signature(
+    [*inspect.signature(prepare).parameters.values(),
+     *(p for name, p in inspect.signature(segment).parameters.items() if name in ("progress", "client"))],
+    return_annotation=Any,
+)
 
 
 def _is_local(output: Any) -> bool:
