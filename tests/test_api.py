@@ -81,7 +81,7 @@ def test_overwrite_replaces_output_only_when_the_new_one_is_complete(net, rgb_im
         calls = 0
 
         def forward(self, x):
-            Failing.calls += 1
+            Failing.calls += x.device.type != "meta"  # shape probes do not count
             if Failing.calls > 2:
                 raise Boom()
             return super().forward(x)

@@ -204,6 +204,7 @@ def prepare(
     channels: Optional[Sequence[int]] = None,
     tissue_mask: MaskLike = None,
     resume: bool = False,
+    on_error: str = "raise",
 ) -> Job:
     """Check every argument of `segment` and plan the run, without computing anything.
 
@@ -235,8 +236,10 @@ def prepare(
         chunk_size=chunk_size,
         padding=padding,
         normalization=getattr(model, "normalization", None),
+        on_error=on_error,
     )
     _check_channels(model, tiler)
+    _check_tile_fits(model, dev, source.channels, tiler.plan, memory_budget)
     if batch_size in ("auto", None):
         batch = auto_batch_size(model, dev, source.channels, tiler.plan.input_size, memory_budget)
     else:
@@ -247,6 +250,8 @@ def prepare(
     compute = None if mask is None else tiler.plan.tiles_touching(mask)
     record = None
     if output is not None and _is_local(output):
+        if not resuming_requested(resume, output):
+            _check_free_space(output, tiler.plan, mode, model_out_channels(model, geometry))
         record = {
             "input": input_identity(image, source), "model": model_hash(model), "mode": mode,
             "tile_size": list(tiler.plan.tile_size), "chunk_size": list(tiler.plan.chunk_size),
@@ -339,6 +344,10 @@ def segment(
         Compute only tiles whose padded input touches tissue; the others are
         written as background (label 0, probability of class 0 = 255, logits
         0). "auto" thresholds saturation (Otsu) on a low-resolution level.
+    on_error : {"raise", "skip"}
+        A tile that cannot be read (corrupt JPEG tile): stop with its position,
+        or fill it as background and list it in the output's metadata
+        (``tilesegment.failed_tiles``).
     resume : bool
         Continue an output that a stopped run left (killed, Ctrl-C, error):
         its manifest must show the same input, model, tile size, mode and
@@ -373,6 +382,49 @@ segment.__signature__ = inspect.Signature(
      *(p for name, p in inspect.signature(segment).parameters.items() if name in ("progress", "client"))],
     return_annotation=Any,
 )
+
+
+def resuming_requested(resume: bool, output: Any) -> bool:
+    return bool(resume and Manifest(output).exists)
+
+
+#: Expected compressed size per uncompressed byte (zstd + bit-shuffle), per mode: label maps
+#: compress far better than logits. Used only to refuse runs that cannot fit the disk.
+_COMPRESSION = {"labels": 0.15, "probabilities": 0.5, "logits": 1.0}
+
+
+def _check_free_space(output: Any, plan, mode: str, classes: int) -> None:
+    import shutil
+    from pathlib import Path
+
+    per_pixel = 1 if mode == "labels" else classes * (4 if mode == "logits" else 1)
+    need = plan.shape[0] * plan.shape[1] * per_pixel * _COMPRESSION[mode] * 4 / 3  # + pyramid
+    folder = Path(output).resolve().parent
+    free = shutil.disk_usage(folder).free
+    if need > free:
+        raise UsageError(
+            f"output needs about {need / 1e9:.1f} GB ({mode}, {plan.shape[0]} x {plan.shape[1]} px), "
+            f"but only {free / 1e9:.1f} GB are free in {str(folder)!r}; free space or write elsewhere"
+        )
+
+
+def _check_tile_fits(model, device: torch.device, channels: int, plan, budget: Optional[int]) -> None:
+    """Refuse a tile whose activations cannot fit: most of RAM on CPU, the budget on GPU."""
+    from .executor import estimate_bytes_per_tile
+
+    if budget is None:
+        if device.type == "cuda":
+            budget = int(torch.cuda.mem_get_info(device)[0] * 0.9)
+        else:
+            budget = int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * 0.8)
+    need = estimate_bytes_per_tile(model, channels, plan.input_size)
+    # The estimate sums every layer's output, an upper bound some 2-4x the real peak.
+    if need / 4 > budget:
+        raise UsageError(
+            f"tile_size {plan.tile_size[0]} needs about {need / 4 / 1e9:.1f} GB for one tile's "
+            f"activations, more than the {budget / 1e9:.1f} GB available on {device}; use a smaller "
+            "tile_size (e.g. 512)"
+        )
 
 
 def _is_local(output: Any) -> bool:

@@ -70,6 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     seg.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     seg.add_argument("--resume", action="store_true",
                      help="continue an OUTPUT that a stopped run left (same settings required)")
+    seg.add_argument("--on-error", choices=("raise", "skip"), default="raise",
+                     help="a tile that cannot be read: stop (default), or fill it and record it")
     seg.add_argument("--scheduler", default=None, metavar="ADDRESS|local:N",
                      help="run blocks on a dask.distributed cluster: a scheduler address, or local:N "
                           "for N local worker processes (paths must be shared with the workers)")
@@ -206,7 +208,7 @@ def _segment_one(args, image: str, output: str, client) -> int:
                   chunk_size=args.chunk_size, overwrite=args.overwrite,
                   precision=args.precision, compile=args.compile, mpp=args.mpp,
                   series=args.series, channels=_channels(args.channels),
-                  tissue_mask=args.tissue_mask, resume=args.resume)
+                  tissue_mask=args.tissue_mask, resume=args.resume, on_error=args.on_error)
     plan, source, geometry = job.plan, job.tiler.source, job.plan.geometry
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
     say(f"input    {image}: {source.shape[0]} x {source.shape[1]} px, "

@@ -9,6 +9,8 @@ __all__ = [
     "InputError",
     "ModelError",
     "OutputExistsError",
+    "TileReadError",
+    "ModelOutputError",
 ]
 
 
@@ -45,3 +47,11 @@ class OutputExistsError(TileSegmentError, FileExistsError):
     """The output exists and overwriting was not requested."""
 
     exit_code = 2
+
+
+class TileReadError(TileSegmentError):
+    """A region of the image could not be read or decoded during the run."""
+
+
+class ModelOutputError(TileSegmentError):
+    """The model produced NaN or Inf."""

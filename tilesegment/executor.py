@@ -98,15 +98,22 @@ class Output:
     reduced it (CUDA) or it holds raw network outputs (CPU).
     """
 
-    def __init__(self, array: torch.Tensor, reduced: bool, event=None) -> None:
+    def __init__(self, array: torch.Tensor, reduced: bool, event=None, finite=None) -> None:
         self._array = array
         self._event = event
+        self._finite = finite
         self.reduced = reduced
 
     def numpy(self) -> np.ndarray:
         if self._event is not None:
             self._event.synchronize()
         return self._array.numpy()
+
+    @property
+    def nonfinite(self) -> Optional[np.ndarray]:
+        """Per tile, whether the network output had NaN/Inf (reduced outputs only; call
+        after `numpy`). Raw outputs are checked by the stitcher."""
+        return None if self._finite is None else ~self._finite.numpy()
 
 
 @dataclass(frozen=True)
@@ -247,9 +254,13 @@ class Executor:
 
     def _split(self, data: np.ndarray) -> Output:
         limit = max(1, min(len(data) // 2 if self.max_batch is None else self.max_batch, len(data) - 1))
-        parts = [self(data[i : i + limit]).numpy() for i in range(0, len(data), limit)]
+        outputs = [self(data[i : i + limit]) for i in range(0, len(data), limit)]
+        parts = [o.numpy() for o in outputs]
         reduced = self._reduce is not None
-        return Output(torch.from_numpy(np.concatenate(parts)), reduced)
+        finite = None
+        if reduced:
+            finite = torch.from_numpy(~np.concatenate([o.nonfinite for o in outputs]))
+        return Output(torch.from_numpy(np.concatenate(parts)), reduced, finite=finite)
 
     def _run(self, data: np.ndarray) -> Output:
         cuda = self.device.type == "cuda"
@@ -291,14 +302,17 @@ class Executor:
     def _reduced_to_host(self, y: torch.Tensor) -> Output:
         r = self._reduce
         y = y[:, :, r.crop[0] : r.crop[0] + r.tile[0], r.crop[1] : r.crop[1] + r.tile[1]].float()
+        finite = torch.isfinite(y).flatten(1).all(1)  # reduction would hide NaN/Inf
         y = reduce_logits(y, r.mode)
         if self.device.type != "cuda":
-            return Output(y.cpu(), reduced=True)
+            return Output(y.cpu(), reduced=True, finite=finite.cpu())
         host = torch.empty(y.shape, dtype=y.dtype, pin_memory=True)
         host.copy_(y, non_blocking=True)
+        host_finite = torch.empty(finite.shape, dtype=torch.bool, pin_memory=True)
+        host_finite.copy_(finite, non_blocking=True)
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(self.device))
-        return Output(host, reduced=True, event=event)
+        return Output(host, reduced=True, event=event, finite=host_finite)
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:

@@ -71,7 +71,7 @@ def run_pipeline(
         try:
             while (batch := take()) is not None:
                 # Only the indices travel on: the (pinned) input can be freed now.
-                put((batch.indices, executor(batch.data)))
+                put((batch.indices, batch.failed, executor(batch.data)))
         except BaseException as exc:  # handed to the caller below
             errors.append(exc)
             stop.set()
@@ -91,8 +91,15 @@ def run_pipeline(
             if item is _DONE:
                 finished += 1
             elif not stop.is_set():
-                indices, output = item
-                stitcher.add(indices, output.numpy(), reduced=output.reduced)
+                indices, failed, output = item
+                array = output.numpy()
+                ok = ~np.isin(indices, failed)
+                if output.nonfinite is not None and output.nonfinite[ok].any():
+                    stitcher.raise_nonfinite(int(indices[ok][output.nonfinite[ok]][0]))
+                if ok.any():
+                    stitcher.add(indices[ok], array[ok], reduced=output.reduced)
+                if len(failed):
+                    stitcher.fill(failed, failed=True)
                 on_progress(len(indices))
                 until = int(np.searchsorted(skipped, indices.max()))
                 if until > skip_at:

@@ -9,7 +9,7 @@ from typing import Any, Optional, Union
 import numba
 import numpy as np
 
-from .errors import TileSegmentError, UsageError
+from .errors import ModelOutputError, TileSegmentError, UsageError
 from .io.sinks import MemorySink, Sink, ZarrSink
 from .plan import TilePlan
 
@@ -151,6 +151,8 @@ class Stitcher:
             self.mark_written(done_blocks)
         self._closed = False
         self.result: Any = None
+        #: Tiles that could not be read and were filled (``on_error="skip"``).
+        self.failed_tiles: list[dict] = []
         if num_classes is not None and sink is None:
             self._open(num_classes)
 
@@ -194,18 +196,32 @@ class Stitcher:
             self._open(outputs.shape[1])
         kernel = _crop_copy if reduced else _KERNELS[self.mode]
         crop = (0, 0) if reduced else self.plan.geometry.crop
+        if not reduced and outputs.dtype.kind == "f":
+            window = outputs[:, :, crop[0] : crop[0] + self.plan.tile_size[0], crop[1] : crop[1] + self.plan.tile_size[1]]
+            finite = np.isfinite(window).reshape(len(indices), -1).all(1)
+            if not finite.all():
+                self.raise_nonfinite(int(indices[~finite][0]))
         for index, out in zip(indices, outputs):
             buffer, dy, dx, h, w = self._target(int(index))
             dest = buffer[None] if buffer.ndim == 2 and reduced else buffer
             kernel(out, crop[0], crop[1], h, w, dest, dy, dx)
             self._tile_done(int(index))
 
-    def fill(self, tiles: Any) -> None:
+    def raise_nonfinite(self, index: int) -> None:
+        """Stop with the position of tile `index`, whose network output has NaN or Inf."""
+        oy, ox = (int(v) for v in self.plan.origins[index])
+        raise ModelOutputError(
+            f"model output has NaN or Inf in tile {index} at (y, x) = ({oy}, {ox}); check the model "
+            "and the input's normalization (integers are scaled to [0, 1], floats pass through)"
+        )
+
+    def fill(self, tiles: Any, failed: bool = False) -> None:
         """Write background for tiles that are not computed (e.g. no tissue).
 
         Labels get 0; probabilities 255 for class 0 and 0 for the others;
         logits 0 for every class. Needs `num_classes` (given, or seen in an
-        earlier output) for the probability and logit modes.
+        earlier output) for the probability and logit modes. ``failed=True``
+        records the tiles as unreadable in the output's metadata.
         """
         if self._closed:
             raise UsageError("stitcher is closed; create a new one to add more tiles")
@@ -214,6 +230,9 @@ class Stitcher:
                 raise UsageError("fill() before any output needs Stitcher(..., num_classes=K)")
             self._open(1)
         for index in np.asarray(getattr(tiles, "indices", tiles), dtype=np.int64).reshape(-1):
+            if failed:
+                self.failed_tiles.append(
+                    {"tile": int(index), "origin": [int(v) for v in self.plan.origins[index]]})
             buffer, dy, dx, h, w = self._target(int(index))
             window = buffer[..., dy : dy + h, dx : dx + w]
             window[...] = 0
@@ -311,6 +330,8 @@ class Stitcher:
                 f"{missing} of {self.plan.n_tiles} tiles were never added "
                 f"(first: {int(np.flatnonzero(~self._seen)[0])}); the output is incomplete"
             )
+        if self.failed_tiles and hasattr(self._sink, "failed_tiles"):
+            self._sink.failed_tiles = self.failed_tiles
         self.result = self._sink.close()
         return self.result
 

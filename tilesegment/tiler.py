@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from .errors import UsageError
+from .errors import TileReadError, UsageError
 from .geometry import Geometry, PairLike
 from .io.mirror import gather, normalization_affine, pad_indices
 from .io.sources import ImageLike, ImageSource, open_image
@@ -30,10 +30,14 @@ class Batch:
         Plan indices of the tiles, shape ``(N,)``.
     data : numpy.ndarray
         Float32 network inputs, shape ``(N, C, h_in, w_in)``.
+    failed : numpy.ndarray
+        Plan indices of tiles that could not be read (``on_error="skip"``);
+        their inputs are zero and their outputs should be filled, not used.
     """
 
     indices: np.ndarray
     data: np.ndarray
+    failed: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -61,6 +65,9 @@ class Tiler:
         Axes override for the image, e.g. ``"CYX"``.
     level : int
         Pyramid level of the image.
+    on_error : {"raise", "skip"}
+        What a tile that cannot be read (a corrupt JPEG tile in a slide) does:
+        stop the run with its position, or be listed in `Batch.failed`.
 
     Examples
     --------
@@ -84,7 +91,11 @@ class Tiler:
         normalization: Optional[tuple[Sequence[float], Sequence[float]]] = None,
         axes: Optional[str] = None,
         level: int = 0,
+        on_error: str = "raise",
     ) -> None:
+        if on_error not in ("raise", "skip"):
+            raise UsageError(f"on_error {on_error!r} is unknown; use 'raise' or 'skip'")
+        self.on_error = on_error
         self.source: ImageSource = open_image(image, axes=axes, level=level)
         self.geometry = Geometry.of(geometry)
         self.plan = TilePlan.build(self.source.shape, self.geometry, tile_size, chunk_size)
@@ -116,9 +127,21 @@ class Tiler:
         indices = np.asarray(indices, dtype=np.int64)
         shape = (len(indices), self.source.channels, *self.plan.input_size)
         data = np.empty(shape, np.float32) if allocate is None else allocate(shape)
+        failed = []
         for k, index in enumerate(indices):
-            self.read(int(index), out=data[k])
-        return Batch(indices, data)
+            try:
+                self.read(int(index), out=data[k])
+            except Exception as exc:
+                oy, ox = (int(v) for v in self.plan.origins[index])
+                if self.on_error == "raise":
+                    raise TileReadError(
+                        f"cannot read tile {int(index)} at (y, x) = ({oy}, {ox}) of {self.source.name}: "
+                        f"{type(exc).__name__}: {exc}; the file may be corrupt there "
+                        "(on_error='skip' / --on-error=skip fills such tiles and records them)"
+                    ) from exc
+                data[k] = 0
+                failed.append(int(index))
+        return Batch(indices, data, np.asarray(failed, np.int64))
 
     def batches(
         self,

@@ -122,6 +122,7 @@ class ZarrSink:
         self._pixel_size, self._labels = pixel_size, labels
         self._title = Path(str(output)).stem
         self._record, self.manifest = record, None
+        self.failed_tiles: list[dict] = []  # unreadable tiles filled as background
         if resume:
             self._final = self._path = Path(output)
             self.group = zarr.open_group(self._path, mode="r+")
@@ -229,6 +230,8 @@ class ZarrSink:
             )
         if not path.parent.exists():
             raise UsageError(f"output folder {str(path.parent)!r} does not exist; create it first")
+        if not os.access(path.parent, os.W_OK):
+            raise UsageError(f"output folder {str(path.parent)!r} is not writable; choose another place")
 
     def buffer(self, region: Region) -> np.ndarray:
         shape = tuple(s.stop - s.start for s in region)
@@ -258,8 +261,9 @@ class ZarrSink:
                 future.result()
             self._raise_failed()
             self.group.attrs["ome"] = self._metadata(self._build_pyramid())
-            if self._record is not None:
-                self.group.attrs["tilesegment"] = {**self._record, "complete": True}
+            if self._record is not None or self.failed_tiles:
+                self.group.attrs["tilesegment"] = {**(self._record or {}), "complete": True,
+                                                   "failed_tiles": self.failed_tiles}
             self._pool.shutdown(wait=True)
             if self.manifest is not None:
                 self.manifest.finish()
