@@ -20,8 +20,8 @@ from .io.manifest import Manifest, input_identity, model_hash
 from .io.sinks import ZarrSink
 from .io.sources import ImageLike, open_image
 from .models.load import ModelSpec, load_model
-from .stitch import MODES, Stitcher
 from .pipeline import run_pipeline
+from .stitch import MODES, Stitcher
 from .tiler import Tiler
 from .tissue import MaskLike, load_mask
 
@@ -104,14 +104,14 @@ class Job:
     done_blocks: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     image_path: Optional[str] = None  # for workers that open the image themselves
     open_options: dict = field(default_factory=dict)
+    num_classes: int = 1
 
     @property
     def pending(self) -> np.ndarray:
         """Per tile: still to be written (not in a block a stopped run finished)."""
-        todo = np.ones(self.plan.n_tiles, bool)
-        for b in self.done_blocks:
-            todo[self.plan.block_tiles[b] : self.plan.block_tiles[b + 1]] = False
-        return todo
+        done = np.zeros(self.plan.n_blocks, bool)
+        done[self.done_blocks] = True
+        return ~np.repeat(done, np.diff(self.plan.block_tiles))
 
     @property
     def skipped(self) -> np.ndarray:
@@ -160,7 +160,7 @@ class Job:
             with Stitcher(
                 tiler.plan, self.output, self.mode, overwrite=self.overwrite,
                 pixel_size=tiler.source.pixel_size, writers=self.readers,
-                num_classes=model_out_channels(self.model, self.plan.geometry),
+                num_classes=self.num_classes,
                 record=self.record, resume=self.resume, done_blocks=self.done_blocks,
             ) as stitcher:
                 with _progress(tiler.plan.n_tiles - len(skipped), progress) as bar:
@@ -213,45 +213,28 @@ def prepare(
     """
     if mode not in MODES:
         raise UsageError(f"mode {mode!r} is unknown; use one of {', '.join(MODES)}")
-    if resume and overwrite:
-        raise UsageError("resume and overwrite exclude each other: resume continues an output, "
-                         "overwrite replaces it")
-    if output is not None:
-        if not (resume and Manifest(output).exists if _is_local(output) else False):
-            ZarrSink.check_output(output, overwrite)
-        _check_not_input(image, output)
+    if precision not in PRECISIONS:
+        raise UsageError(f"precision {precision!r} is unknown; use one of {', '.join(PRECISIONS)}")
+    _check_output(image, output, overwrite, resume)
     model = load_model(model)
     geometry = Geometry.of(model)
     devices = resolve_devices(device)
-    dev = devices[0]
-    if precision not in PRECISIONS:
-        raise UsageError(f"precision {precision!r} is unknown; use one of {', '.join(PRECISIONS)}")
     source = open_image(image, axes=axes, level=level, series=series, channels=channels, mpp=mpp)
     if tile_size in ("auto", None):
-        tile_size = auto_tile_size(source.shape, geometry, dev, model, source.channels, memory_budget)
-    tiler = Tiler(
-        source,
-        geometry,
-        tile_size=tile_size,
-        chunk_size=chunk_size,
-        padding=padding,
-        normalization=getattr(model, "normalization", None),
-        on_error=on_error,
-    )
+        tile_size = auto_tile_size(source.shape, geometry, devices[0], model, source.channels, memory_budget)
+    tiler = Tiler(source, geometry, tile_size=tile_size, chunk_size=chunk_size, padding=padding,
+                  normalization=getattr(model, "normalization", None), on_error=on_error)
     _check_channels(model, tiler)
-    _check_tile_fits(model, dev, source.channels, tiler.plan, memory_budget)
+    _check_tile_fits(model, devices[0], source.channels, tiler.plan, memory_budget)
     if batch_size in ("auto", None):
-        batch = auto_batch_size(model, dev, source.channels, tiler.plan.input_size, memory_budget)
-    else:
-        batch = int(batch_size)
-    if batch < 1:
+        batch_size = auto_batch_size(model, devices[0], source.channels, tiler.plan.input_size, memory_budget)
+    if int(batch_size) < 1:
         raise UsageError(f"batch_size {batch_size} must be at least 1")
     mask = load_mask(tissue_mask, source)
     compute = None if mask is None else tiler.plan.tiles_touching(mask)
-    record = None
+    num_classes = model_out_channels(model, geometry)
+    record, done = None, None
     if output is not None and _is_local(output):
-        if not resuming_requested(resume, output):
-            _check_free_space(output, tiler.plan, mode, model_out_channels(model, geometry))
         record = {
             "input": input_identity(image, source), "model": model_hash(model), "mode": mode,
             "tile_size": list(tiler.plan.tile_size), "chunk_size": list(tiler.plan.chunk_size),
@@ -259,19 +242,37 @@ def prepare(
             "channels": None if channels is None else [int(c) for c in channels],
             "tissue_mask": tissue_mask if tissue_mask in (None, "auto") else "given",
         }
-    done = np.zeros(0, np.int64)
-    resuming = bool(resume and record is not None and Manifest(output).exists)
-    if resuming:
-        manifest = Manifest(output)
-        manifest.check_matches(record, output)
-        done = manifest.done_blocks()
-    elif resume and output is not None and _is_local(output) and os.path.exists(output):
-        raise UsageError(f"{str(output)!r} has no unfinished run to resume (it is complete or not "
-                         "ours); use another output, or --overwrite to replace it")
+        done = _resume_state(output, record, resume)
+        if done is None:
+            _check_free_space(output, tiler.plan, mode, num_classes)
     open_options = dict(axes=axes, level=level, series=series, channels=channels, mpp=mpp)
     image_path = os.fspath(image) if isinstance(image, (str, os.PathLike)) else None
-    return Job(model, tiler, tuple(devices), batch, mode, output, overwrite, precision,
-               compile, memory_budget, compute, record, resuming, done, image_path, open_options)
+    return Job(model, tiler, tuple(devices), int(batch_size), mode, output, overwrite, precision,
+               compile, memory_budget, compute, record, done is not None,
+               np.zeros(0, np.int64) if done is None else done, image_path, open_options, num_classes)
+
+
+def _check_output(image: Any, output: Any, overwrite: bool, resume: bool) -> None:
+    if resume and overwrite:
+        raise UsageError("resume and overwrite exclude each other: resume continues an output, "
+                         "overwrite replaces it")
+    if output is None:
+        return
+    if not (resume and _is_local(output) and Manifest(output).exists):
+        ZarrSink.check_output(output, overwrite)
+    _check_not_input(image, output)
+
+
+def _resume_state(output: Any, record: dict, resume: bool) -> Optional[np.ndarray]:
+    """Blocks an earlier run of the same settings finished, or None when starting afresh."""
+    manifest = Manifest(output)
+    if resume and manifest.exists:
+        manifest.check_matches(record, output)
+        return manifest.done_blocks()
+    if resume and os.path.exists(output):
+        raise UsageError(f"{str(output)!r} has no unfinished run to resume (it is complete or not "
+                         "ours); use another output, or --overwrite to replace it")
+    return None
 
 
 def segment(
@@ -382,10 +383,6 @@ segment.__signature__ = inspect.Signature(
      *(p for name, p in inspect.signature(segment).parameters.items() if name in ("progress", "client"))],
     return_annotation=Any,
 )
-
-
-def resuming_requested(resume: bool, output: Any) -> bool:
-    return bool(resume and Manifest(output).exists)
 
 
 #: Expected compressed size per uncompressed byte (zstd + bit-shuffle), per mode: label maps

@@ -113,7 +113,6 @@ def run_on_cluster(job, client, progress: bool = True):
 
     from distributed import as_completed
 
-    from ._probe import model_out_channels
     from .api import RunStats, _progress
     from .stitch import Stitcher
 
@@ -125,7 +124,7 @@ def run_on_cluster(job, client, progress: bool = True):
                          "not an array, as the image")
     plan = job.plan
     start = time.perf_counter()
-    num_classes = model_out_channels(job.model, plan.geometry)
+    num_classes = job.num_classes
     stitcher = Stitcher(plan, job.output, job.mode, num_classes=num_classes, overwrite=job.overwrite,
                         pixel_size=job.tiler.source.pixel_size, record=job.record, resume=job.resume,
                         done_blocks=job.done_blocks)
