@@ -115,3 +115,14 @@ def test_batch_mode_writes_one_zarr_per_slide_and_skips_finished_ones(capsys, tm
     assert sorted(p.name for p in out.iterdir()) == ["a.zarr", "b.zarr"]
     code, _, err = _run(capsys, *args)
     assert code == 0 and err.count("finished earlier: skipped") == 2
+
+
+def test_batch_mode_refuses_inputs_that_would_share_an_output(capsys, tmp_path, rgb_image, model_file):
+    import tifffile
+
+    for folder in ("siteA", "siteB"):
+        (tmp_path / folder).mkdir()
+        tifffile.imwrite(tmp_path / folder / "001.svs.tif", rgb_image, photometric="rgb")
+    code, _, err = _run(capsys, "segment", tmp_path / "siteA" / "001.svs.tif", tmp_path / "siteB" / "001.svs.tif",
+                        tmp_path / "out", "--model", model_file, "--quiet")
+    assert code == 2 and "several inputs would write 001.svs.zarr" in err

@@ -119,3 +119,24 @@ def test_ctrl_c_keeps_a_resumable_output_and_says_how_to_resume(tmp_path, slide,
     monkeypatch.setattr(ts.Stitcher, "add", original_add)
     assert main(_args(slide, out, model, "--resume")) == 0
     assert not (out / ".tilesegment").exists()
+
+
+def test_a_run_stopped_while_building_the_pyramid_resumes(tmp_path, monkeypatch):
+    from tilesegment.io.sinks import ZarrSink
+
+    torch.manual_seed(0)
+    net = ts.UNet(3, 3, base_channels=4, depth=2).eval()
+    image = np.random.default_rng(1).integers(0, 256, (1100, 300, 3), dtype=np.uint8)
+    out = tmp_path / "o.zarr"
+
+    def killed(self, n_levels):
+        raise KeyboardInterrupt  # after every block and pyramid level 1 are written
+
+    monkeypatch.setattr(ZarrSink, "_metadata", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ts.segment(image, net, out, tile_size=128, progress=False)
+    assert (out / "1").exists() and Manifest(out).exists
+    monkeypatch.undo()
+    resumed = ts.segment(image, net, out, tile_size=128, resume=True, progress=False)
+    np.testing.assert_array_equal(resumed[:], ts.segment(image, net, tile_size=128, progress=False))
+    assert zarr.open_array(out / "1").shape == (550, 150)

@@ -14,7 +14,7 @@ import torch
 
 from ._probe import model_in_channels, model_out_channels
 from .errors import ModelError, UsageError
-from .executor import PRECISIONS, Executor, auto_batch_size, resolve_devices
+from .executor import PRECISIONS, Executor, auto_batch_size, default_precision, resolve_devices
 from .geometry import Geometry, Pair
 from .io.manifest import Manifest, input_identity, model_hash
 from .io.sinks import ZarrSink
@@ -240,7 +240,9 @@ def prepare(
             "tile_size": list(tiler.plan.tile_size), "chunk_size": list(tiler.plan.chunk_size),
             "padding": padding, "level": level, "mpp": mpp, "series": series,
             "channels": None if channels is None else [int(c) for c in channels],
-            "tissue_mask": tissue_mask if tissue_mask in (None, "auto") else "given",
+            "axes": axes, "on_error": on_error,
+            "precision": precision if precision != "auto" else default_precision(devices[0]),
+            "tissue_mask": _mask_identity(tissue_mask, mask),
         }
         done = _resume_state(output, record, resume)
         if done is None:
@@ -250,6 +252,16 @@ def prepare(
     return Job(model, tiler, tuple(devices), int(batch_size), mode, output, overwrite, precision,
                compile, memory_budget, compute, record, done is not None,
                np.zeros(0, np.int64) if done is None else done, image_path, open_options, num_classes)
+
+
+def _mask_identity(spec: MaskLike, mask: Optional[np.ndarray]) -> Optional[str]:
+    """How the tissue mask was asked for, with a hash of what it is (for resume checks)."""
+    if mask is None:
+        return None
+    import hashlib
+
+    digest = hashlib.sha256(np.packbits(mask).tobytes() + str(mask.shape).encode()).hexdigest()[:16]
+    return f"{spec if isinstance(spec, str) and spec == 'auto' else 'given'}:{digest}"
 
 
 def _check_output(image: Any, output: Any, overwrite: bool, resume: bool) -> None:

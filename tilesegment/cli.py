@@ -137,27 +137,49 @@ def _expand(patterns: list[str]) -> list[str]:
     return found
 
 
+_SUFFIXES = (".ome.tiff", ".ome.tif", ".ome.zarr", ".tiff", ".tif", ".svs", ".ndpi", ".qptiff",
+             ".scn", ".bif", ".zarr")
+
+
+def _output_name(image: str) -> str:
+    name = Path(image).name
+    for suffix in _SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)] + ".zarr"
+    return name + ".zarr"
+
+
 def _segment_many(args, inputs: list[str], folder: Path, client) -> int:
-    """Batch mode: one OME-Zarr per input in `folder`; finished outputs are skipped."""
+    """Batch mode: one OME-Zarr per input in `folder`.
+
+    Outputs finished by a run with the same model and mode are skipped;
+    unfinished ones (a manifest is present) are resumed.
+    """
     import zarr
 
-    from .io.manifest import Manifest
+    from .io.manifest import Manifest, model_hash
+    from .models.load import load_model
 
+    outputs = [folder / _output_name(image) for image in inputs]
+    clashes = sorted({o.name for o in outputs if outputs.count(o) > 1})
+    if clashes:
+        raise UsageError(f"several inputs would write {', '.join(clashes)}; segment them into "
+                         "different folders or rename them")
     folder.mkdir(parents=True, exist_ok=True)
+    want = {"model": model_hash(load_model(args.model)), "mode": args.mode}
     failed = []
-    for i, image in enumerate(inputs, 1):
-        out = folder / (Path(image).name.split(".")[0] + ".zarr")
+    for i, (image, out) in enumerate(zip(inputs, outputs), 1):
         print(f"[{i}/{len(inputs)}] {image} -> {out}", file=sys.stderr)
-        if out.exists() and not args.overwrite and not Manifest(out).exists:
-            try:
-                complete = zarr.open_group(out, mode="r").attrs.get("tilesegment", {}).get("complete")
-            except Exception:
-                complete = False
-            if complete:
-                print("         finished earlier: skipped", file=sys.stderr)
-                continue
+        resume = args.resume or Manifest(out).exists
         try:
-            _segment_one(args, image, str(out), client)
+            if out.exists() and not args.overwrite and not Manifest(out).exists:
+                record = _finished_record(out, zarr)
+                if record is not None and all(record.get(k) == v for k, v in want.items()):
+                    print("         finished earlier: skipped", file=sys.stderr)
+                    continue
+                raise UsageError(f"{out} exists from another run (other model or mode, or not ours); "
+                                 "--overwrite replaces it")
+            _segment_one(args, image, str(out), client, resume=resume and not args.overwrite)
         except TileSegmentError as exc:
             print(f"tilesegment: error: {exc}", file=sys.stderr)
             failed.append(image)
@@ -165,6 +187,14 @@ def _segment_many(args, inputs: list[str], folder: Path, client) -> int:
         print(f"tilesegment: {len(failed)} of {len(inputs)} inputs failed: {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _finished_record(out: Path, zarr) -> Optional[dict]:
+    try:
+        record = zarr.open_group(out, mode="r").attrs.get("tilesegment", {})
+    except Exception:
+        return None
+    return record if record.get("complete") else None
 
 
 class _client:
@@ -198,9 +228,10 @@ class _client:
             self.cluster.close()
 
 
-def _segment_one(args, image: str, output: str, client) -> int:
+def _segment_one(args, image: str, output: str, client, resume: Optional[bool] = None) -> int:
     from .api import prepare
 
+    resume = args.resume if resume is None else resume
     device = args.device.split(",") if "," in args.device else args.device
     job = prepare(image, args.model, output, tile_size=args.tile_size,
                   batch_size=args.batch_size, device=device, mode=args.mode,
@@ -208,7 +239,7 @@ def _segment_one(args, image: str, output: str, client) -> int:
                   chunk_size=args.chunk_size, overwrite=args.overwrite,
                   precision=args.precision, compile=args.compile, mpp=args.mpp,
                   series=args.series, channels=_channels(args.channels),
-                  tissue_mask=args.tissue_mask, resume=args.resume, on_error=args.on_error)
+                  tissue_mask=args.tissue_mask, resume=resume, on_error=args.on_error)
     plan, source, geometry = job.plan, job.tiler.source, job.plan.geometry
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
     say(f"input    {image}: {source.shape[0]} x {source.shape[1]} px, "
@@ -226,7 +257,8 @@ def _segment_one(args, image: str, output: str, client) -> int:
     try:
         _, run = job.run(progress=not args.quiet, client=client)
     except BaseException:
-        _say_resumable(output, plan.n_blocks)
+        if not args.overwrite:  # an overwrite run writes beside the old output: nothing to resume
+            _say_resumable(output, plan.n_blocks)
         raise
     say(f"done     {run.tiles - run.skipped} tiles computed in {run.seconds:.1f} s: "
         f"{run.megapixels_per_second:.2f} Mpx/s -> {output}")

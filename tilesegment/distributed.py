@@ -4,13 +4,14 @@ The client creates the output (and its manifest) and scatters the model to
 every worker once. Each task opens the image itself, computes its blocks'
 tiles with the same loader, executor and stitcher kernels as a local run, and
 writes its chunks straight into the shared zarr store, then marks the blocks
-done. Tasks are retried on worker loss (a block's chunks are rewritten whole,
+done. Tasks of a lost worker are rescheduled by dask (a block's chunks are rewritten whole,
 so a retry is harmless). The client finishes the pyramid and metadata.
 """
 
 from __future__ import annotations
 
 import os
+import uuid
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -39,10 +40,12 @@ class BlockSpec:
     array_path: str
     manifest_root: Optional[str]
     compute: Optional[np.ndarray]  # per tile, or None for all
+    on_error: str
+    run_id: str  # names this run's tasks and its executor on each worker
 
 
-def _compute_blocks(spec: BlockSpec, blocks: list[int], model: Any) -> list[int]:
-    """Task body: compute and write `blocks`; return them."""
+def _compute_blocks(spec: BlockSpec, blocks: list[int], model: Any) -> tuple[list[int], list[dict]]:
+    """Task body: compute and write `blocks`; return them and the tiles that could not be read."""
     import zarr
 
     from .io.manifest import Manifest
@@ -54,7 +57,7 @@ def _compute_blocks(spec: BlockSpec, blocks: list[int], model: Any) -> list[int]
 
     source = open_image(spec.image, **spec.open_options)
     with Tiler(source, spec.geometry, spec.tile_size, chunk_size=spec.chunk_size, padding=spec.padding,
-               normalization=getattr(model, "normalization", None)) as tiler:
+               normalization=getattr(model, "normalization", None), on_error=spec.on_error) as tiler:
         plan = tiler.plan
         mine = np.zeros(plan.n_blocks, bool)
         mine[blocks] = True
@@ -68,7 +71,7 @@ def _compute_blocks(spec: BlockSpec, blocks: list[int], model: Any) -> list[int]
         batches = tiler.batches(spec.batch_size, tiles=todo, workers=1)
         run_pipeline(batches, [_worker_executor(model, spec)], stitcher, skipped=skipped)
         stitcher.close()
-    return blocks
+    return blocks, stitcher.failed_tiles
 
 
 def _worker_executor(model: Any, spec: BlockSpec):
@@ -81,11 +84,11 @@ def _worker_executor(model: Any, spec: BlockSpec):
         cache = get_worker().__dict__.setdefault("_tilesegment_executors", {})
     except (ImportError, ValueError):  # not on a worker (tests call the task body directly)
         cache = {}
-    key = (id(model), spec.precision, spec.mode, spec.tile_size)
-    if key not in cache:
-        cache[key] = Executor(model, "auto", precision=spec.precision, mode=spec.mode,
-                              geometry=spec.geometry, tile_size=spec.tile_size)
-    return cache[key]
+    if spec.run_id not in cache:
+        cache.clear()  # one run at a time per worker: free the previous run's device copy
+        cache[spec.run_id] = Executor(model, "auto", precision=spec.precision, mode=spec.mode,
+                                      geometry=spec.geometry, tile_size=spec.tile_size)
+    return cache[spec.run_id]
 
 
 def _groups(plan, pending_blocks: np.ndarray, min_tiles: int) -> list[list[int]]:
@@ -136,15 +139,17 @@ def run_on_cluster(job, client, progress: bool = True):
             mode=job.mode, num_classes=num_classes, batch_size=job.batch_size,
             precision=job.precision, array_path=os.fspath(sink.path / "0"),
             manifest_root=os.fspath(sink.path) if sink.manifest is not None else None,
-            compute=job.compute,
+            compute=job.compute, on_error=job.tiler.on_error, run_id=uuid.uuid4().hex,
         )
         pending = np.setdiff1d(np.arange(plan.n_blocks), job.done_blocks)
         groups = _groups(plan, pending, min_tiles=4 * job.batch_size)
         gpu = any("GPU" in w.get("resources", {}) for w in client.scheduler_info()["workers"].values())
         model = client.scatter(job.model, broadcast=True, hash=False)
+        # No retries: the scheduler already reschedules the tasks of a worker that dies
+        # (allowed-failures); a task that raises (NaN, corrupt tile) would only fail again.
         futures = [
-            client.submit(_compute_blocks, spec, group, model, retries=3, pure=False,
-                          key=f"tilesegment-blocks-{group[0]}-{os.getpid()}-{id(spec)}",
+            client.submit(_compute_blocks, spec, group, model, pure=False,
+                          key=f"tilesegment-{spec.run_id}-{group[0]}",
                           resources={"GPU": 1} if gpu else None)
             for group in groups
         ]
@@ -152,11 +157,13 @@ def run_on_cluster(job, client, progress: bool = True):
         try:
             with _progress(int(counts[pending].sum()), progress) as bar:
                 for future in as_completed(futures):
-                    blocks = future.result()
+                    blocks, failed = future.result()
                     stitcher.mark_written(blocks)
+                    stitcher.failed_tiles.extend(failed)
                     bar.update(int(counts[blocks].sum()))
         except BaseException:
             client.cancel(futures)
+            sink.keep = True  # tasks already running cannot be stopped and still write
             raise
     stats = RunStats(tiles=plan.n_tiles, tile_size=plan.tile_size, input_size=plan.input_size,
                      batch_size=job.batch_size, device=f"cluster ({len(client.scheduler_info()['workers'])} workers)",

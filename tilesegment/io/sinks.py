@@ -123,6 +123,9 @@ class ZarrSink:
         self._title = Path(str(output)).stem
         self._record, self.manifest = record, None
         self.failed_tiles: list[dict] = []  # unreadable tiles filled as background
+        #: Keep the output on abort even with nothing done (set when other processes may
+        #: still be writing into it, as in a distributed run).
+        self.keep = False
         if resume:
             self._final = self._path = Path(output)
             self.group = zarr.open_group(self._path, mode="r+")
@@ -136,6 +139,8 @@ class ZarrSink:
             target = output
             if _is_path(output):
                 self._final = Path(output)
+                for stale in self._final.parent.glob(f".{self._final.name}.*.tmp"):
+                    _remove(stale)  # left by an overwrite run that was killed
                 if self._final.exists():
                     target = self._final.with_name(f".{self._final.name}.{uuid.uuid4().hex[:8]}.tmp")
                 self._path = Path(target)
@@ -156,6 +161,7 @@ class ZarrSink:
 
         return self.group.create_array(
             name,
+            overwrite=name != "0",  # a run killed while building the pyramid left some levels
             shape=shape,
             chunks=tuple(min(c, n) for c, n in zip(chunks, shape)),
             dtype=dtype,
@@ -302,7 +308,7 @@ class ZarrSink:
         older output being overwritten stays as it was).
         """
         self._pool.shutdown(wait=True, cancel_futures=True)
-        if self._final is not None and not self.resumable:
+        if self._final is not None and not self.resumable and not (self.keep and self._path == self._final):
             _remove(self._path)
 
 
