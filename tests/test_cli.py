@@ -42,6 +42,9 @@ def test_info_lists_shape_pixel_size_and_valid_tiles(capsys, rgb_tiff, model_fil
         (["segment", "{truncated}", "{out}", "--model", "{model}"], "truncated or corrupt", 2),
         (["segment", "{tiff}", "{out}", "--model", "{model}", "--level", "2"], "level 2 is out of range", 2),
         (["segment", "{tiff}", "{out}", "--model", "{model}", "--axes", "QYX"], "non-spatial axes [('Q', 150)]", 2),
+        (["segment", "{tiff}", "{out}", "--model", "{model}", "--batch-size", "0"], "batch_size 0 must be at least 1", 2),
+        (["segment", "{tiff}", "{out}", "--model", "{model}", "--mpp", "0.5"], "mpp 0.5 is finer than image.tif's 2 um/px", 2),
+        (["segment", "{tiff}", "{out}", "--model", "{model}", "--resume", "--overwrite"], "exclude each other", 2),
     ],
 )
 def test_bad_input_gets_one_line_and_nonzero_exit_and_changes_nothing(
