@@ -176,3 +176,26 @@ def test_loader_never_reads_outside_the_image_whatever_the_halo(shape, halo, ste
     tiler = ts.Tiler(RecordingArray(shape), geom, tile_size=step * tile_steps, padding=mode, axes="YX")
     for i in range(tiler.plan.n_tiles):
         tiler.read(i)
+
+
+def test_failed_tiles_survive_a_resume(net, image, tmp_path, monkeypatch):
+    slide = _corrupt_tiff(tmp_path / "corrupt.tif", image)
+    straight = ts.segment(slide, net, tmp_path / "a.zarr", tile_size=64, on_error="skip", progress=False)
+    expected = zarr.open_group(tmp_path / "a.zarr").attrs["tilesegment"]["failed_tiles"]
+    calls = {"n": 0}
+    original = ts.Stitcher.add
+
+    def interrupting(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 2:  # 4 of the 12 tiles are readable
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ts.Stitcher, "add", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        ts.segment(slide, net, tmp_path / "b.zarr", tile_size=64, on_error="skip", progress=False)
+    monkeypatch.setattr(ts.Stitcher, "add", original)
+    resumed = ts.segment(slide, net, tmp_path / "b.zarr", tile_size=64, on_error="skip", resume=True, progress=False)
+    got = zarr.open_group(tmp_path / "b.zarr").attrs["tilesegment"]["failed_tiles"]
+    assert sorted(e["tile"] for e in got) == sorted(e["tile"] for e in expected)
+    np.testing.assert_array_equal(resumed[:], straight[:])

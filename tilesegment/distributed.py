@@ -157,7 +157,7 @@ def run_on_cluster(job, client, progress: bool = True):
         try:
             with _progress(int(counts[pending].sum()), progress) as bar:
                 for future in as_completed(futures):
-                    blocks, failed = future.result()
+                    blocks, failed = future.result()  # also in the manifest markers
                     stitcher.mark_written(blocks)
                     stitcher.failed_tiles.extend(failed)
                     bar.update(int(counts[blocks].sum()))

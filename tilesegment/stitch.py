@@ -153,6 +153,7 @@ class Stitcher:
         self.result: Any = None
         #: Tiles that could not be read and were filled (``on_error="skip"``).
         self.failed_tiles: list[dict] = []
+        self._failed_in: dict[int, list[dict]] = {}  # per block, until it is committed
         if num_classes is not None and sink is None:
             self._open(num_classes)
 
@@ -231,8 +232,9 @@ class Stitcher:
             self._open(1)
         for index in np.asarray(getattr(tiles, "indices", tiles), dtype=np.int64).reshape(-1):
             if failed:
-                self.failed_tiles.append(
-                    {"tile": int(index), "origin": [int(v) for v in self.plan.origins[index]]})
+                entry = {"tile": int(index), "origin": [int(v) for v in self.plan.origins[index]]}
+                self.failed_tiles.append(entry)
+                self._failed_in.setdefault(int(self._block_of[index]), []).append(entry)
             buffer, dy, dx, h, w = self._target(int(index))
             window = buffer[..., dy : dy + h, dx : dx + w]
             window[...] = 0
@@ -267,7 +269,8 @@ class Stitcher:
         block = int(self._block_of[index])
         self._missing[block] -= 1
         if self._missing[block] == 0:
-            self._sink.commit(self._region(block), self._buffers.pop(block), block)
+            failed = self._failed_in.pop(block, None)
+            self._sink.commit(self._region(block), self._buffers.pop(block), block, failed)
 
     def _region(self, block: int) -> tuple[slice, slice]:
         b = self.plan.block(block)

@@ -63,9 +63,17 @@ class Manifest:
     def record(self) -> dict:
         return json.loads((self.folder / "run.json").read_text())
 
-    def mark_done(self, block: int) -> None:
-        """Record `block` as written. Call only after its chunks are on disk."""
-        (self._done / str(int(block))).touch()
+    def mark_done(self, block: int, failed_tiles: Optional[list] = None) -> None:
+        """Record `block` as written (with its unreadable tiles). Call only after its chunks are on disk."""
+        (self._done / str(int(block))).write_text(json.dumps(failed_tiles or []))
+
+    def failed_tiles(self) -> list:
+        """Unreadable tiles recorded with the finished blocks, in block order."""
+        found = []
+        for block in self.done_blocks():
+            text = (self._done / str(int(block))).read_text()
+            found.extend(json.loads(text) if text else [])
+        return found
 
     def done_blocks(self) -> np.ndarray:
         if not self._done.is_dir():

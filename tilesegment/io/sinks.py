@@ -26,8 +26,10 @@ class Sink(Protocol):
     def buffer(self, region: Region) -> np.ndarray:
         """An array to crop the tiles of `region` into."""
 
-    def commit(self, region: Region, buffer: np.ndarray, block: Optional[int] = None) -> None:
-        """`buffer` holds all of `region` (block `block` of the plan): store it."""
+    def commit(self, region: Region, buffer: np.ndarray, block: Optional[int] = None,
+               failed: Optional[list] = None) -> None:
+        """`buffer` holds all of `region` (block `block` of the plan, with `failed`
+        unreadable tiles filled): store it."""
 
     def close(self) -> Any:
         """Finish and return the result."""
@@ -45,7 +47,8 @@ class MemorySink:
     def buffer(self, region: Region) -> np.ndarray:
         return self.array[(..., *region)]
 
-    def commit(self, region: Region, buffer: np.ndarray, block: Optional[int] = None) -> None:
+    def commit(self, region: Region, buffer: np.ndarray, block: Optional[int] = None,
+               failed: Optional[list] = None) -> None:
         pass  # the buffer is a view of the result
 
     def close(self) -> np.ndarray:
@@ -69,10 +72,11 @@ class BlockSink:
         shape = tuple(s.stop - s.start for s in region)
         return np.zeros((*self.array.shape[:-2], *shape), dtype=self.array.dtype)
 
-    def commit(self, region: Region, buffer: np.ndarray, block: Optional[int] = None) -> None:
+    def commit(self, region: Region, buffer: np.ndarray, block: Optional[int] = None,
+               failed: Optional[list] = None) -> None:
         self.array[(..., *region)] = buffer
         if self.manifest is not None and block is not None:
-            self.manifest.mark_done(block)
+            self.manifest.mark_done(block, failed)
 
     def close(self) -> Any:
         return self.array
@@ -243,17 +247,18 @@ class ZarrSink:
         shape = tuple(s.stop - s.start for s in region)
         return np.zeros((*self.array.shape[:-2], *shape), dtype=self.array.dtype)
 
-    def commit(self, region: Region, buffer: np.ndarray, block: Optional[int] = None) -> None:
+    def commit(self, region: Region, buffer: np.ndarray, block: Optional[int] = None,
+               failed: Optional[list] = None) -> None:
         self._slots.acquire()  # back-pressure: never more than 2 * writers blocks queued
-        future = self._pool.submit(self._write, region, buffer, block)
+        future = self._pool.submit(self._write, region, buffer, block, failed)
         future.add_done_callback(lambda _: self._slots.release())
         self._futures.append(future)
         self._raise_failed()
 
-    def _write(self, region: Region, buffer: np.ndarray, block: Optional[int]) -> None:
+    def _write(self, region: Region, buffer: np.ndarray, block: Optional[int], failed) -> None:
         self.array[(..., *region)] = buffer
         if self.manifest is not None and block is not None:
-            self.manifest.mark_done(block)  # only now are the block's chunks on disk
+            self.manifest.mark_done(block, failed)  # only now are the block's chunks on disk
 
     def _raise_failed(self) -> None:
         done = [f for f in self._futures if f.done()]
@@ -267,6 +272,8 @@ class ZarrSink:
                 future.result()
             self._raise_failed()
             self.group.attrs["ome"] = self._metadata(self._build_pyramid())
+            if self.manifest is not None:  # includes blocks of earlier, resumed runs
+                self.failed_tiles = self.manifest.failed_tiles()
             if self._record is not None or self.failed_tiles:
                 self.group.attrs["tilesegment"] = {**(self._record or {}), "complete": True,
                                                    "failed_tiles": self.failed_tiles}
