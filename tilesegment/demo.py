@@ -95,7 +95,7 @@ def run_demo(
     import time
 
     from .api import segment
-    from .he import dice, synthetic_slide
+    from .he import CLASSES, dice, synthetic_slide
     from .io.sources import open_image
 
     out = Path(out_dir)
@@ -125,5 +125,5 @@ def run_demo(
     if truth is not None:
         truth = truth[::step, ::step]
         scores = {f"dice_{name}": round(dice(small == k, truth == k), 3)
-                  for k, name in enumerate(("background", "tissue", "nuclei"))}
+                  for k, name in enumerate(CLASSES)}
     return DemoResult(slide, result_path, png_path, seconds, scores)

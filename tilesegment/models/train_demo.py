@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 import tilesegment as ts
-from tilesegment.he import demo_scores, dice, reference_masks, synthetic_slide
+from tilesegment.he import CLASSES, demo_scores, dice, reference_masks, synthetic_slide
 
 DEFAULT_OUT = Path(__file__).with_name("demo_unet.pt")
 INPUT = 316
@@ -118,7 +118,7 @@ def train(svs: Optional[Path], minutes: float, seed: int, out: Path) -> dict:
 
     validation = _validate(net, svs)
     info = {
-        "classes": ["background", "tissue", "nuclei"],
+        "classes": list(CLASSES),
         "seed": seed,
         "steps": step,
         "minutes": round((time.perf_counter() - start) / 60, 1),
@@ -143,7 +143,7 @@ def _validate(net, svs: Optional[Path]) -> dict:
     scores = {"synthetic_unseen": {
         "pixel_accuracy": round(float((pred == truth).mean()), 4),
         **{f"dice_{name}": round(dice(pred == k, truth == k), 4)
-           for k, name in enumerate(("background", "tissue", "nuclei"))},
+           for k, name in enumerate(CLASSES)},
     }}
     if svs is not None:
         slide = ts.open_image(svs)
