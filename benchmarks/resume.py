@@ -26,7 +26,8 @@ from tilesegment.io.manifest import Manifest
 
 
 def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "tilesegment.cli", "segment", *args, "--tile-size", "512", "--quiet", "--device", "cpu"]
+    return [sys.executable, "-m", "tilesegment.cli", "segment", *args, "--tile-size", "512", "--chunk-size", "512",
+            "--quiet", "--device", "cpu"]
 
 
 def main() -> None:

@@ -84,7 +84,8 @@ def test_a_worker_killed_midway_is_survived(slide, net, tmp_path):
 
         killer = threading.Thread(target=kill_one, daemon=True)
         killer.start()
-        out = ts.segment(slide, Slow(), tmp_path / "o.zarr", tile_size=64, client=client, progress=False)
+        out = ts.segment(slide, Slow(), tmp_path / "o.zarr", tile_size=64, chunk_size=64, client=client,
+                         progress=False)
         killer.join(timeout=5)
         assert killed and pid not in client.run(os.getpid).values()
     np.testing.assert_array_equal(out[:], expected)

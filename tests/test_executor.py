@@ -191,7 +191,8 @@ def test_an_error_in_any_stage_stops_everything_without_hang_or_orphan_threads(n
                 stitcher.add = add
                 run_pipeline(tiler.batches(2), [Executor(net, "cpu")] * 2, stitcher)
             else:
-                ts.segment(source, model, output, tile_size=16, batch_size=2, device=["cpu", "cpu"], progress=False)
+                ts.segment(source, model, output, tile_size=16, chunk_size=16, batch_size=2,
+                           device=["cpu", "cpu"], progress=False)
         except ts.TileReadError as exc:  # reader errors carry the tile position
             errors.append(exc.__cause__)
         except Boom as exc:

@@ -144,11 +144,11 @@ def test_disk_full_midway_leaves_a_resumable_output(net, image, tmp_path, monkey
     monkeypatch.setattr(LocalStore, "set", failing_set)
     out = tmp_path / "o.zarr"
     with pytest.raises(OSError, match="No space left"):
-        ts.segment(image, net, out, tile_size=64, progress=False)
+        ts.segment(image, net, out, tile_size=64, chunk_size=64, progress=False)
     assert len(Manifest(out).done_blocks()) >= 1
     monkeypatch.setattr(LocalStore, "set", real_set)
-    resumed = ts.segment(image, net, out, tile_size=64, resume=True, progress=False)
-    np.testing.assert_array_equal(resumed[:], ts.segment(image, net, tile_size=64, progress=False))
+    resumed = ts.segment(image, net, out, tile_size=64, chunk_size=64, resume=True, progress=False)
+    np.testing.assert_array_equal(resumed[:], ts.segment(image, net, tile_size=64, chunk_size=64, progress=False))
 
 
 class RecordingArray:
@@ -180,7 +180,7 @@ def test_loader_never_reads_outside_the_image_whatever_the_halo(shape, halo, ste
 
 def test_failed_tiles_survive_a_resume(net, image, tmp_path, monkeypatch):
     slide = _corrupt_tiff(tmp_path / "corrupt.tif", image)
-    straight = ts.segment(slide, net, tmp_path / "a.zarr", tile_size=64, on_error="skip", progress=False)
+    straight = ts.segment(slide, net, tmp_path / "a.zarr", tile_size=64, chunk_size=64, on_error="skip", progress=False)
     expected = zarr.open_group(tmp_path / "a.zarr").attrs["tilesegment"]["failed_tiles"]
     calls = {"n": 0}
     original = ts.Stitcher.add
@@ -193,9 +193,10 @@ def test_failed_tiles_survive_a_resume(net, image, tmp_path, monkeypatch):
 
     monkeypatch.setattr(ts.Stitcher, "add", interrupting)
     with pytest.raises(KeyboardInterrupt):
-        ts.segment(slide, net, tmp_path / "b.zarr", tile_size=64, on_error="skip", progress=False)
+        ts.segment(slide, net, tmp_path / "b.zarr", tile_size=64, chunk_size=64, on_error="skip", progress=False)
+    assert Manifest(tmp_path / "b.zarr").done_blocks().size > 0  # really stopped midway
     monkeypatch.setattr(ts.Stitcher, "add", original)
-    resumed = ts.segment(slide, net, tmp_path / "b.zarr", tile_size=64, on_error="skip", resume=True, progress=False)
+    resumed = ts.segment(slide, net, tmp_path / "b.zarr", tile_size=64, chunk_size=64, on_error="skip", resume=True, progress=False)
     got = zarr.open_group(tmp_path / "b.zarr").attrs["tilesegment"]["failed_tiles"]
     assert sorted(e["tile"] for e in got) == sorted(e["tile"] for e in expected)
     np.testing.assert_array_equal(resumed[:], straight[:])

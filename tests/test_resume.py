@@ -32,7 +32,8 @@ def model(tmp_path):
 
 
 def _args(slide, out, model, *extra):
-    return ["segment", str(slide), str(out), "--model", str(model), "--tile-size", "64", "--quiet", *extra]
+    return ["segment", str(slide), str(out), "--model", str(model), "--tile-size", "64", "--chunk-size", "64",
+            "--quiet", *extra]
 
 
 def test_sigkilled_run_resumes_to_the_identical_output_recomputing_only_the_rest(tmp_path, slide, model, monkeypatch):
@@ -70,9 +71,9 @@ def test_sigkilled_run_resumes_to_the_identical_output_recomputing_only_the_rest
     with pytest.raises(ts.OutputExistsError):
         ts.prepare(slide, model, out)
     with pytest.raises(ts.UsageError, match="cannot resume .*model was"):
-        ts.prepare(slide, model, out, tile_size=64, resume=True)  # the plain model is not the slow one
+        ts.prepare(slide, model, out, tile_size=64, chunk_size=64, resume=True)  # the plain model is not the slow one
     monkeypatch.syspath_prepend(str(tmp_path))
-    job = ts.prepare(slide, "slow:build", out, tile_size=64, resume=True)
+    job = ts.prepare(slide, "slow:build", out, tile_size=64, chunk_size=64, resume=True)
     assert job.resume and len(job.done_blocks) == done_before
     computed = []
     original = job.tiler.batch
@@ -86,7 +87,7 @@ def test_sigkilled_run_resumes_to_the_identical_output_recomputing_only_the_rest
 
 def test_resume_with_other_settings_is_refused(tmp_path, slide, model):
     out = tmp_path / "out.zarr"
-    job = ts.prepare(slide, model, out, tile_size=64)
+    job = ts.prepare(slide, model, out, tile_size=64, chunk_size=64)
     # Leave a stopped run behind: two blocks written, then interrupted.
     stitcher = ts.Stitcher(job.plan, out, record=job.record, num_classes=3)
     stitcher.fill([0, 1])
@@ -96,9 +97,9 @@ def test_resume_with_other_settings_is_refused(tmp_path, slide, model):
         ts.prepare(slide, model, out, tile_size=128, resume=True)
     other = ts.save_model(ts.UNet(3, 3, base_channels=4, depth=2), tmp_path / "other.pt")
     with pytest.raises(ts.UsageError, match="cannot resume .*model was"):
-        ts.prepare(slide, other, out, tile_size=64, resume=True)
+        ts.prepare(slide, other, out, tile_size=64, chunk_size=64, resume=True)
     with pytest.raises(ts.UsageError, match="exclude each other"):
-        ts.prepare(slide, model, out, tile_size=64, resume=True, overwrite=True)
+        ts.prepare(slide, model, out, tile_size=64, chunk_size=64, resume=True, overwrite=True)
 
 
 def test_ctrl_c_keeps_a_resumable_output_and_says_how_to_resume(tmp_path, slide, model, capsys, monkeypatch):

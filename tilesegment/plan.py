@@ -81,7 +81,8 @@ class TilePlan:
             Written tile edge; a positive multiple of ``geometry.step``.
         chunk_size : int or (int, int), optional
             Output chunk edge. Must divide the tile size or be a multiple of
-            it, per axis. Default: the tile size.
+            it, per axis. Default: the smallest multiple of the tile size that
+            is at least 1024 (fewer, larger writes; viewers like ~1024 chunks).
 
         Raises
         ------
@@ -93,7 +94,10 @@ class TilePlan:
         if min(shape) < 1:
             raise InvalidTileSize(f"image shape {shape} has no pixels")
         tile = geometry.check_tile_size(tile_size)
-        chunk = tile if chunk_size is None else as_pair(chunk_size, "chunk_size")
+        if chunk_size is None:
+            chunk = tuple(t * max(1, -(-1024 // t)) for t in tile)
+        else:
+            chunk = as_pair(chunk_size, "chunk_size")
         for t, c in zip(tile, chunk):
             if c < 1 or (t % c and c % t):
                 raise InvalidTileSize(
