@@ -17,7 +17,7 @@ from .errors import ModelError, UsageError
 from .executor import PRECISIONS, Executor, auto_batch_size, default_precision, resolve_devices
 from .geometry import Geometry, Pair
 from .io.manifest import Manifest, input_identity, model_hash
-from .io.sinks import ZarrSink
+from .io.sinks import ZarrSink, is_local_path
 from .io.sources import ImageLike, open_image
 from .models.load import ModelSpec, load_model
 from .pipeline import run_pipeline
@@ -234,7 +234,7 @@ def prepare(
     compute = None if mask is None else tiler.plan.tiles_touching(mask)
     num_classes = model_out_channels(model, geometry)
     record, done = None, None
-    if output is not None and _is_local(output):
+    if output is not None and is_local_path(output):
         record = {
             "input": input_identity(image, source), "model": model_hash(model), "mode": mode,
             "tile_size": list(tiler.plan.tile_size), "chunk_size": list(tiler.plan.chunk_size),
@@ -270,7 +270,7 @@ def _check_output(image: Any, output: Any, overwrite: bool, resume: bool) -> Non
                          "overwrite replaces it")
     if output is None:
         return
-    if not (resume and _is_local(output) and Manifest(output).exists):
+    if not (resume and is_local_path(output) and Manifest(output).exists):
         ZarrSink.check_output(output, overwrite)
     _check_not_input(image, output)
 
@@ -435,9 +435,6 @@ def _check_tile_fits(model, device: torch.device, channels: int, plan, budget: O
             "tile_size (e.g. 512)"
         )
 
-
-def _is_local(output: Any) -> bool:
-    return isinstance(output, (str, os.PathLike)) and "://" not in os.fspath(output)
 
 
 def _check_not_input(image: Any, output: Any) -> None:

@@ -155,8 +155,6 @@ def _segment_many(args, inputs: list[str], folder: Path, client) -> int:
     Outputs finished by a run with the same model and mode are skipped;
     unfinished ones (a manifest is present) are resumed.
     """
-    import zarr
-
     from .io.manifest import Manifest, model_hash
     from .models.load import load_model
 
@@ -173,7 +171,7 @@ def _segment_many(args, inputs: list[str], folder: Path, client) -> int:
         resume = args.resume or Manifest(out).exists
         try:
             if out.exists() and not args.overwrite and not Manifest(out).exists:
-                record = _finished_record(out, zarr)
+                record = _finished_record(out)
                 if record is not None and all(record.get(k) == v for k, v in want.items()):
                     print("         finished earlier: skipped", file=sys.stderr)
                     continue
@@ -189,7 +187,9 @@ def _segment_many(args, inputs: list[str], folder: Path, client) -> int:
     return 0
 
 
-def _finished_record(out: Path, zarr) -> Optional[dict]:
+def _finished_record(out: Path) -> Optional[dict]:
+    import zarr
+
     try:
         record = zarr.open_group(out, mode="r").attrs.get("tilesegment", {})
     except Exception:

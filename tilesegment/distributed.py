@@ -132,7 +132,7 @@ def run_on_cluster(job, client, progress: bool = True):
                         pixel_size=job.tiler.source.pixel_size, record=job.record, resume=job.resume,
                         done_blocks=job.done_blocks)
     with stitcher:
-        sink = stitcher._sink
+        sink = stitcher.sink
         spec = BlockSpec(
             image=os.fspath(image), open_options=job.open_options, geometry=plan.geometry,
             tile_size=plan.tile_size, chunk_size=plan.chunk_size, padding=job.tiler.padding,

@@ -309,6 +309,11 @@ class Stitcher:
     # -- finishing -------------------------------------------------------------------
 
     @property
+    def sink(self) -> Optional[Sink]:
+        """Where blocks go (None until the number of classes is known)."""
+        return self._sink
+
+    @property
     def tiles_done(self) -> int:
         """Tiles added so far."""
         return int(self._seen.sum())

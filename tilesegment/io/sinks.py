@@ -15,7 +15,7 @@ import numpy as np
 from ..errors import OutputExistsError, UsageError
 from .manifest import Manifest
 
-__all__ = ["Sink", "MemorySink", "ZarrSink", "BlockSink", "palette"]
+__all__ = ["Sink", "MemorySink", "ZarrSink", "BlockSink", "is_local_path", "palette"]
 
 Region = tuple[slice, slice]
 
@@ -69,8 +69,7 @@ class BlockSink:
         self.array, self.manifest = array, manifest
 
     def buffer(self, region: Region) -> np.ndarray:
-        shape = tuple(s.stop - s.start for s in region)
-        return np.zeros((*self.array.shape[:-2], *shape), dtype=self.array.dtype)
+        return _zeros_like_region(self.array, region)
 
     def commit(self, region: Region, buffer: np.ndarray, block: Optional[int] = None,
                failed: Optional[list] = None) -> None:
@@ -85,7 +84,13 @@ class BlockSink:
         pass
 
 
-def _is_path(output: Any) -> bool:
+def _zeros_like_region(array: Any, region: Region) -> np.ndarray:
+    """A zero buffer for `region` of `array` (leading channel axes kept)."""
+    shape = tuple(s.stop - s.start for s in region)
+    return np.zeros((*array.shape[:-2], *shape), dtype=array.dtype)
+
+
+def is_local_path(output: Any) -> bool:
     """A local path (URLs such as s3://... go to zarr/fsspec as stores)."""
     return isinstance(output, (str, os.PathLike)) and "://" not in os.fspath(output)
 
@@ -141,14 +146,14 @@ class ZarrSink:
         else:
             self.check_output(output, overwrite)
             target = output
-            if _is_path(output):
+            if is_local_path(output):
                 self._final = Path(output)
                 for stale in self._final.parent.glob(f".{self._final.name}.*.tmp"):
                     _remove(stale)  # left by an overwrite run that was killed
                 if self._final.exists():
                     target = self._final.with_name(f".{self._final.name}.{uuid.uuid4().hex[:8]}.tmp")
                 self._path = Path(target)
-            mode = "w" if overwrite and not _is_path(output) else "w-"
+            mode = "w" if overwrite and not is_local_path(output) else "w-"
             self.group = zarr.open_group(target, mode=mode, zarr_format=3)
             # The OME metadata is written last, in close(): until then the group is not an
             # image, so a run killed midway never leaves something that looks complete.
@@ -225,7 +230,7 @@ class ZarrSink:
         For zarr stores and URLs (not local paths) `overwrite=True` clears the
         store when the run starts: there is no sibling to write beside.
         """
-        if not _is_path(output):
+        if not is_local_path(output):
             if not overwrite and _store_has_group(output):
                 raise OutputExistsError(
                     f"output store {output!r} already holds a zarr group; pass overwrite=True "
@@ -244,8 +249,7 @@ class ZarrSink:
             raise UsageError(f"output folder {str(path.parent)!r} is not writable; choose another place")
 
     def buffer(self, region: Region) -> np.ndarray:
-        shape = tuple(s.stop - s.start for s in region)
-        return np.zeros((*self.array.shape[:-2], *shape), dtype=self.array.dtype)
+        return _zeros_like_region(self.array, region)
 
     def commit(self, region: Region, buffer: np.ndarray, block: Optional[int] = None,
                failed: Optional[list] = None) -> None:
