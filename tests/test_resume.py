@@ -77,7 +77,7 @@ def test_sigkilled_run_resumes_to_the_identical_output_recomputing_only_the_rest
     assert job.resume and len(job.done_blocks) == done_before
     computed = []
     original = job.tiler.batch
-    job.tiler.batch = lambda indices, allocate=None: computed.extend(indices) or original(indices, allocate)
+    job.tiler.batch = lambda indices, *a, **k: computed.extend(indices) or original(indices, *a, **k)
     job.run(progress=False)
     assert len(computed) == blocks - done_before  # one tile per block here
     np.testing.assert_array_equal(zarr.open_array(out / "0")[:], zarr.open_array(reference / "0")[:])

@@ -125,19 +125,37 @@ class Job:
         return self.tiler.plan
 
     @property
+    def _on_cpu(self) -> bool:
+        return all(d.type == "cpu" for d in self.devices)
+
+    @property
     def readers(self) -> int:
-        """Reader (and writer) threads: one on CPU, where the cores belong to the
-        network; on GPUs enough to decode and gather several batches at once."""
-        if all(d.type == "cpu" for d in self.devices):
+        """Reader threads: one on CPU, where the cores belong to the network; on
+        GPUs every core but one per device thread, to decode and gather for them."""
+        if self._on_cpu:
             return 1
-        return max(2, min(os.cpu_count() or 2, 4 * len(self.devices)))
+        return max(2, (os.cpu_count() or 2) - len(self.devices))
+
+    @property
+    def writers(self) -> int:
+        """Threads that compress and write finished blocks: one on CPU; on GPUs
+        half the cores (writing costs about a third of reading per pixel)."""
+        return 1 if self._on_cpu else max(2, (os.cpu_count() or 2) // 2)
+
+    @property
+    def raw_inputs(self) -> bool:
+        """Whether batches travel in the source's 1-byte dtype and are normalized on the
+        device: on GPUs, where it saves 3/4 of the host work and the bus traffic."""
+        dtype = self.tiler.input_dtype
+        return not any(d.type == "cpu" for d in self.devices) and dtype.itemsize == 1 and dtype.kind in "ui"
 
     def executors(self) -> list[Executor]:
         """One executor per device, each with its own copy of the model on it."""
+        affine = (self.tiler.scale, self.tiler.offset) if self.raw_inputs else None
         return [
             Executor(self.model, device, precision=self.precision, mode=self.mode,
                      geometry=self.plan.geometry, tile_size=self.plan.tile_size,
-                     compile=self.compile, memory_budget=self.memory_budget)
+                     compile=self.compile, memory_budget=self.memory_budget, input_affine=affine)
             for device in self.devices
         ]
 
@@ -159,7 +177,7 @@ class Job:
             todo = None if todo.all() else np.flatnonzero(todo)
             with Stitcher(
                 tiler.plan, self.output, self.mode, overwrite=self.overwrite,
-                pixel_size=tiler.source.pixel_size, writers=self.readers,
+                pixel_size=tiler.source.pixel_size, writers=self.writers,
                 num_classes=self.num_classes,
                 record=self.record, resume=self.resume, done_blocks=self.done_blocks,
             ) as stitcher:
@@ -167,6 +185,7 @@ class Job:
                     batches = tiler.batches(
                         self.batch_size, tiles=todo, prefetch=2 * len(executors),
                         workers=self.readers, allocate=executors[0].host_buffer,
+                        normalize=not self.raw_inputs,
                     )
                     run_pipeline(batches, executors, stitcher, bar.update, skipped=skipped)
             stats = RunStats(

@@ -154,6 +154,11 @@ class Executor:
     reduce_on_device : bool, optional
         Crop and reduce on the device (default: on CUDA only; on CPU the
         stitcher's single-pass kernels are cheaper).
+    input_affine : (scale, offset), optional
+        Per-channel ``input = pixel * scale + offset`` applied on the device to
+        batches that arrive unnormalized in their source dtype (uint8 slides:
+        a quarter of the host work and bus traffic of float32); float32
+        batches then must be unnormalized too.
     """
 
     def __init__(
@@ -170,6 +175,7 @@ class Executor:
         max_batch: Optional[int] = None,
         memory_budget: Optional[int] = None,
         reduce_on_device: Optional[bool] = None,
+        input_affine: Optional[tuple[np.ndarray, np.ndarray]] = None,
     ) -> None:
         self.device = resolve_device(device)
         if precision not in PRECISIONS:
@@ -206,14 +212,24 @@ class Executor:
                 model, model_in_channels(model) or 1, geometry.input_size(tile_size)
             )
         self._copy_stream = torch.cuda.Stream(self.device) if cuda else None
+        self._affine = None
+        if input_affine is not None:
+            scale, offset = (torch.as_tensor(np.asarray(v, np.float32), device=self.device).view(1, -1, 1, 1)
+                             for v in input_affine)
+            self._affine = (scale, offset)
 
     # -- memory ----------------------------------------------------------------------
 
-    def host_buffer(self, shape: tuple[int, ...]) -> np.ndarray:
-        """A float32 host array to gather a batch into (pinned on CUDA for async copies)."""
+    def host_buffer(self, shape: tuple[int, ...], dtype: np.dtype = np.float32) -> np.ndarray:
+        """A host array to gather a batch into: pinned on CUDA, for asynchronous copies.
+
+        torch's caching host allocator hands the pinned blocks of finished
+        batches out again, so pinning costs once per buffer size, not per batch.
+        """
         if self.device.type == "cuda":
-            return torch.empty(shape, dtype=torch.float32, pin_memory=True).numpy()
-        return np.empty(shape, dtype=np.float32)
+            dt = torch.from_numpy(np.empty(0, dtype)).dtype
+            return torch.empty(shape, dtype=dt, pin_memory=True).numpy()
+        return np.empty(shape, dtype=dtype)
 
     def _fits(self, n: int) -> bool:
         if self.max_batch is not None and n > self.max_batch:
@@ -287,7 +303,7 @@ class Executor:
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         if self._copy_stream is None:
-            return x.contiguous(memory_format=fmt) if self.channels_last else x
+            return self._normalize(x).contiguous(memory_format=fmt) if self.channels_last else self._normalize(x)
         if not x.is_pinned():
             x = x.pin_memory()
         # The upload runs on its own stream so it overlaps the previous batch's compute
@@ -299,7 +315,14 @@ class Executor:
         compute = torch.cuda.current_stream(self.device)
         compute.wait_stream(self._copy_stream)
         x_dev.record_stream(compute)
-        return x_dev.contiguous(memory_format=fmt)
+        return self._normalize(x_dev).contiguous(memory_format=fmt)
+
+    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Source pixels -> float32 network input, where the batch came unnormalized."""
+        if self._affine is None:
+            return x
+        scale, offset = self._affine
+        return torch.addcmul(offset, x.to(torch.float32), scale)
 
     def _reduced_to_host(self, y: torch.Tensor) -> Output:
         r = self._reduce

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -11,13 +12,14 @@ import numpy as np
 
 from .errors import TileReadError, UsageError
 from .geometry import Geometry, PairLike
-from .io.mirror import gather, normalization_affine, pad_indices
+from .io.chunks import DEFAULT_CACHE_BYTES, ChunkCache
+from .io.mirror import gather, gather_raw, normalization_affine, pad_indices
 from .io.sources import ImageLike, ImageSource, open_image
 from .plan import TilePlan
 
 __all__ = ["Tiler", "Batch"]
 
-Allocator = Callable[[tuple], np.ndarray]
+Allocator = Callable[[tuple, np.dtype], np.ndarray]
 
 
 @dataclass(frozen=True, eq=False)
@@ -68,6 +70,9 @@ class Tiler:
     on_error : {"raise", "skip"}
         What a tile that cannot be read (a corrupt JPEG tile in a slide) does:
         stop the run with its position, or be listed in `Batch.failed`.
+    cache_bytes : int
+        Bound on the decoded source chunks `batches` keeps for the tiles still
+        to come (see `ChunkCache`).
 
     Examples
     --------
@@ -92,10 +97,15 @@ class Tiler:
         axes: Optional[str] = None,
         level: int = 0,
         on_error: str = "raise",
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
     ) -> None:
         if on_error not in ("raise", "skip"):
             raise UsageError(f"on_error {on_error!r} is unknown; use 'raise' or 'skip'")
         self.on_error = on_error
+        self.cache_bytes = int(cache_bytes)
+        #: The chunk cache of the latest `batches` call (its ``decoded`` count
+        #: shows how much was decoded), or None.
+        self.last_cache: Optional[ChunkCache] = None
         self.source: ImageSource = open_image(image, axes=axes, level=level)
         self.geometry = Geometry.of(geometry)
         self.plan = TilePlan.build(self.source.shape, self.geometry, tile_size, chunk_size)
@@ -105,32 +115,81 @@ class Tiler:
             self.source.dtype, self.source.channels, normalization
         )
 
-    def read(self, index: int, out: Optional[np.ndarray] = None) -> np.ndarray:
-        """Return the network input of tile `index`, shape ``(C, h_in, w_in)`` float32."""
-        n_in = self.plan.input_size
-        oy, ox = (int(v) - h for v, h in zip(self.plan.origins[index], self.geometry.halo))
-        iy = pad_indices(oy, n_in[0], self.plan.shape[0], self.padding)
-        ix = pad_indices(ox, n_in[1], self.plan.shape[1], self.padding)
-        # Read only the bounding box of the source pixels the (mirrored) input uses.
-        (y0, y1), (x0, x1) = _span(iy), _span(ix)
-        region = self.source.read(y0, y1, x0, x1)
-        if out is None:
-            out = np.empty((self.source.channels, *n_in), dtype=np.float32)
-        return gather(region, _shift(iy, y0), _shift(ix, x0), self.scale, self.offset, out)
+    def _spans(self, origins: np.ndarray) -> tuple[dict, dict]:
+        """Per origin coordinate, the source indices of the padded input and their span.
 
-    def batch(self, indices: Sequence[int], allocate: Optional[Allocator] = None) -> Batch:
+        The y and x axes are independent, so each distinct tile row and column
+        is worked out once, however many tiles share it.
+        """
+        n_in, halo, shape = self.plan.input_size, self.geometry.halo, self.plan.shape
+        axes = []
+        for axis in range(2):
+            table = {}
+            for o in np.unique(origins[:, axis]).tolist():
+                idx = pad_indices(int(o) - halo[axis], n_in[axis], shape[axis], self.padding)
+                start, stop = _span(idx)
+                table[o] = (_shift(idx, start), start, stop)
+            axes.append(table)
+        return axes[0], axes[1]
+
+    def read(self, index: int, out: Optional[np.ndarray] = None, *, normalize: bool = True) -> np.ndarray:
+        """Return the network input of tile `index`, shape ``(C, h_in, w_in)``.
+
+        float32 and normalized by default; with ``normalize=False`` the source
+        pixels themselves (mirrored, in `input_dtype`), for a consumer that
+        applies ``pixel * scale + offset`` itself (on the GPU, say).
+        """
+        rows, cols = self._spans(self.plan.origins[index : index + 1])
+        return self._read(index, rows, cols, None, out, normalize)
+
+    def _read(self, index, rows, cols, cache, out, normalize) -> np.ndarray:
+        oy, ox = (int(v) for v in self.plan.origins[index])
+        (iy, y0, y1), (ix, x0, x1) = rows[oy], cols[ox]
+        # Only the bounding box of the source pixels the (mirrored) input uses.
+        if cache is None:
+            region = self.source.read(y0, y1, x0, x1)
+        else:
+            buffer = _scratch((y1 - y0, x1 - x0, self.source.channels), self.source.dtype)
+            try:
+                region = cache.read(y0, y1, x0, x1, out=buffer)
+            finally:
+                cache.release(y0, y1, x0, x1)
+        if out is None:
+            shape = (self.source.channels, *self.plan.input_size)
+            out = np.empty(shape, np.float32 if normalize else self.input_dtype)
+        if normalize:
+            return gather(region, iy, ix, self.scale, self.offset, out)
+        return gather_raw(region, iy, ix, out)
+
+    @property
+    def input_dtype(self) -> np.dtype:
+        """Dtype of unnormalized inputs (``normalize=False``): the source's own, except
+        bool (as uint8) and float16 (as float32)."""
+        dtype = self.source.dtype
+        return np.dtype(np.uint8 if dtype == np.bool_ else np.float32 if dtype == np.float16 else dtype)
+
+    def batch(
+        self,
+        indices: Sequence[int],
+        allocate: Optional[Allocator] = None,
+        *,
+        normalize: bool = True,
+        _state: Optional[tuple] = None,
+    ) -> Batch:
         """Read the tiles `indices` into one `Batch`.
 
-        `allocate(shape)` may supply the float32 array to fill (e.g. pinned
-        memory for asynchronous device copies).
+        `allocate(shape, dtype)` may supply the array to fill (e.g. pinned
+        memory for asynchronous device copies). `normalize` as in `read`.
         """
         indices = np.asarray(indices, dtype=np.int64)
+        rows, cols, cache = _state if _state is not None else (*self._spans(self.plan.origins[indices]), None)
         shape = (len(indices), self.source.channels, *self.plan.input_size)
-        data = np.empty(shape, np.float32) if allocate is None else allocate(shape)
+        dtype = np.dtype(np.float32) if normalize else self.input_dtype
+        data = np.empty(shape, dtype) if allocate is None else allocate(shape, dtype)
         failed = []
         for k, index in enumerate(indices):
             try:
-                self.read(int(index), out=data[k])
+                self._read(int(index), rows, cols, cache, data[k], normalize)
             except Exception as exc:
                 oy, ox = (int(v) for v in self.plan.origins[index])
                 if self.on_error == "raise":
@@ -143,6 +202,17 @@ class Tiler:
                 failed.append(int(index))
         return Batch(indices, data, np.asarray(failed, np.int64))
 
+    def chunk_cache(self, tiles: Optional[Sequence[int]] = None) -> Optional[ChunkCache]:
+        """A cache that decodes each stored chunk once for reading `tiles` (default: all),
+        or None for sources held in memory."""
+        if self.source.chunk_shape is None:
+            return None
+        order = np.arange(self.plan.n_tiles) if tiles is None else np.asarray(tiles, np.int64)
+        rows, cols = self._spans(self.plan.origins[order])
+        spans = np.array([(*rows[int(oy)][1:], *cols[int(ox)][1:]) for oy, ox in self.plan.origins[order]],
+                         np.int64).reshape(-1, 4)
+        return ChunkCache(self.source, spans, self.cache_bytes)
+
     def batches(
         self,
         batch_size: int = 1,
@@ -151,6 +221,7 @@ class Tiler:
         prefetch: int = 2,
         workers: int = 2,
         allocate: Optional[Allocator] = None,
+        normalize: bool = True,
     ) -> Iterator[Batch]:
         """Yield batches of tile inputs in plan order, reading ahead in threads.
 
@@ -167,20 +238,34 @@ class Tiler:
             Reader threads (0 reads in the calling thread). Decoding and the
             gather kernel release the GIL.
         allocate : callable, optional
-            ``allocate(shape) -> float32 array`` for each batch's data.
+            ``allocate(shape, dtype) -> array`` for each batch's data.
+        normalize : bool
+            float32 normalized inputs (default), or the source pixels (see `read`).
+
+        Notes
+        -----
+        Stored chunks (TIFF tiles, zarr chunks) that several tile inputs
+        overlap are decoded once and shared (`ChunkCache`), so the halo does
+        not multiply decoding work.
         """
         if int(batch_size) < 1:
             raise UsageError(f"batch_size {batch_size} must be at least 1")
         order = np.arange(self.plan.n_tiles) if tiles is None else np.asarray(tiles, np.int64)
+        state = (*self._spans(self.plan.origins[order]), self.chunk_cache(order))
+        self.last_cache = state[2]
         groups = (order[i : i + int(batch_size)] for i in range(0, len(order), int(batch_size)))
+
+        def read(group):
+            return self.batch(group, allocate, normalize=normalize, _state=state)
+
         if workers <= 0:
-            yield from (self.batch(g, allocate) for g in groups)
+            yield from (read(g) for g in groups)
             return
         pool = ThreadPoolExecutor(workers, thread_name_prefix="tilesegment-read")
         pending: deque = deque()
         try:
             for group in groups:
-                pending.append(pool.submit(self.batch, group, allocate))
+                pending.append(pool.submit(read, group))
                 if len(pending) > prefetch:
                     yield pending.popleft().result()
             while pending:
@@ -210,3 +295,16 @@ def _span(indices: np.ndarray) -> tuple[int, int]:
 
 def _shift(indices: np.ndarray, start: int) -> np.ndarray:
     return np.where(indices >= 0, indices - start, -1)
+
+
+_local = threading.local()
+
+
+def _scratch(shape: tuple, dtype: np.dtype) -> np.ndarray:
+    """A per-thread buffer for a tile's source region, reused while its size allows,
+    so each tile does not fault in fresh pages."""
+    size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    buf = getattr(_local, "buffer", None)
+    if buf is None or buf.nbytes < size:
+        buf = _local.buffer = np.empty(size, np.uint8)
+    return buf[:size].view(dtype).reshape(shape)

@@ -9,7 +9,7 @@ import numpy as np
 
 from ..errors import UsageError
 
-__all__ = ["PADDING_MODES", "pad_indices", "normalization_affine", "gather"]
+__all__ = ["PADDING_MODES", "pad_indices", "normalization_affine", "gather", "gather_raw"]
 
 #: Padding modes, named as in ``numpy.pad``.
 PADDING_MODES = ("reflect", "symmetric", "edge", "constant")
@@ -99,4 +99,32 @@ def gather(
     if region.dtype == np.bool_:
         region = region.view(np.uint8)
     _gather(region, iy, ix, scale, offset, out)
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _gather_raw(region, iy, ix, out):  # pragma: no cover - compiled
+    channels = out.shape[0]
+    for i in range(iy.shape[0]):
+        y = iy[i]
+        for c in range(channels):
+            if y < 0:
+                out[c, i, :] = 0
+                continue
+            row = region[y]
+            for j in range(ix.shape[0]):
+                x = ix[j]
+                out[c, i, j] = row[x, c] if x >= 0 else 0
+
+
+def gather_raw(region: np.ndarray, iy: np.ndarray, ix: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Fill ``out[c, i, j] = region[iy[i], ix[j], c]`` in the source dtype (index -1: zero).
+
+    The unnormalized twin of `gather`, for consumers that convert and
+    normalize on the device: a uint8 batch is a quarter of the float32 one
+    to fill, pin and copy.
+    """
+    if region.dtype == np.bool_:
+        region = region.view(np.uint8)
+    _gather_raw(region, iy, ix, out)
     return out

@@ -50,6 +50,11 @@ class ResampledSource:
         return self.base.channels
 
     @property
+    def chunk_shape(self) -> None:
+        """None: resampled pixels are computed per region, not stored in chunks."""
+        return None
+
+    @property
     def dtype(self) -> np.dtype:
         return self.base.dtype
 
