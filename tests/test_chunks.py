@@ -56,10 +56,10 @@ def touched_chunks(tiler, tiles, chunk) -> set:
     chunk=st.tuples(st.integers(3, 40), st.integers(3, 40)),
     halo=st.integers(0, 30), step=st.sampled_from([1, 4, 8]), tiles_per=st.integers(1, 4),
     padding=st.sampled_from(PADDING_MODES), batch=st.integers(1, 3), workers=st.integers(0, 2),
-    subset=st.integers(0, 2**16), normalize=st.booleans(),
+    subset=st.integers(0, 2**16), normalize=st.booleans(), channels_last=st.booleans(),
 )
 def test_cached_batches_equal_per_tile_reads_and_decode_each_needed_chunk_once(
-    ny, nx, chunk, halo, step, tiles_per, padding, batch, workers, subset, normalize
+    ny, nx, chunk, halo, step, tiles_per, padding, batch, workers, subset, normalize, channels_last
 ):
     rng = np.random.default_rng(ny * 1000 + nx)
     image = rng.integers(0, 256, (ny, nx, 2), dtype=np.uint8)
@@ -70,7 +70,9 @@ def test_cached_batches_equal_per_tile_reads_and_decode_each_needed_chunk_once(
     tiles = np.flatnonzero(keep) if keep.any() else np.arange(tiler.plan.n_tiles)
 
     seen = []
-    for b in tiler.batches(batch, tiles=tiles, workers=workers, normalize=normalize):
+    for b in tiler.batches(batch, tiles=tiles, workers=workers, normalize=normalize,
+                           channels_last=channels_last):
+        assert b.data.transpose(0, 2, 3, 1).flags.c_contiguous or not channels_last
         for k, index in enumerate(b.indices):
             expected = tiler.read(int(index), normalize=normalize)
             np.testing.assert_array_equal(b.data[k], expected)

@@ -185,7 +185,7 @@ class Job:
                     batches = tiler.batches(
                         self.batch_size, tiles=todo, prefetch=2 * len(executors),
                         workers=self.readers, allocate=executors[0].host_buffer,
-                        normalize=not self.raw_inputs,
+                        normalize=not self.raw_inputs, channels_last=executors[0].channels_last,
                     )
                     run_pipeline(batches, executors, stitcher, bar.update, skipped=skipped)
             stats = RunStats(
@@ -250,7 +250,7 @@ def prepare(
     if int(batch_size) < 1:
         raise UsageError(f"batch_size {batch_size} must be at least 1")
     mask = load_mask(tissue_mask, source)
-    compute = None if mask is None else tiler.plan.tiles_touching(mask)
+    compute = None if mask is None else tiler.plan.tiles_touching(mask, margin=0)
     num_classes = model_out_channels(model, geometry)
     record, done = None, None
     if output is not None and is_local_path(output):

@@ -177,20 +177,22 @@ class TilePlan:
         """Block index of every tile, in plan order."""
         return np.repeat(np.arange(self.n_blocks), np.diff(self.block_tiles))
 
-    def tiles_touching(self, mask: np.ndarray) -> np.ndarray:
-        """Which tiles' network inputs overlap a True pixel of `mask`.
+    def tiles_touching(self, mask: np.ndarray, margin: Optional[PairLike] = None) -> np.ndarray:
+        """Which tiles overlap a True pixel of `mask` within `margin` pixels of their own area.
 
-        `mask` covers the whole image at any resolution (scaled by shape);
-        an input region counts from ``origin - halo`` over ``input_size``,
-        clipped to the image (mirrored pixels are image pixels near the edge).
+        `mask` covers the whole image at any resolution (scaled by shape).
+        A tile's area is ``[origin - margin, origin + tile_size + margin)``,
+        clipped to the image. The default margin is the halo: the tile's
+        whole network input (mirrored pixels are image pixels near the edge).
+        ``margin=0`` asks whether the tile's own pixels touch the mask.
         """
         mask = np.asarray(mask, dtype=bool)
         (my, mx), (ny, nx) = mask.shape, self.shape
         table = np.zeros((my + 1, mx + 1), np.int64)
         table[1:, 1:] = mask.cumsum(0).cumsum(1)
-        n_in = self.input_size
-        start = self.origins - np.asarray(self.geometry.halo)
-        stop = start + np.asarray(n_in)
+        margin = np.asarray(self.geometry.halo if margin is None else as_pair(margin, "margin"))
+        start = self.origins - margin
+        stop = self.origins + np.asarray(self.tile_size) + margin
         y0 = np.clip(np.floor(np.clip(start[:, 0], 0, ny) * my / ny), 0, my - 1).astype(np.int64)
         x0 = np.clip(np.floor(np.clip(start[:, 1], 0, nx) * mx / nx), 0, mx - 1).astype(np.int64)
         y1 = np.clip(np.ceil(np.clip(stop[:, 0], 0, ny) * my / ny), y0 + 1, my).astype(np.int64)

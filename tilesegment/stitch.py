@@ -19,48 +19,68 @@ __all__ = ["Stitcher", "MODES"]
 MODES = ("labels", "probabilities", "logits")
 
 
+# Each kernel returns whether every value it read was finite: checking in the
+# same pass costs nothing, where a separate np.isfinite pass over a strided
+# window allocates and copies as much again. ``v - v == 0`` is False exactly
+# for NaN and +-Inf, and always True for integers.
+
+
 @numba.njit(cache=True, nogil=True)
 def _crop_copy(out, cy, cx, h, w, dest, dy, dx):  # pragma: no cover - compiled
+    finite = True
     for k in range(out.shape[0]):
         for i in range(h):
             for j in range(w):
-                dest[k, dy + i, dx + j] = out[k, cy + i, cx + j]
+                v = out[k, cy + i, cx + j]
+                finite &= (v - v) == 0
+                dest[k, dy + i, dx + j] = v
+    return finite
 
 
 @numba.njit(cache=True, nogil=True)
 def _crop_labels(out, cy, cx, h, w, dest, dy, dx):  # pragma: no cover - compiled
     classes = out.shape[0]
+    finite = True
     for i in range(h):
         for j in range(w):
-            if classes == 1:
-                dest[dy + i, dx + j] = 1 if out[0, cy + i, cx + j] > 0 else 0
-                continue
             best, arg = out[0, cy + i, cx + j], 0
+            finite &= (best - best) == 0
+            if classes == 1:
+                dest[dy + i, dx + j] = 1 if best > 0 else 0
+                continue
             for k in range(1, classes):
                 v = out[k, cy + i, cx + j]
+                finite &= (v - v) == 0
                 if v > best:  # first maximum wins, as numpy.argmax
                     best, arg = v, k
             dest[dy + i, dx + j] = arg
+    return finite
 
 
 @numba.njit(cache=True, nogil=True)
 def _crop_probabilities(out, cy, cx, h, w, dest, dy, dx):  # pragma: no cover - compiled
     classes = out.shape[0]
+    finite = True
     for i in range(h):
         for j in range(w):
             if classes == 1:
-                p = 1.0 / (1.0 + math.exp(-float(out[0, cy + i, cx + j])))
+                v = out[0, cy + i, cx + j]
+                finite &= (v - v) == 0
+                p = 1.0 / (1.0 + math.exp(-float(v)))
                 dest[0, dy + i, dx + j] = np.uint8(math.floor(p * 255.0 + 0.5))
                 continue
             top = out[0, cy + i, cx + j]
-            for k in range(1, classes):
-                top = max(top, out[k, cy + i, cx + j])
+            for k in range(classes):
+                v = out[k, cy + i, cx + j]
+                finite &= (v - v) == 0
+                top = max(top, v)
             total = 0.0
             for k in range(classes):
                 total += math.exp(float(out[k, cy + i, cx + j] - top))
             for k in range(classes):
                 p = math.exp(float(out[k, cy + i, cx + j] - top)) / total
                 dest[k, dy + i, dx + j] = np.uint8(math.floor(p * 255.0 + 0.5))
+    return finite
 
 
 _KERNELS = {"labels": _crop_labels, "probabilities": _crop_probabilities, "logits": _crop_copy}
@@ -197,15 +217,11 @@ class Stitcher:
             self._open(outputs.shape[1])
         kernel = _crop_copy if reduced else _KERNELS[self.mode]
         crop = (0, 0) if reduced else self.plan.geometry.crop
-        if not reduced and outputs.dtype.kind == "f":
-            window = outputs[:, :, crop[0] : crop[0] + self.plan.tile_size[0], crop[1] : crop[1] + self.plan.tile_size[1]]
-            finite = np.isfinite(window).reshape(len(indices), -1).all(1)
-            if not finite.all():
-                self.raise_nonfinite(int(indices[~finite][0]))
         for index, out in zip(indices, outputs):
             buffer, dy, dx, h, w = self._target(int(index))
             dest = buffer[None] if buffer.ndim == 2 and reduced else buffer
-            kernel(out, crop[0], crop[1], h, w, dest, dy, dx)
+            if not kernel(out, crop[0], crop[1], h, w, dest, dy, dx):
+                self.raise_nonfinite(int(index))
             self._tile_done(int(index))
 
     def raise_nonfinite(self, index: int) -> None:

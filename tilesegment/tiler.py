@@ -174,18 +174,24 @@ class Tiler:
         allocate: Optional[Allocator] = None,
         *,
         normalize: bool = True,
+        channels_last: bool = False,
         _state: Optional[tuple] = None,
     ) -> Batch:
         """Read the tiles `indices` into one `Batch`.
 
         `allocate(shape, dtype)` may supply the array to fill (e.g. pinned
-        memory for asynchronous device copies). `normalize` as in `read`.
+        memory for asynchronous device copies). `normalize` as in `read`;
+        `channels_last` as in `batches`.
         """
         indices = np.asarray(indices, dtype=np.int64)
         rows, cols, cache = _state if _state is not None else (*self._spans(self.plan.origins[indices]), None)
-        shape = (len(indices), self.source.channels, *self.plan.input_size)
+        (n, c), (h, w) = (len(indices), self.source.channels), self.plan.input_size
         dtype = np.dtype(np.float32) if normalize else self.input_dtype
-        data = np.empty(shape, dtype) if allocate is None else allocate(shape, dtype)
+        allocate = allocate or np.empty
+        if channels_last:
+            data = allocate((n, h, w, c), dtype).transpose(0, 3, 1, 2)
+        else:
+            data = allocate((n, c, h, w), dtype)
         failed = []
         for k, index in enumerate(indices):
             try:
@@ -222,6 +228,7 @@ class Tiler:
         workers: int = 2,
         allocate: Optional[Allocator] = None,
         normalize: bool = True,
+        channels_last: bool = False,
     ) -> Iterator[Batch]:
         """Yield batches of tile inputs in plan order, reading ahead in threads.
 
@@ -241,6 +248,10 @@ class Tiler:
             ``allocate(shape, dtype) -> array`` for each batch's data.
         normalize : bool
             float32 normalized inputs (default), or the source pixels (see `read`).
+        channels_last : bool
+            Lay each batch out in memory as ``(N, h, w, C)`` while `Batch.data`
+            keeps its ``(N, C, h, w)`` shape (a transposed view): the layout
+            channels-last networks run on, so the executor need not copy.
 
         Notes
         -----
@@ -256,7 +267,7 @@ class Tiler:
         groups = (order[i : i + int(batch_size)] for i in range(0, len(order), int(batch_size)))
 
         def read(group):
-            return self.batch(group, allocate, normalize=normalize, _state=state)
+            return self.batch(group, allocate, normalize=normalize, channels_last=channels_last, _state=state)
 
         if workers <= 0:
             yield from (read(g) for g in groups)

@@ -112,6 +112,8 @@ class ChunkCache:
         return chunk
 
     def _evict_over_budget(self, keep: tuple[int, int]) -> None:
+        if self._bytes <= self.max_bytes:
+            return
         for key in list(self._chunks):
             if self._bytes <= self.max_bytes:
                 return

@@ -65,7 +65,7 @@ def normalization_affine(
 
 
 @numba.njit(cache=True, nogil=True)
-def _gather(region, iy, ix, scale, offset, out):  # pragma: no cover - compiled
+def _gather_chw(region, iy, ix, scale, offset, normalize, out):  # pragma: no cover - compiled
     # Row by row, channel by channel: each output row is written contiguously
     # (twice as fast as the pixel-major order for RGB tiles).
     channels = out.shape[0]
@@ -73,13 +73,48 @@ def _gather(region, iy, ix, scale, offset, out):  # pragma: no cover - compiled
         y = iy[i]
         for c in range(channels):
             sc, of = scale[c], offset[c]
+            fill = of if normalize else 0
             if y < 0:
-                out[c, i, :] = of
+                out[c, i, :] = fill
                 continue
             row = region[y]
             for j in range(ix.shape[0]):
                 x = ix[j]
-                out[c, i, j] = np.float32(row[x, c]) * sc + of if x >= 0 else of
+                if x < 0:
+                    out[c, i, j] = fill
+                elif normalize:
+                    out[c, i, j] = np.float32(row[x, c]) * sc + of
+                else:
+                    out[c, i, j] = row[x, c]
+
+
+@numba.njit(cache=True, nogil=True)
+def _gather_hwc(region, iy, ix, scale, offset, normalize, out):  # pragma: no cover - compiled
+    # Channels-last output: pixel by pixel, its channels side by side, as the
+    # source region stores them; both sides are read and written in order.
+    channels = out.shape[2]
+    for i in range(iy.shape[0]):
+        y = iy[i]
+        for j in range(ix.shape[0]):
+            x = ix[j]
+            for c in range(channels):
+                if y < 0 or x < 0:
+                    out[i, j, c] = offset[c] if normalize else 0
+                elif normalize:
+                    out[i, j, c] = np.float32(region[y, x, c]) * scale[c] + offset[c]
+                else:
+                    out[i, j, c] = region[y, x, c]
+
+
+def _gather(region, iy, ix, scale, offset, normalize, out) -> np.ndarray:
+    if region.dtype == np.bool_:
+        region = region.view(np.uint8)
+    hwc = out.transpose(1, 2, 0)
+    if hwc.flags.c_contiguous and out.shape[0] > 1:  # a channels-last batch
+        _gather_hwc(region, iy, ix, scale, offset, normalize, hwc)
+    else:
+        _gather_chw(region, iy, ix, scale, offset, normalize, out)
+    return out
 
 
 def gather(
@@ -93,28 +128,11 @@ def gather(
     """Fill ``out[c, i, j] = region[iy[i], ix[j], c] * scale[c] + offset[c]``.
 
     `region` is ``(Y, X, C)`` in any dtype and strides; `out` is a float32
-    ``(C, len(iy), len(ix))`` array. Index -1 means "outside" (zero before
+    ``(C, len(iy), len(ix))`` array, C-contiguous or a channels-last view
+    (``hwc.transpose(2, 0, 1)``). Index -1 means "outside" (zero before
     normalization). One pass converts, mirrors and normalizes.
     """
-    if region.dtype == np.bool_:
-        region = region.view(np.uint8)
-    _gather(region, iy, ix, scale, offset, out)
-    return out
-
-
-@numba.njit(cache=True, nogil=True)
-def _gather_raw(region, iy, ix, out):  # pragma: no cover - compiled
-    channels = out.shape[0]
-    for i in range(iy.shape[0]):
-        y = iy[i]
-        for c in range(channels):
-            if y < 0:
-                out[c, i, :] = 0
-                continue
-            row = region[y]
-            for j in range(ix.shape[0]):
-                x = ix[j]
-                out[c, i, j] = row[x, c] if x >= 0 else 0
+    return _gather(region, iy, ix, scale, offset, True, out)
 
 
 def gather_raw(region: np.ndarray, iy: np.ndarray, ix: np.ndarray, out: np.ndarray) -> np.ndarray:
@@ -124,7 +142,5 @@ def gather_raw(region: np.ndarray, iy: np.ndarray, ix: np.ndarray, out: np.ndarr
     normalize on the device: a uint8 batch is a quarter of the float32 one
     to fill, pin and copy.
     """
-    if region.dtype == np.bool_:
-        region = region.view(np.uint8)
-    _gather_raw(region, iy, ix, out)
-    return out
+    unit = np.zeros(out.shape[0], np.float32)
+    return _gather(region, iy, ix, unit, unit, False, out)

@@ -177,6 +177,9 @@ class ZarrSink:
             fill_value=0,
             compressors=BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"),
             dimension_names=self._names,
+            # Every chunk is written once, whole: checking each for "all fill value" first
+            # (zarr's default) costs a full pass over it, and an empty chunk compresses to bytes.
+            config={"write_empty_chunks": True},
         )
 
     def _metadata(self, n_levels: int) -> dict:

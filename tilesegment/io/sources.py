@@ -61,6 +61,8 @@ class ImageSource:
     _open_level: Optional[Callable[[int], Any]] = field(default=None, repr=False)
     _resources: tuple = field(default=(), repr=False)
     _decode_chunk: Optional[Callable[[int, int], np.ndarray]] = field(default=None, repr=False)
+    #: Other small pictures of the whole image (an SVS thumbnail): ((Y, X), open) pairs.
+    _thumbnails: tuple = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
         axes = self.axes.upper()
@@ -170,16 +172,21 @@ class ImageSource:
     def overview(self, max_edge: int = 2048) -> np.ndarray:
         """A ``(y, x, C)`` picture of the whole image, at most about `max_edge` pixels a side.
 
-        Reads the smallest pyramid level that is still at least `max_edge`
-        wide (when the file has levels), then keeps every n-th pixel.
+        Reads the smallest stored picture of the whole image that is still at
+        least `max_edge` wide (a pyramid level or a thumbnail, when the file
+        has them; no larger than this image), then keeps every n-th pixel.
+        The cost is that of the picture read, not of the image.
         """
-        source: ImageSource = self
-        if self._open_level is not None and len(self.levels) > 1:
-            fine_enough = [i for i, lv in enumerate(self.levels) if max(lv.shape) >= max_edge]
-            index = fine_enough[-1] if fine_enough else 0
-            if index:
-                source = replace(self, array=self._open_level(index), levels=(), _resources=(),
-                                 _decode_chunk=None)
+        candidates = [(self.shape, lambda: self.array)]
+        if self._open_level is not None:
+            candidates += [(lv.shape, lambda i=i: self._open_level(i)) for i, lv in enumerate(self.levels)]
+        candidates += list(self._thumbnails)
+        candidates = [c for c in candidates if c[0][0] <= self.shape[0] and c[0][1] <= self.shape[1]]
+        fine_enough = [c for c in candidates if max(c[0]) >= max_edge]
+        _, open_picture = min(fine_enough, key=lambda c: c[0][0] * c[0][1]) if fine_enough else max(
+            candidates, key=lambda c: c[0][0] * c[0][1])
+        source = replace(self, array=open_picture(), levels=(), _resources=(), _decode_chunk=None,
+                         _thumbnails=())
         ny, nx = source.shape
         step = max(1, int(np.ceil(max(ny, nx) / max_edge)))
         return source.read(0, ny, 0, nx, step=step)
@@ -340,10 +347,30 @@ def _open_tiff(path: Path, axes: Optional[str], level: int, series: int) -> Imag
             array, axes or chosen.levels[level].axes, levels[level].pixel_size, name=path.name,
             format=_tiff_format(tif), levels=tuple(levels), _open_level=open_level,
             _resources=resources, _decode_chunk=decoder,
+            _thumbnails=_tiff_thumbnails(all_series, chosen, native),
         )
     except Exception:
         tif.close()
         raise
+
+
+def _tiff_thumbnails(all_series, chosen, axes: str) -> tuple:
+    """Other series that picture the whole of `chosen`, smaller (an SVS "Thumbnail"): same
+    axes and channels, same aspect ratio within 2 %. Labels and macro photos differ in aspect."""
+    import zarr
+
+    y, x = axes.index("Y"), axes.index("X")
+    full = chosen.levels[0].shape
+    found = []
+    for other in all_series:
+        shape = other.shape
+        if other is chosen or other.axes != axes or len(other.levels) != 1 or shape[y] >= full[y]:
+            continue
+        if [n for i, n in enumerate(shape) if i not in (y, x)] != [n for i, n in enumerate(full) if i not in (y, x)]:
+            continue
+        if abs(shape[y] / shape[x] - full[y] / full[x]) <= 0.02 * full[y] / full[x]:
+            found.append(((int(shape[y]), int(shape[x])), lambda s=other: zarr.open_array(s.aszarr(), mode="r")))
+    return tuple(found)
 
 
 class _TileDecoder:
