@@ -164,3 +164,14 @@ def test_unnormalized_batches_normalized_by_the_executor_give_the_same_output():
     for a, b in zip(tiler.batches(3), tiler.batches(3, normalize=False)):
         assert b.data.dtype == np.uint8
         np.testing.assert_allclose(raw(b.data).numpy(), plain(a.data).numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [np.bool_, np.float16, np.uint16, np.float64])
+def test_cached_batches_handle_every_source_dtype(dtype):
+    image = (np.random.default_rng(6).random((50, 40, 1)) * 3).astype(dtype)
+    tiler = ts.Tiler(chunked(image, (16, 16)), ts.Geometry(halo=3, step=4), tile_size=16)
+    for normalize in (True, False):
+        for b in tiler.batches(2, normalize=normalize, channels_last=True):
+            assert b.data.dtype == (np.float32 if normalize else tiler.input_dtype)
+            for k, index in enumerate(b.indices):
+                np.testing.assert_array_equal(b.data[k], tiler.read(int(index), normalize=normalize))

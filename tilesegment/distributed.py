@@ -68,8 +68,9 @@ def _compute_blocks(spec: BlockSpec, blocks: list[int], model: Any) -> tuple[lis
         stitcher = Stitcher(plan, mode=spec.mode, num_classes=spec.num_classes, sink=sink,
                             done_blocks=np.flatnonzero(~mine))
         todo, skipped = tiles[compute[tiles]], tiles[~compute[tiles]]
-        batches = tiler.batches(spec.batch_size, tiles=todo, workers=1)
-        run_pipeline(batches, [_worker_executor(model, spec)], stitcher, skipped=skipped)
+        executor = _worker_executor(model, spec)
+        batches = tiler.batches(spec.batch_size, tiles=todo, workers=1, channels_last=executor.channels_last)
+        run_pipeline(batches, [executor], stitcher, skipped=skipped)
         stitcher.close()
     return blocks, stitcher.failed_tiles
 

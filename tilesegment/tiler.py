@@ -149,7 +149,7 @@ class Tiler:
         if cache is None:
             region = self.source.read(y0, y1, x0, x1)
         else:
-            buffer = _scratch((y1 - y0, x1 - x0, self.source.channels), self.source.dtype)
+            buffer = _scratch((y1 - y0, x1 - x0, self.source.channels), self.input_dtype)
             try:
                 region = cache.read(y0, y1, x0, x1, out=buffer)
             finally:
