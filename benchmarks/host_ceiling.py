@@ -13,7 +13,7 @@ tiles, like a slide) and (b) the same pixels as an in-memory uint8 array:
   physical reference;
 - ``read_gather_wN``: `Tiler.batches` with N reader threads (decode + mirror
   + gather into float32 network inputs);
-- ``network_standin``: the executor on ready inputs (channels-last copy, crop);
+- ``network_standin``: the executor on ready channels-last inputs (the crop);
 - ``stitch``: `Stitcher.add` of raw outputs into memory (crop + argmax);
 - ``stitch_write``: the same into a labels OME-Zarr (+ compression, writing,
   pyramid); ``compress_write`` is the difference;
@@ -105,7 +105,7 @@ def main() -> None:
         add("read_gather_w2", "memory", *timed(lambda: sum(len(b) for b in tiler.batches(batch, workers=2))))
 
         executor = Executor(net, "cpu")
-        data = next(tiler.batches(batch)).data
+        data = next(tiler.batches(batch, channels_last=True)).data  # as segment() gathers them
         n_batches = -(-tiler.plan.n_tiles // batch)
         outputs = []
         wall, cpu = timed(lambda: outputs.extend(executor(data).numpy() for _ in range(n_batches)))

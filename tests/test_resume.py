@@ -76,8 +76,8 @@ def test_sigkilled_run_resumes_to_the_identical_output_recomputing_only_the_rest
     job = ts.prepare(slide, "slow:build", out, tile_size=64, chunk_size=64, resume=True)
     assert job.resume and len(job.done_blocks) == done_before
     computed = []
-    original = job.tiler.batch
-    job.tiler.batch = lambda indices, *a, **k: computed.extend(indices) or original(indices, *a, **k)
+    original = job.tiler._read_tile
+    job.tiler._read_tile = lambda index, *a: computed.append(index) or original(index, *a)
     job.run(progress=False)
     assert len(computed) == blocks - done_before  # one tile per block here
     np.testing.assert_array_equal(zarr.open_array(out / "0")[:], zarr.open_array(reference / "0")[:])

@@ -168,6 +168,30 @@ class Tiler:
         dtype = self.source.dtype
         return np.dtype(np.uint8 if dtype == np.bool_ else np.float32 if dtype == np.float16 else dtype)
 
+    def _allocate(self, n: int, allocate: Optional[Allocator], normalize: bool, channels_last: bool):
+        (c, (h, w)) = self.source.channels, self.plan.input_size
+        dtype = np.dtype(np.float32) if normalize else self.input_dtype
+        allocate = allocate or np.empty
+        if channels_last:
+            return allocate((n, h, w, c), dtype).transpose(0, 3, 1, 2)
+        return allocate((n, c, h, w), dtype)
+
+    def _read_tile(self, index: int, out: np.ndarray, rows, cols, cache, normalize: bool) -> bool:
+        """Read tile `index` into `out`; False if it could not be read and is skipped."""
+        try:
+            self._read(index, rows, cols, cache, out, normalize)
+            return True
+        except Exception as exc:
+            oy, ox = (int(v) for v in self.plan.origins[index])
+            if self.on_error == "raise":
+                raise TileReadError(
+                    f"cannot read tile {index} at (y, x) = ({oy}, {ox}) of {self.source.name}: "
+                    f"{type(exc).__name__}: {exc}; the file may be corrupt there "
+                    "(on_error='skip' / --on-error=skip fills such tiles and records them)"
+                ) from exc
+            out[...] = 0
+            return False
+
     def batch(
         self,
         indices: Sequence[int],
@@ -175,38 +199,18 @@ class Tiler:
         *,
         normalize: bool = True,
         channels_last: bool = False,
-        _state: Optional[tuple] = None,
     ) -> Batch:
-        """Read the tiles `indices` into one `Batch`.
+        """Read the tiles `indices` into one `Batch`, in the calling thread.
 
         `allocate(shape, dtype)` may supply the array to fill (e.g. pinned
         memory for asynchronous device copies). `normalize` as in `read`;
         `channels_last` as in `batches`.
         """
         indices = np.asarray(indices, dtype=np.int64)
-        rows, cols, cache = _state if _state is not None else (*self._spans(self.plan.origins[indices]), None)
-        (n, c), (h, w) = (len(indices), self.source.channels), self.plan.input_size
-        dtype = np.dtype(np.float32) if normalize else self.input_dtype
-        allocate = allocate or np.empty
-        if channels_last:
-            data = allocate((n, h, w, c), dtype).transpose(0, 3, 1, 2)
-        else:
-            data = allocate((n, c, h, w), dtype)
-        failed = []
-        for k, index in enumerate(indices):
-            try:
-                self._read(int(index), rows, cols, cache, data[k], normalize)
-            except Exception as exc:
-                oy, ox = (int(v) for v in self.plan.origins[index])
-                if self.on_error == "raise":
-                    raise TileReadError(
-                        f"cannot read tile {int(index)} at (y, x) = ({oy}, {ox}) of {self.source.name}: "
-                        f"{type(exc).__name__}: {exc}; the file may be corrupt there "
-                        "(on_error='skip' / --on-error=skip fills such tiles and records them)"
-                    ) from exc
-                data[k] = 0
-                failed.append(int(index))
-        return Batch(indices, data, np.asarray(failed, np.int64))
+        rows, cols = self._spans(self.plan.origins[indices])
+        data = self._allocate(len(indices), allocate, normalize, channels_last)
+        ok = [self._read_tile(int(i), data[k], rows, cols, None, normalize) for k, i in enumerate(indices)]
+        return Batch(indices, data, indices[~np.asarray(ok, bool)])
 
     def chunk_cache(self, tiles: Optional[Sequence[int]] = None) -> Optional[ChunkCache]:
         """A cache that decodes each stored chunk once for reading `tiles` (default: all),
@@ -242,7 +246,8 @@ class Tiler:
             Batches read ahead of the consumer; memory is
             ``(prefetch + 1) * batch`` inputs at most.
         workers : int
-            Reader threads (0 reads in the calling thread). Decoding and the
+            Reader threads (0 reads in the calling thread); each reads whole
+            tiles, and a batch is ready when its tiles are. Decoding and the
             gather kernel release the GIL.
         allocate : callable, optional
             ``allocate(shape, dtype) -> array`` for each batch's data.
@@ -262,28 +267,38 @@ class Tiler:
         if int(batch_size) < 1:
             raise UsageError(f"batch_size {batch_size} must be at least 1")
         order = np.arange(self.plan.n_tiles) if tiles is None else np.asarray(tiles, np.int64)
-        state = (*self._spans(self.plan.origins[order]), self.chunk_cache(order))
-        self.last_cache = state[2]
+        rows, cols = self._spans(self.plan.origins[order])
+        cache = self.last_cache = self.chunk_cache(order)
         groups = (order[i : i + int(batch_size)] for i in range(0, len(order), int(batch_size)))
 
-        def read(group):
-            return self.batch(group, allocate, normalize=normalize, channels_last=channels_last, _state=state)
+        def start(group, run):
+            data = self._allocate(len(group), allocate, normalize, channels_last)
+            reads = [run(self._read_tile, int(i), data[k], rows, cols, cache, normalize)
+                     for k, i in enumerate(group)]
+            return group, data, reads
+
+        def finish(group, data, reads) -> Batch:
+            ok = np.asarray([r.result() if hasattr(r, "result") else r for r in reads], bool)
+            return Batch(group, data, group[~ok])
 
         if workers <= 0:
-            yield from (read(g) for g in groups)
+            yield from (finish(*start(g, lambda f, *a: f(*a))) for g in groups)
             return
+        # Tiles, not batches, are the unit of work: every reader thread is busy even
+        # when few large batches are in flight (a GPU's batch of 16 tiles at 1024).
         pool = ThreadPoolExecutor(workers, thread_name_prefix="tilesegment-read")
         pending: deque = deque()
         try:
             for group in groups:
-                pending.append(pool.submit(read, group))
+                pending.append(start(group, pool.submit))
                 if len(pending) > prefetch:
-                    yield pending.popleft().result()
+                    yield finish(*pending.popleft())
             while pending:
-                yield pending.popleft().result()
+                yield finish(*pending.popleft())
         finally:
-            for future in pending:
-                future.cancel()
+            for _, _, reads in pending:
+                for future in reads:
+                    future.cancel()
             pool.shutdown(wait=True, cancel_futures=True)
 
     def close(self) -> None:
