@@ -69,7 +69,13 @@ def main() -> None:
     parser.add_argument("--tile-size", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--name", default="host_ceiling")
+    parser.add_argument("--plot-only", action="store_true", help="redraw the PNG from results/<name>.json")
     args = parser.parse_args()
+    if args.plot_only:
+        import json
+
+        plot(json.loads((RESULTS / f"{args.name}.json").read_text())["rows"], RESULTS / f"{args.name}.png")
+        return
     size, tile, batch = args.size, args.tile_size, args.batch_size
     mpx = size * size / 1e6
     torch.set_num_threads(2)
@@ -141,21 +147,36 @@ def main() -> None:
 
 
 def plot(rows: list[dict], path: Path) -> None:
+    """Bars per stage (log Mpx/s and core-ms/Mpx), next to results/host_ceiling_before.json if
+    it exists (the same script run on the code before decode-once, for comparison)."""
+    import json
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['stage']}\n({r['source']})" for r in rows]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
-    a.barh(labels, [r["mpx_per_s"] for r in rows], color="tab:blue")
-    a.set_xlabel("written Mpx/s (wall, 2 cores)")
-    b.barh(labels, [r["core_ms_per_mpx"] for r in rows], color="tab:orange")
-    b.set_xlabel("core-ms per written Mpx")
-    for ax in (a, b):
+    before_file = RESULTS / "host_ceiling_before.json"
+    before = {}
+    if before_file.exists() and path.stem != "host_ceiling_before":
+        before = {(r["stage"], r["source"]): r for r in json.loads(before_file.read_text())["rows"]}
+    labels = [f"{r['stage']} ({r['source']})" for r in rows]
+    y = np.arange(len(rows))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    for ax, key, label in ((axes[0], "mpx_per_s", "written Mpx/s (wall, 2 cores; log)"),
+                           (axes[1], "core_ms_per_mpx", "core-ms per written Mpx")):
+        height = 0.4 if before else 0.8
+        if before:
+            old = [before.get((r["stage"], r["source"]), {}).get(key, 0) or 0 for r in rows]
+            ax.barh(y + height / 2, old, height, color="0.7", label="before (per-tile reads)")
+        ax.barh(y - height / 2 * bool(before), [r[key] or 0 for r in rows], height, color="tab:blue",
+                label="now")
+        ax.set_yticks(y, labels, fontsize=8)
         ax.invert_yaxis()
-        ax.tick_params(axis="y", labelsize=8)
-    fig.suptitle("Host ceiling: stand-in network, JPEG TIFF and in-memory uint8")
+        ax.set_xlabel(label)
+    axes[0].set_xscale("log")
+    axes[1].legend(fontsize=8)
+    fig.suptitle("Host ceiling: stand-in network, 8192² JPEG TIFF and in-memory uint8, tile 1024")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import tifffile
 import torch
 
 import tilesegment as ts
@@ -39,6 +40,8 @@ def main() -> None:
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--name", default=None, help="results file stem")
+    parser.add_argument("--tiff", action="store_true",
+                        help="read the image from a JPEG-tiled TIFF (decoding included) instead of memory")
     args = parser.parse_args()
     device = torch.device(args.device)
     gpu = device.type == "cuda"
@@ -52,8 +55,13 @@ def main() -> None:
     ts.segment(image[:64, :64], net, tile_size=16, device=device, progress=False)  # compile kernels
 
     with tempfile.TemporaryDirectory() as tmp:
+        source = image
+        if args.tiff:
+            source = Path(tmp) / "image.tif"
+            tifffile.imwrite(source, image, tile=(256, 256), photometric="rgb", compression="jpeg")
+
         def job(i):
-            return ts.prepare(image, net, Path(tmp) / f"out{i}.zarr", tile_size=tile,
+            return ts.prepare(source, net, Path(tmp) / f"out{i}.zarr", tile_size=tile,
                               batch_size=batch, device=device, precision=args.precision)
 
         probe = job("probe")
@@ -70,7 +78,8 @@ def main() -> None:
     row = {
         "device": torch.cuda.get_device_name(device) if gpu else "cpu",
         "torch_threads": torch.get_num_threads(), "image": size, "base_channels": args.base,
-        "tile_size": tile, "input_size": probe.plan.input_size[0], "batch_size": probe.batch_size,
+        "source": "jpeg-tiff" if args.tiff else "memory", "tile_size": tile,
+        "input_size": probe.plan.input_size[0], "batch_size": probe.batch_size,
         "precision": executor.precision, "tiles": probe.plan.n_tiles,
         "model_only_s": round(min(model_s), 3), "end_to_end_s": round(min(e2e_s), 3),
         "model_only_mpx_s": round(mpx / min(model_s), 3), "end_to_end_mpx_s": round(mpx / min(e2e_s), 3),

@@ -130,10 +130,12 @@ class Job:
 
     @property
     def readers(self) -> int:
-        """Reader threads: one on CPU, where the cores belong to the network; on
-        GPUs every core but one per device thread, to decode and gather for them."""
+        """Reader threads. On CPU the cores belong to the network: one reader, or
+        two when the source has to be decoded (a second one hides decoding
+        behind gathering; docs/benchmarks.md). On GPUs every core but one per
+        device thread, to decode and gather for them."""
         if self._on_cpu:
-            return 1
+            return 1 if self.tiler.source.chunk_shape is None else 2
         return max(2, (os.cpu_count() or 2) - len(self.devices))
 
     @property
