@@ -303,7 +303,8 @@ class Executor:
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         if self._copy_stream is None:
-            return self._normalize(x).contiguous(memory_format=fmt) if self.channels_last else self._normalize(x)
+            x = self._normalize(x)
+            return x.contiguous(memory_format=fmt) if self.channels_last else x
         if not x.is_pinned():
             x = x.pin_memory()
         # The upload runs on its own stream so it overlaps the previous batch's compute
