@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -129,3 +132,19 @@ def test_batch_mode_refuses_inputs_that_would_share_an_output(capsys, tmp_path, 
     code, _, err = _run(capsys, "segment", tmp_path / "siteA" / "001.svs.tif", tmp_path / "siteB" / "001.svs.tif",
                         tmp_path / "out", "--model", model_file, "--quiet")
     assert code == 2 and "several inputs would write 001.svs.zarr" in err
+
+
+def test_import_and_help_load_no_heavy_library():
+    # `tilesegment --help` must answer at once: torch, numba, zarr and dask load on first use.
+    code = ("import sys, tilesegment; from tilesegment.cli import _parser; _parser().format_help(); "
+            "print(sorted(m for m in ('torch', 'numba', 'zarr', 'dask', 'tifffile') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_every_public_name_resolves():
+    import tilesegment
+
+    for name in tilesegment.__all__:
+        assert getattr(tilesegment, name) is not None, name
+    assert set(tilesegment.__all__) <= set(dir(tilesegment))

@@ -1,6 +1,10 @@
 """tilesegment: exact overlap-tile segmentation of gigapixel images into OME-Zarr."""
 
-from .api import Job, RunStats, prepare, segment
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .errors import (
     InputError,
     InvalidTileSize,
@@ -11,38 +15,63 @@ from .errors import (
     TileSegmentError,
     UsageError,
 )
-from .geometry import Geometry
-from .io.sources import ImageSource, open_image
-from .models import UNet, load_model, save_model
-from .plan import Block, Tile, TilePlan
-from .stitch import Stitcher
-from .tiler import Batch, Tiler
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Batch",
-    "Block",
-    "Geometry",
-    "ImageSource",
+#: Public name -> the module that defines it. Modules load on first use, so that
+#: ``import tilesegment`` and ``tilesegment --help`` do not pay for torch, numba
+#: and zarr (seconds) before they are needed.
+_LAZY = {
+    "Job": "api",
+    "prepare": "api",
+    "segment": "api",
+    "RunStats": "report",
+    "Geometry": "geometry",
+    "ImageSource": "io.sources",
+    "open_image": "io.sources",
+    "UNet": "models",
+    "load_model": "models",
+    "save_model": "models",
+    "Block": "plan",
+    "Tile": "plan",
+    "TilePlan": "plan",
+    "Stitcher": "stitch",
+    "Batch": "tiler",
+    "Tiler": "tiler",
+}
+
+__all__ = sorted([
+    *_LAZY,
     "InputError",
-    "Job",
     "InvalidTileSize",
     "ModelError",
     "ModelOutputError",
     "OutputExistsError",
-    "RunStats",
-    "Stitcher",
-    "Tile",
-    "TilePlan",
     "TileReadError",
-    "Tiler",
     "TileSegmentError",
-    "UNet",
     "UsageError",
-    "load_model",
-    "open_image",
-    "prepare",
-    "save_model",
-    "segment",
-]
+])
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tilesegment' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
+
+if TYPE_CHECKING:  # what static checkers and IDEs see
+    from .api import Job, prepare, segment
+    from .geometry import Geometry
+    from .io.sources import ImageSource, open_image
+    from .models import UNet, load_model, save_model
+    from .plan import Block, Tile, TilePlan
+    from .report import RunStats
+    from .stitch import Stitcher
+    from .tiler import Batch, Tiler

@@ -21,30 +21,12 @@ from .io.sinks import ZarrSink, is_local_path
 from .io.sources import ImageLike, open_image
 from .models.load import ModelSpec, load_model
 from .pipeline import run_pipeline
+from .report import RunStats, progress_bar
 from .stitch import MODES, Stitcher
 from .tiler import Tiler
 from .tissue import MaskLike, load_mask
 
 __all__ = ["segment", "prepare", "Job", "RunStats", "auto_tile_size"]
-
-
-@dataclass(frozen=True)
-class RunStats:
-    """What a `segment` run did: sizes and timing."""
-
-    tiles: int
-    tile_size: Pair
-    input_size: Pair
-    batch_size: int
-    device: str
-    seconds: float
-    pixels: int
-    skipped: int = 0
-
-    @property
-    def megapixels_per_second(self) -> float:
-        """Written output pixels per second, in millions."""
-        return self.pixels / max(self.seconds, 1e-9) / 1e6
 
 
 def auto_tile_size(
@@ -109,9 +91,7 @@ class Job:
     @property
     def pending(self) -> np.ndarray:
         """Per tile: still to be written (not in a block a stopped run finished)."""
-        done = np.zeros(self.plan.n_blocks, bool)
-        done[self.done_blocks] = True
-        return ~np.repeat(done, np.diff(self.plan.block_tiles))
+        return ~self.plan.tiles_in(self.done_blocks)
 
     @property
     def skipped(self) -> np.ndarray:
@@ -183,7 +163,7 @@ class Job:
                 num_classes=self.num_classes,
                 record=self.record, resume=self.resume, done_blocks=self.done_blocks,
             ) as stitcher:
-                with _progress(tiler.plan.n_tiles - len(skipped), progress) as bar:
+                with progress_bar(tiler.plan.n_tiles - len(skipped), progress) as bar:
                     batches = tiler.batches(
                         self.batch_size, tiles=todo, prefetch=2 * len(executors),
                         workers=self.readers, allocate=executors[0].host_buffer,
@@ -480,9 +460,3 @@ def _check_channels(model, tiler: Tiler) -> None:
             f"(axes {tiler.source.axes}); use a model for this image, pass channels= to pick "
             "channels, or axes= to say which axis holds them"
         )
-
-
-def _progress(total: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, unit="tile", disable=not enabled, leave=False, dynamic_ncols=True)

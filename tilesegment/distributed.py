@@ -61,7 +61,7 @@ def _compute_blocks(spec: BlockSpec, blocks: list[int], model: Any) -> tuple[lis
         plan = tiler.plan
         mine = np.zeros(plan.n_blocks, bool)
         mine[blocks] = True
-        tiles = np.flatnonzero(np.repeat(mine, np.diff(plan.block_tiles)))
+        tiles = np.flatnonzero(plan.tiles_in(mine))
         compute = np.ones(plan.n_tiles, bool) if spec.compute is None else spec.compute
         sink = BlockSink(zarr.open_array(spec.array_path, mode="r+"),
                          Manifest(spec.manifest_root) if spec.manifest_root else None)
@@ -117,7 +117,7 @@ def run_on_cluster(job, client, progress: bool = True):
 
     from distributed import as_completed
 
-    from .api import RunStats, _progress
+    from .report import RunStats, progress_bar
     from .stitch import Stitcher
 
     if job.output is None or not isinstance(job.output, (str, os.PathLike)):
@@ -156,7 +156,7 @@ def run_on_cluster(job, client, progress: bool = True):
         ]
         counts = np.diff(plan.block_tiles)
         try:
-            with _progress(int(counts[pending].sum()), progress) as bar:
+            with progress_bar(int(counts[pending].sum()), progress) as bar:
                 for future in as_completed(futures):
                     blocks, failed = future.result()  # also in the manifest markers
                     stitcher.mark_written(blocks)

@@ -177,6 +177,13 @@ class TilePlan:
         """Block index of every tile, in plan order."""
         return np.repeat(np.arange(self.n_blocks), np.diff(self.block_tiles))
 
+    def tiles_in(self, blocks) -> np.ndarray:
+        """Per tile, whether its block is one of `blocks` (block indices or a boolean
+        mask over blocks)."""
+        blocks = np.asarray(blocks)
+        mask = blocks if blocks.dtype == bool else np.isin(np.arange(self.n_blocks), blocks)
+        return np.repeat(mask, np.diff(self.block_tiles))
+
     def tiles_touching(self, mask: np.ndarray, margin: Optional[PairLike] = None) -> np.ndarray:
         """Which tiles overlap a True pixel of `mask` within `margin` pixels of their own area.
 

@@ -260,10 +260,9 @@ class Stitcher:
 
     def mark_written(self, blocks: Any) -> None:
         """Count `blocks` as complete: written by an earlier run or by another process."""
-        done = np.zeros(self.plan.n_blocks, bool)
-        done[np.asarray(blocks, dtype=np.int64)] = True
-        self._seen |= np.repeat(done, np.diff(self.plan.block_tiles))
-        self._missing[done] = 0
+        blocks = np.asarray(blocks, dtype=np.int64)
+        self._seen |= self.plan.tiles_in(blocks)
+        self._missing[blocks] = 0
 
     def _target(self, index: int) -> tuple[np.ndarray, int, int, int, int]:
         """Buffer, offset in it and clipped size of tile `index`; marks the tile seen."""
