@@ -228,3 +228,32 @@ def test_cuda_fp32_is_exact_and_bf16_labels_agree(net):
     for precision in ("bf16", "fp16"):
         labels = ts.segment(image, big, tile_size=256, device="cuda", precision=precision, progress=False)
         assert (labels == labels32).mean() >= 0.999
+
+
+def test_true_fp32_switches_tf32_off_while_any_user_runs_and_restores_it():
+    import threading
+
+    from tilesegment.executor import true_fp32
+
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    before = (cudnn.allow_tf32, matmul.allow_tf32)
+    cudnn.allow_tf32 = matmul.allow_tf32 = True
+    try:
+        inside, release = threading.Event(), threading.Event()
+
+        def other_executor():
+            with true_fp32():
+                inside.set()
+                release.wait(5)
+
+        thread = threading.Thread(target=other_executor)
+        thread.start()
+        inside.wait(5)
+        with true_fp32():
+            assert not cudnn.allow_tf32 and not matmul.allow_tf32
+        assert not cudnn.allow_tf32  # the other thread is still in its fp32 pass
+        release.set()
+        thread.join()
+        assert cudnn.allow_tf32 and matmul.allow_tf32  # the caller's setting is back
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32 = before

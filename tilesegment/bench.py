@@ -74,9 +74,7 @@ def bare_model_seconds(executor, batches: int, shape: tuple[int, ...]) -> float:
     fmt = torch.channels_last if executor.channels_last else torch.contiguous_format
     inputs = [torch.rand(shape, device=executor.device).contiguous(memory_format=fmt)
               for _ in range(min(batches, 8))]
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(executor.precision, torch.float32)
-    with torch.inference_mode(), torch.autocast(executor.device.type, dtype=dtype,
-                                                enabled=executor.precision != "fp32"):
+    with torch.inference_mode(), executor.precision_context():
         executor.model(inputs[0])
         _sync(executor.device)
         start = time.perf_counter()

@@ -10,9 +10,11 @@ numba kernels crop and reduce them in one pass.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import math
+import threading
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -32,6 +34,7 @@ __all__ = [
     "reduce_logits",
     "resolve_device",
     "resolve_devices",
+    "true_fp32",
 ]
 
 DeviceLike = Union[str, torch.device]
@@ -88,6 +91,38 @@ def default_precision(device: torch.device) -> str:
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return "bf16"
     return "fp32"
+
+
+_tf32_lock = threading.Lock()
+_tf32_users = 0
+_tf32_saved: tuple[bool, bool] = (True, True)
+
+
+@contextlib.contextmanager
+def true_fp32():
+    """Switch TF32 off while any fp32 forward pass runs, and restore it after the last one.
+
+    TF32 convolutions (PyTorch's default on Ampere and later) cost ~1e-3
+    relative error and with it exactness; fp32 here means true fp32. The
+    switches are process-wide, so they are flipped only while fp32 work runs
+    (counted across threads: executors on several GPUs may overlap) and the
+    caller's own settings come back afterwards. cuDNN reads them when a
+    kernel is chosen, on the host, so kernels still queued are unaffected.
+    """
+    global _tf32_users, _tf32_saved
+    with _tf32_lock:
+        if _tf32_users == 0:
+            _tf32_saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
+        _tf32_users += 1
+    try:
+        yield
+    finally:
+        with _tf32_lock:
+            _tf32_users -= 1
+            if _tf32_users == 0:
+                torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = _tf32_saved
 
 
 class Output:
@@ -182,11 +217,6 @@ class Executor:
             raise UsageError(f"precision {precision!r} is unknown; use one of {', '.join(PRECISIONS)}")
         self.precision = default_precision(self.device) if precision == "auto" else precision
         cuda = self.device.type == "cuda"
-        if cuda and self.precision == "fp32":
-            # TF32 convolutions (PyTorch's default on Ampere+) cost ~1e-3 relative error
-            # and with it exactness; fp32 here means true fp32. The flags are process-wide.
-            torch.backends.cudnn.allow_tf32 = False
-            torch.backends.cuda.matmul.allow_tf32 = False
         # NHWC: cuDNN prefers it, and oneDNN on CPU runs this U-Net about 2x faster
         # (0.055 vs 0.108 s for a 700^2 tile, base 8; docs/benchmarks.md).
         self.channels_last = True if channels_last is None else channels_last
@@ -288,8 +318,7 @@ class Executor:
             if measure:
                 torch.cuda.reset_peak_memory_stats(self.device)
                 before = torch.cuda.memory_allocated(self.device)
-            with torch.autocast(self.device.type, dtype=_DTYPES.get(self.precision, torch.float32),
-                                enabled=self.precision != "fp32"):
+            with self.precision_context():
                 y = self.model(x)
             if isinstance(y, (tuple, list)):
                 y = y[0]
@@ -299,6 +328,12 @@ class Executor:
             if self._reduce is not None:
                 return self._reduced_to_host(y)
             return Output(y.float().cpu(), reduced=False)
+
+    def precision_context(self) -> contextlib.AbstractContextManager:
+        """Autocast for bf16/fp16; for fp32 on CUDA, true fp32 (`true_fp32`)."""
+        if self.precision != "fp32":
+            return torch.autocast(self.device.type, dtype=_DTYPES[self.precision])
+        return true_fp32() if self.device.type == "cuda" else contextlib.nullcontext()
 
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
