@@ -95,3 +95,27 @@ def test_declared_geometry_crops_halo_of_same_network():
     assert geom.crop == (16, 16) and geom.input_size(64) == (96, 96)
     with pytest.raises(ts.ModelError, match="shrink"):
         ts.Geometry(halo=2, step=1, shrink=8)
+
+
+@settings(max_examples=100, deadline=None)
+@given(halo=st.tuples(st.integers(0, 30), st.integers(0, 30), st.integers(0, 30)),
+       step=st.tuples(st.sampled_from([1, 2, 4]), st.sampled_from([1, 4, 16]), st.sampled_from([1, 4, 16])),
+       tiles=st.tuples(st.integers(1, 5), st.integers(1, 5), st.integers(1, 5)))
+def test_volume_geometry_is_the_image_arithmetic_per_axis(halo, step, tiles):
+    # A 3-D geometry answers, axis by axis, what a 2-D geometry of that axis's halo and step does.
+    shrink = tuple(2 * h for h in halo)
+    vol = ts.Geometry(halo=halo, step=step, shrink=shrink)
+    tile = tuple(t * s for t, s in zip(tiles, step))
+    n_in = vol.input_size(tile)
+    for axis in range(3):
+        flat = ts.Geometry(halo=halo[axis], step=step[axis], shrink=shrink[axis])
+        assert n_in[axis] == flat.input_size(tile[axis])[0]
+        assert vol.output_size(n_in)[axis] == flat.output_size(n_in[axis])[0]
+    assert vol.ndim == 3 and vol.check_tile_size(tile) == tile
+
+
+def test_geometry_axes_must_agree():
+    with pytest.raises(ts.ModelError, match="axes disagree"):
+        ts.Geometry(halo=(4, 4, 4), step=(8, 8))
+    with pytest.raises(ts.InvalidTileSize, match=r"3 ints \(z, y, x\)"):
+        ts.Geometry(halo=4, step=8, ndim=3).check_tile_size((64, 64))

@@ -3,6 +3,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 import tilesegment as ts
 
@@ -58,3 +59,44 @@ def test_bad_model_files_are_model_errors(tmp_path, content, match):
 def test_bad_factory_is_a_model_error():
     with pytest.raises(ts.ModelError, match="cannot import model factory"):
         ts.load_model("no_such_package_xyz:build")
+
+
+@settings(max_examples=25, deadline=None)
+@given(depth=st.integers(0, 3), data=st.data())
+def test_volume_unet_geometry_is_what_the_network_does_per_axis(depth, data):
+    from tilesegment._probe import _meta_runner, _output_shape, model_in_channels
+
+    pooling = [data.draw(st.tuples(*[st.sampled_from([1, 2])] * 3)) for _ in range(depth)]
+    net = ts.UNet(2, 3, base_channels=2, depth=depth, ndim=3, pooling=pooling)
+    geom = net.geometry
+    assert model_in_channels(net) == 2
+    run = _meta_runner(net)
+    for extra in [(0, 0, 0), (1, 0, 2), (3, 1, 0)]:
+        n_in = tuple(m + k * st_ for m, k, st_ in zip(geom.min_input, extra, geom.step))
+        assert _output_shape(run, 2, *n_in) == (1, 3, *geom.output_size(n_in))
+    # An input off the step grid on an axis with pooling is refused by the network too.
+    for axis in range(3):
+        if geom.step[axis] > 1:
+            n_in = list(geom.min_input)
+            n_in[axis] += 1
+            shape = _output_shape(run, 2, *n_in)
+            assert shape is None or shape[2 + axis] != geom.output_size(geom.min_input)[axis] + 1
+
+
+def test_volume_unet_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(0)
+    net = ts.UNet(1, 2, base_channels=2, depth=2, ndim=3, pooling=[(1, 2, 2), (2, 2, 2)]).eval()
+    path = ts.save_model(net, tmp_path / "vol.pt")
+    back = ts.load_model(path)
+    assert back.geometry == net.geometry
+    x = torch.rand(1, 1, *net.geometry.input_size((2, 4, 4)))
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), net(x), rtol=0, atol=0)
+
+
+def test_default_unet_config_and_state_are_unchanged_by_volume_support():
+    net = ts.UNet(3, 2, base_channels=4, depth=2)
+    assert set(net.config) == {"in_channels", "num_classes", "base_channels", "depth"}
+    assert not any(k.startswith("pool") for k in net.state_dict())  # pooling has no parameters
+    with pytest.raises(ts.ModelError, match="pooling"):
+        ts.UNet(1, 2, depth=2, ndim=3, pooling=[(1, 2, 2)])

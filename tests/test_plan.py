@@ -7,34 +7,41 @@ import tilesegment as ts
 
 @st.composite
 def plans(draw):
-    step = draw(st.sampled_from([1, 2, 4, 8, 16]))
-    halo = draw(st.integers(0, 40))
-    geom = ts.Geometry(halo=halo, step=step, shrink=2 * halo, min_input=2 * halo + step)
-    shape = (draw(st.integers(1, 300)), draw(st.integers(1, 300)))
-    tile = tuple(step * draw(st.integers(1, 12)) for _ in range(2))
-    factor = [draw(st.sampled_from(["same", "bigger", "smaller"])) for _ in range(2)]
+    """2-D and 3-D plans, with per-axis (anisotropic) steps and halos and any chunk alignment."""
+    ndim = draw(st.sampled_from([2, 3]))
+    step = tuple(draw(st.sampled_from([1, 2, 4, 8, 16])) for _ in range(ndim))
+    halo = tuple(draw(st.integers(0, 40)) for _ in range(ndim))
+    geom = ts.Geometry(halo=halo, step=step, shrink=tuple(2 * h for h in halo),
+                       min_input=tuple(2 * h + st_ for h, st_ in zip(halo, step)))
+    top = 300 if ndim == 2 else 40
+    shape = tuple(draw(st.integers(1, top)) for _ in range(ndim))
+    tile = tuple(s * draw(st.integers(1, 12 if ndim == 2 else 4)) for s in step)
     chunk = []
-    for t, f in zip(tile, factor):
-        if f == "bigger":
+    for t in tile:
+        factor = draw(st.sampled_from(["same", "bigger", "smaller"]))
+        if factor == "bigger":
             chunk.append(t * draw(st.integers(2, 3)))
-        elif f == "smaller":
-            divisors = [d for d in range(1, t + 1) if t % d == 0]
-            chunk.append(draw(st.sampled_from(divisors)))
+        elif factor == "smaller":
+            chunk.append(draw(st.sampled_from([d for d in range(1, t + 1) if t % d == 0])))
         else:
             chunk.append(t)
     return ts.TilePlan.build(shape, geom, tile, tuple(chunk))
+
+
+def window(start, size):
+    return tuple(slice(o, o + n) for o, n in zip(start, size))
 
 
 @settings(max_examples=150, deadline=None)
 @given(plan=plans())
 def test_plan_covers_every_pixel_exactly_once_on_the_step_grid(plan):
     count = np.zeros(plan.shape, np.int32)
+    geom = plan.geometry
     for tile in plan.tiles():
-        (y, x), (h, w) = tile.origin, tile.size
-        assert y % plan.geometry.step[0] == 0 and x % plan.geometry.step[1] == 0
-        assert tile.input_origin == (y - plan.geometry.halo[0], x - plan.geometry.halo[1])
-        assert h >= 1 and w >= 1
-        count[y : y + h, x : x + w] += 1
+        assert all(o % st_ == 0 for o, st_ in zip(tile.origin, geom.step))
+        assert tile.input_origin == tuple(o - h for o, h in zip(tile.origin, geom.halo))
+        assert min(tile.size) >= 1
+        count[window(tile.origin, tile.size)] += 1
     assert (count == 1).all()
 
 
@@ -43,13 +50,13 @@ def test_plan_covers_every_pixel_exactly_once_on_the_step_grid(plan):
 def test_blocks_are_chunk_aligned_and_own_consecutive_tiles(plan):
     seen = []
     for block in plan.blocks():
-        for axis in range(2):
+        for axis in range(plan.geometry.ndim):
             assert block.start[axis] % plan.chunk_size[axis] == 0
             assert block.stop[axis] % plan.chunk_size[axis] == 0 or block.stop[axis] == plan.shape[axis]
         for i in block.tiles:
             tile = plan.tile(i)
             assert tile.block == block.index
-            for axis in range(2):
+            for axis in range(plan.geometry.ndim):
                 assert block.start[axis] <= tile.origin[axis]
                 assert tile.origin[axis] + tile.size[axis] <= block.stop[axis]
         seen.extend(block.tiles)

@@ -17,11 +17,11 @@ def model_in_channels(model: object) -> Optional[int]:
     for module in model.modules():  # type: ignore[attr-defined]
         # TorchScript modules keep the class name in `original_name`.
         kind = getattr(module, "original_name", type(module).__name__)
-        if kind in ("Conv2d", "ConvTranspose2d"):
+        if kind in ("Conv2d", "Conv3d", "ConvTranspose2d", "ConvTranspose3d"):
             if hasattr(module, "in_channels"):
                 return int(module.in_channels)
             weight = module.weight
-            return int(weight.shape[1] if kind == "Conv2d" else weight.shape[0])
+            return int(weight.shape[0] if kind.startswith("ConvTranspose") else weight.shape[1])
     return None
 
 
@@ -54,10 +54,10 @@ def _meta_runner(model):
     return lambda x: functional_call(model, state, (x,), strict=False)
 
 
-def _output_shape(run, in_channels: int, ny: int, nx: int):
+def _output_shape(run, in_channels: int, *sizes: int):
     import torch
 
-    x = torch.empty((1, in_channels, ny, nx), device="meta")
+    x = torch.empty((1, in_channels, *sizes), device="meta")
     try:
         y = run(x)
     except Exception:  # an invalid size raises anything from anywhere
@@ -66,7 +66,7 @@ def _output_shape(run, in_channels: int, ny: int, nx: int):
         y = y[0]
     if isinstance(y, dict):
         y = next(iter(y.values()))
-    if not hasattr(y, "shape") or y.ndim != 4 or min(y.shape[-2:]) < 1:
+    if not hasattr(y, "shape") or y.ndim != 2 + len(sizes) or min(y.shape[2:]) < 1:
         return None
     return tuple(int(s) for s in y.shape)
 

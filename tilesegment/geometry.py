@@ -7,51 +7,76 @@ that the plan, the loader and the stitcher share.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Sequence, Union
 
 from .errors import InvalidTileSize, ModelError
 
-__all__ = ["Geometry", "Pair", "as_pair"]
+__all__ = ["Geometry", "Pair", "Shape", "as_pair", "as_shape", "axis_names"]
 
-Pair = tuple[int, int]
+#: Sizes over the spatial axes: ``(y, x)`` for images, ``(z, y, x)`` for volumes.
+Shape = tuple[int, ...]
+Pair = Shape  # the 2-D name, kept for readability where only images are meant
 PairLike = Union[int, Sequence[int]]
+ShapeLike = PairLike
+
+
+def axis_names(ndim: int) -> str:
+    """Letters of `ndim` spatial axes, slowest first: ``"yx"`` or ``"zyx"``."""
+    return "zyx"[-ndim:] if ndim <= 3 else "".join(f"d{i}" for i in range(ndim))
+
+
+def as_shape(value: ShapeLike, ndim: int, name: str = "value") -> Shape:
+    """Return one int per spatial axis from an int (every axis) or `ndim` ints."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return (int(value),) * ndim
+    try:
+        values = tuple(int(v) for v in value)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        values = ()
+    if len(values) != ndim:
+        example = ", ".join(["512"] * (ndim - 1) + ["256"])
+        raise InvalidTileSize(
+            f"{name} {value!r} is not an int or {ndim} ints ({', '.join(axis_names(ndim))}); "
+            f"pass e.g. 512 or ({example})"
+        )
+    return values
 
 
 def as_pair(value: PairLike, name: str = "value") -> Pair:
     """Return ``(y, x)`` from an int or a pair of ints."""
-    if isinstance(value, (int,)) and not isinstance(value, bool):
-        return (int(value), int(value))
-    try:
-        y, x = value  # type: ignore[misc]
-        return (int(y), int(x))
-    except (TypeError, ValueError):
-        raise InvalidTileSize(
-            f"{name} {value!r} is not an int or a (y, x) pair; pass e.g. 512 or (512, 256)"
-        ) from None
+    return as_shape(value, 2, name)
 
 
 @dataclass(frozen=True)
 class Geometry:
-    """Size arithmetic of a segmentation network, per spatial axis ``(y, x)``.
+    """Size arithmetic of a segmentation network, per spatial axis: ``(y, x)``, or
+    ``(z, y, x)`` for a volume network.
+
+    The number of axes comes from the longest of `halo`, `step`, `min_input`
+    and `shrink` given as sequences (an int applies to every axis; all ints
+    mean 2-D), or from `ndim`.
 
     Parameters
     ----------
-    halo : int or (int, int)
+    halo : int or (int, ...)
         Context the network needs on each side of an output pixel, in input
         pixels. For a valid-convolution network this is what it loses per side.
-    step : int or (int, int)
+    step : int or (int, ...)
         Valid input sizes and tile origins are spaced by ``step`` (``2**depth``
         for a U-Net): tile origins on multiples of it keep the pooling grid in
         phase with whole-image inference.
-    min_input : int or (int, int), optional
+    min_input : int or (int, ...), optional
         Smallest valid network input. Valid inputs are ``min_input + k * step``.
         Defaults to the smallest multiple of ``step`` that is at least
         ``2 * halo + 1`` (right for "same"-padded networks).
-    shrink : int or (int, int), optional
+    shrink : int or (int, ...), optional
         Network input size minus output size: ``2 * halo`` for valid
         convolutions, 0 (the default) for "same"-padded networks, whose border
         effect is then pushed outside the written area but not removed.
+    ndim : int, optional
+        Number of spatial axes, when every other parameter is an int.
 
     Examples
     --------
@@ -63,17 +88,29 @@ class Geometry:
     (388, 388)
     >>> geom.input_size(512)
     (700, 700)
+    >>> ts.Geometry(halo=(4, 20, 20), step=(2, 8, 8)).input_size(64)
+    (72, 104, 104)
     """
 
-    halo: Pair
-    step: Pair
-    min_input: Pair = None  # type: ignore[assignment]
-    shrink: Pair = None  # type: ignore[assignment]
+    halo: Shape
+    step: Shape
+    min_input: Shape = None  # type: ignore[assignment]
+    shrink: Shape = None  # type: ignore[assignment]
+    ndim: int = None  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
-        halo = as_pair(self.halo, "halo")
-        step = as_pair(self.step, "step")
-        shrink = as_pair(0 if self.shrink is None else self.shrink, "shrink")
+        given = [v for v in (self.halo, self.step, self.min_input, self.shrink) if v is not None]
+        lengths = {len(v) for v in given if not isinstance(v, int)}
+        if len(lengths) > 1 or (self.ndim is not None and lengths and lengths != {self.ndim}):
+            raise ModelError(
+                f"geometry axes disagree: halo={self.halo}, step={self.step}, "
+                f"min_input={self.min_input}, shrink={self.shrink}, ndim={self.ndim}; give one "
+                "value per spatial axis everywhere"
+            )
+        ndim = self.ndim or (lengths.pop() if lengths else 2)
+        halo = as_shape(self.halo, ndim, "halo")
+        step = as_shape(self.step, ndim, "step")
+        shrink = as_shape(0 if self.shrink is None else self.shrink, ndim, "shrink")
         if min(halo) < 0 or min(step) < 1 or min(shrink) < 0:
             raise ModelError(
                 f"geometry needs halo >= 0, step >= 1, shrink >= 0; got halo={halo}, "
@@ -89,13 +126,14 @@ class Geometry:
                 max(st, math.ceil((2 * h + 1) / st) * st) for h, st in zip(halo, step)
             )
         else:
-            min_input = as_pair(self.min_input, "min_input")
+            min_input = as_shape(self.min_input, ndim, "min_input")
         if any(m - s < 1 for m, s in zip(min_input, shrink)):
             raise ModelError(f"min_input {min_input} leaves no output after shrink {shrink}")
         object.__setattr__(self, "halo", halo)
         object.__setattr__(self, "step", step)
         object.__setattr__(self, "shrink", shrink)
         object.__setattr__(self, "min_input", min_input)
+        object.__setattr__(self, "ndim", ndim)
 
     # -- construction ---------------------------------------------------------------
 
@@ -141,7 +179,7 @@ class Geometry:
         """Whether the network accepts an input of size `n_in` exactly."""
         return all(
             n >= m and (n - m) % st == 0
-            for n, m, st in zip(as_pair(n_in), self.min_input, self.step)
+            for n, m, st in zip(as_shape(n_in, self.ndim), self.min_input, self.step)
         )
 
     def output_size(self, n_in: PairLike) -> Pair:
@@ -152,13 +190,13 @@ class Geometry:
         InvalidTileSize
             If `n_in` is not a valid input size; the message names the nearest ones.
         """
-        n_in = as_pair(n_in, "input size")
+        n_in = as_shape(n_in, self.ndim, "input size")
         for axis, (n, m, st) in enumerate(zip(n_in, self.min_input, self.step)):
             if n < m or (n - m) % st:
                 below = m + max(0, (n - m) // st) * st
                 options = sorted({v for v in (below, below + st) if v >= m})
                 raise InvalidTileSize(
-                    f"network input size {n} is not valid on axis {'yx'[axis]} "
+                    f"network input size {n} is not valid on axis {axis_names(self.ndim)[axis]} "
                     f"(valid: {m} + k * {st}); nearest valid: "
                     + " or ".join(str(v) for v in options)
                 )
@@ -170,7 +208,7 @@ class Geometry:
         The input spans the tile plus `halo` on both sides, rounded up to a
         valid size; the tile keeps the first `n_out` output pixels.
         """
-        n_out = as_pair(n_out, "tile size")
+        n_out = as_shape(n_out, self.ndim, "tile size")
         if min(n_out) < 1:
             raise InvalidTileSize(f"tile size {n_out} must be at least 1 pixel")
         sizes = []
@@ -179,12 +217,12 @@ class Geometry:
             sizes.append(m + max(0, math.ceil((need - m) / st)) * st)
         return tuple(sizes)  # type: ignore[return-value]
 
-    def valid_input_sizes(self, stop: int = 2048) -> tuple[range, range]:
+    def valid_input_sizes(self, stop: int = 2048) -> tuple[range, ...]:
         """Valid network input sizes below `stop`, per axis."""
         return tuple(range(m, stop, st) for m, st in zip(self.min_input, self.step))  # type: ignore[return-value]
 
     def check_tile_size(self, tile_size: PairLike) -> Pair:
-        """Return `tile_size` as a pair if every edge is a positive multiple of the step.
+        """Return `tile_size` per axis if every edge is a positive multiple of the step.
 
         Raises
         ------
@@ -192,7 +230,7 @@ class Geometry:
             Naming the nearest valid tile sizes, e.g. ``tile_size 100 is not a
             multiple of the network step 16; nearest valid: 96 or 112``.
         """
-        pair = as_pair(tile_size, "tile_size")
+        pair = as_shape(tile_size, self.ndim, "tile_size")
         for t, st in zip(pair, self.step):
             if t <= 0:
                 raise InvalidTileSize(

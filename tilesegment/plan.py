@@ -8,7 +8,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 from .errors import InvalidTileSize
-from .geometry import Geometry, Pair, PairLike, as_pair
+from .geometry import Geometry, Pair, PairLike, as_pair, as_shape
 
 __all__ = ["TilePlan", "Tile", "Block"]
 
@@ -57,8 +57,8 @@ class TilePlan:
     geometry: Geometry
     tile_size: Pair
     chunk_size: Pair
-    origins: np.ndarray  # (n_tiles, 2) int64
-    block_origins: np.ndarray  # (n_blocks, 2) int64
+    origins: np.ndarray  # (n_tiles, ndim) int64
+    block_origins: np.ndarray  # (n_blocks, ndim) int64
     block_tiles: np.ndarray  # (n_blocks + 1,) int64: tiles of block b are [bt[b], bt[b+1])
 
     @classmethod
@@ -73,16 +73,18 @@ class TilePlan:
 
         Parameters
         ----------
-        shape : (int, int)
-            Image size ``(Y, X)``.
+        shape : tuple of int
+            Image size over the geometry's spatial axes: ``(Y, X)``, or
+            ``(Z, Y, X)`` for a 3-D network.
         geometry : Geometry
             The network's geometry.
-        tile_size : int or (int, int)
+        tile_size : int or tuple of int
             Written tile edge; a positive multiple of ``geometry.step``.
-        chunk_size : int or (int, int), optional
+        chunk_size : int or tuple of int, optional
             Output chunk edge. Must divide the tile size or be a multiple of
-            it, per axis. Default: the smallest multiple of the tile size that
-            is at least 1024 (fewer, larger writes; viewers like ~1024 chunks).
+            it, per axis. Default: in y and x the smallest multiple of the
+            tile size that is at least 1024 (fewer, larger writes; viewers
+            like ~1024 chunks); along slower axes (z) the tile size.
 
         Raises
         ------
@@ -90,14 +92,16 @@ class TilePlan:
             If the tile size is not a multiple of the step or does not align
             with the chunk size.
         """
-        shape = as_pair(shape, "shape")
+        ndim = geometry.ndim
+        shape = as_shape(shape, ndim, "shape")
         if min(shape) < 1:
             raise InvalidTileSize(f"image shape {shape} has no pixels")
         tile = geometry.check_tile_size(tile_size)
         if chunk_size is None:
-            chunk = tuple(t * max(1, -(-1024 // t)) for t in tile)
+            # ~1024 px chunks in y and x; one tile deep along any slower axis (z).
+            chunk = tuple(t * max(1, -(-1024 // t)) if a >= ndim - 2 else t for a, t in enumerate(tile))
         else:
-            chunk = as_pair(chunk_size, "chunk_size")
+            chunk = as_shape(chunk_size, ndim, "chunk_size")
         for t, c in zip(tile, chunk):
             if c < 1 or (t % c and c % t):
                 raise InvalidTileSize(
@@ -105,25 +109,20 @@ class TilePlan:
                     f"divides {t} or is a multiple of it (e.g. {t} or {2 * t})"
                 )
         block = tuple(max(t, c) for t, c in zip(tile, chunk))
-        n_blocks = [-(-s // b) for s, b in zip(shape, block)]
-        per_block = [b // t for b, t in zip(block, tile)]
-        by, bx, ty, tx = np.meshgrid(
-            np.arange(n_blocks[0]),
-            np.arange(n_blocks[1]),
-            np.arange(per_block[0]),
-            np.arange(per_block[1]),
-            indexing="ij",
-        )
-        oy = (by * block[0] + ty * tile[0]).ravel()
-        ox = (bx * block[1] + tx * tile[1]).ravel()
-        inside = (oy < shape[0]) & (ox < shape[1])
-        origins = np.stack([oy[inside], ox[inside]], axis=1).astype(np.int64)
-        block_id = (by * n_blocks[1] + bx).ravel()[inside]
-        counts = np.bincount(block_id, minlength=n_blocks[0] * n_blocks[1])
+        n_blocks = tuple(-(-n // b) for n, b in zip(shape, block))
+        per_block = tuple(b // t for b, t in zip(block, tile))
+        # Blocks in row-major order, tiles row-major inside each block.
+        grid = np.meshgrid(*map(np.arange, n_blocks + per_block), indexing="ij")
+        blocks, within = [g.ravel() for g in grid[:ndim]], [g.ravel() for g in grid[ndim:]]
+        origins = np.stack([b * bs + w * t for b, w, bs, t in zip(blocks, within, block, tile)], axis=1)
+        inside = (origins < np.asarray(shape)).all(axis=1)
+        block_id = np.ravel_multi_index(blocks, n_blocks)[inside]
+        counts = np.bincount(block_id, minlength=int(np.prod(n_blocks)))
         block_tiles = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        gy, gx = np.meshgrid(np.arange(n_blocks[0]), np.arange(n_blocks[1]), indexing="ij")
-        block_origins = np.stack([gy.ravel() * block[0], gx.ravel() * block[1]], 1)
-        return cls(shape, geometry, tile, chunk, origins, block_origins.astype(np.int64), block_tiles)
+        block_grid = np.meshgrid(*map(np.arange, n_blocks), indexing="ij")
+        block_origins = np.stack([g.ravel() * b for g, b in zip(block_grid, block)], axis=1)
+        return cls(shape, geometry, tile, chunk, origins[inside].astype(np.int64),
+                   block_origins.astype(np.int64), block_tiles)
 
     # -- sizes -----------------------------------------------------------------------
 
@@ -152,18 +151,18 @@ class TilePlan:
 
     def tile(self, index: int) -> Tile:
         """The `index`-th tile in plan order."""
-        oy, ox = (int(v) for v in self.origins[index])
+        origin = tuple(int(v) for v in self.origins[index])
         block = int(np.searchsorted(self.block_tiles, index, side="right") - 1)
-        size = (min(self.tile_size[0], self.shape[0] - oy), min(self.tile_size[1], self.shape[1] - ox))
-        halo = self.geometry.halo
-        return Tile(int(index), block, (oy, ox), size, (oy - halo[0], ox - halo[1]))
+        size = tuple(min(t, n - o) for t, n, o in zip(self.tile_size, self.shape, origin))
+        input_origin = tuple(o - h for o, h in zip(origin, self.geometry.halo))
+        return Tile(int(index), block, origin, size, input_origin)
 
     def block(self, index: int) -> Block:
         """The `index`-th block; its tiles are consecutive in plan order."""
-        y0, x0 = (int(v) for v in self.block_origins[index])
-        size = self.block_size
-        stop = (min(y0 + size[0], self.shape[0]), min(x0 + size[1], self.shape[1]))
-        return Block(int(index), (y0, x0), stop, range(int(self.block_tiles[index]), int(self.block_tiles[index + 1])))
+        start = tuple(int(v) for v in self.block_origins[index])
+        stop = tuple(min(s + b, n) for s, b, n in zip(start, self.block_size, self.shape))
+        tiles = range(int(self.block_tiles[index]), int(self.block_tiles[index + 1]))
+        return Block(int(index), start, stop, tiles)
 
     def tiles(self) -> Iterator[Tile]:
         """All tiles in plan order."""
@@ -194,6 +193,11 @@ class TilePlan:
         ``margin=0`` asks whether the tile's own pixels touch the mask.
         """
         mask = np.asarray(mask, dtype=bool)
+        if self.geometry.ndim != 2 or mask.ndim != 2:
+            raise InvalidTileSize(
+                f"tissue masks are 2-d (Y, X) over a 2-d plan; got a {mask.ndim}-d mask for a "
+                f"{self.geometry.ndim}-d plan"
+            )
         (my, mx), (ny, nx) = mask.shape, self.shape
         table = np.zeros((my + 1, mx + 1), np.int64)
         table[1:, 1:] = mask.cumsum(0).cumsum(1)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import math
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -13,20 +14,26 @@ from ..geometry import Geometry
 __all__ = ["UNet"]
 
 
-def _double_conv(c_in: int, c_out: int) -> nn.Sequential:
-    # Two 3x3 *valid* convolutions: no zero padding anywhere in the network.
+_CONV = {2: nn.Conv2d, 3: nn.Conv3d}
+_UP = {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
+_POOL = {2: nn.MaxPool2d, 3: nn.MaxPool3d}
+
+
+def _double_conv(c_in: int, c_out: int, ndim: int = 2) -> nn.Sequential:
+    # Two 3x3(x3) *valid* convolutions: no zero padding anywhere in the network.
+    conv = _CONV[ndim]
     return nn.Sequential(
-        nn.Conv2d(c_in, c_out, 3),
+        conv(c_in, c_out, 3),
         nn.ReLU(inplace=True),
-        nn.Conv2d(c_out, c_out, 3),
+        conv(c_out, c_out, 3),
         nn.ReLU(inplace=True),
     )
 
 
 def _centre_crop(skip: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    dy = (skip.shape[-2] - like.shape[-2]) // 2
-    dx = (skip.shape[-1] - like.shape[-1]) // 2
-    return skip[..., dy : dy + like.shape[-2], dx : dx + like.shape[-1]]
+    for d in range(2, skip.dim()):
+        skip = skip.narrow(d, (skip.shape[d] - like.shape[d]) // 2, like.shape[d])
+    return skip
 
 
 class UNet(nn.Module):
@@ -52,6 +59,15 @@ class UNet(nn.Module):
     normalization : (sequence of float, sequence of float), optional
         Per-channel ``(mean, std)`` applied by the loader after scaling
         integers to [0, 1]; stored in checkpoints.
+    ndim : {2, 3}
+        Spatial axes: 2 for images (the paper), 3 for volumes (the 3-D U-Net
+        of Çiçek et al. 2016, 3x3x3 valid convolutions).
+    pooling : sequence of int or of tuples, optional
+        Pooling factor per level (``depth`` entries, top level first), each
+        1 or 2, per axis: ``[(1, 2, 2), (2, 2, 2), (2, 2, 2)]`` pools only in
+        y and x at the first level, for anisotropic volumes whose z spacing
+        is coarser. Default: 2 on every axis at every level. Halo and step
+        then differ per axis; the geometry stays analytic.
 
     Examples
     --------
@@ -59,6 +75,9 @@ class UNet(nn.Module):
     >>> net = ts.UNet(in_channels=1, num_classes=2, base_channels=4, depth=2)
     >>> net(torch.zeros(1, 1, 60, 60)).shape
     torch.Size([1, 2, 20, 20])
+    >>> vol = ts.UNet(1, 2, base_channels=2, depth=2, ndim=3, pooling=[(1, 2, 2), (2, 2, 2)])
+    >>> vol.geometry.halo, vol.geometry.step
+    ((12, 20, 20), (2, 4, 4))
     """
 
     __jit_unused_properties__ = ["geometry"]  # lets torch.jit.script export the network
@@ -70,6 +89,9 @@ class UNet(nn.Module):
         base_channels: int = 64,
         depth: int = 4,
         normalization: Optional[tuple[Sequence[float], Sequence[float]]] = None,
+        *,
+        ndim: int = 2,
+        pooling: Optional[Sequence[Union[int, Sequence[int]]]] = None,
     ) -> None:
         super().__init__()
         if in_channels < 1 or num_classes < 1 or base_channels < 1 or depth < 0:
@@ -77,46 +99,59 @@ class UNet(nn.Module):
                 f"UNet needs in_channels, num_classes, base_channels >= 1 and depth >= 0; got "
                 f"{in_channels}, {num_classes}, {base_channels}, {depth}"
             )
+        if ndim not in _CONV:
+            raise ModelError(f"UNet ndim {ndim} is not supported; use 2 (images) or 3 (volumes)")
+        factors = _check_pooling(pooling, depth, ndim)
         self.config = dict(
             in_channels=int(in_channels),
             num_classes=int(num_classes),
             base_channels=int(base_channels),
             depth=int(depth),
         )
+        if ndim != 2 or pooling is not None:  # today's 2-D checkpoints keep today's config
+            self.config.update(ndim=ndim, pooling=[list(f) for f in factors])
+        self.factors = factors
         self.normalization = _check_normalization(normalization, in_channels)
         widths = [base_channels * 2**d for d in range(depth + 1)]
         self.down = nn.ModuleList()
         c = in_channels
         for w in widths[:-1]:
-            self.down.append(_double_conv(c, w))
+            self.down.append(_double_conv(c, w, ndim))
             c = w
-        self.bottom = _double_conv(c, widths[-1])
+        self.bottom = _double_conv(c, widths[-1], ndim)
         self.up = nn.ModuleList()
         self.decode = nn.ModuleList()
-        for w in reversed(widths[:-1]):
-            self.up.append(nn.ConvTranspose2d(2 * w, w, 2, stride=2))
-            self.decode.append(_double_conv(2 * w, w))
-        self.head = nn.Conv2d(widths[0], num_classes, 1)
-        self.pool = nn.MaxPool2d(2)
+        for w, f in zip(reversed(widths[:-1]), reversed(factors)):
+            self.up.append(_UP[ndim](2 * w, w, f, stride=f))
+            self.decode.append(_double_conv(2 * w, w, ndim))
+        self.head = _CONV[ndim](widths[0], num_classes, 1)
+        # Parameter-free, so the state dict of a 2-D network is what it always was.
+        self.pools = nn.ModuleList(_POOL[ndim](f) for f in factors)
 
     @property
     def geometry(self) -> Geometry:
-        """Analytic geometry: every level loses 2 pixels per side at its scale."""
-        depth = self.config["depth"]
-        step = 2**depth
-        halo = 6 * step - 4
-        m = 1  # smallest bottom size whose output is at least one pixel
-        while _output_from_bottom(m, depth) < 1:
-            m += 1
-        min_input = _output_from_bottom(m, depth) + 2 * halo
-        return Geometry(halo=halo, step=step, min_input=min_input, shrink=2 * halo)
+        """Analytic geometry, per axis: every level loses 2 pixels per side at its scale."""
+        halo, step, min_input = [], [], []
+        for axis_factors in zip(*self.factors) if self.factors else [()] * self.config.get("ndim", 2):
+            m = 1  # smallest bottom size whose output is at least one pixel
+            while _output_from_bottom(m, axis_factors) < 1:
+                m += 1
+            out = _output_from_bottom(m, axis_factors)
+            n_in = m + 4
+            for f in reversed(axis_factors):
+                n_in = f * n_in + 4
+            halo.append((n_in - out) // 2)
+            step.append(math.prod(axis_factors))
+            min_input.append(n_in)
+        return Geometry(halo=tuple(halo), step=tuple(step), min_input=tuple(min_input),
+                        shrink=tuple(2 * h for h in halo))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         skips: list[torch.Tensor] = []
-        for block in self.down:
+        for block, pool in zip(self.down, self.pools):
             x = block(x)
             skips.append(x)
-            x = self.pool(x)
+            x = pool(x)
         x = self.bottom(x)
         level = len(skips)
         for up, block in zip(self.up, self.decode):
@@ -126,11 +161,24 @@ class UNet(nn.Module):
         return self.head(x)
 
 
-def _output_from_bottom(m: int, depth: int) -> int:
-    """Output size of the expanding path for a bottom feature map of size `m`."""
-    for _ in range(depth):
-        m = 2 * m - 4
+def _output_from_bottom(m: int, factors: Sequence[int]) -> int:
+    """Output size, along one axis, of the expanding path for a bottom feature map of size `m`."""
+    for f in reversed(factors):
+        m = f * m - 4
     return m
+
+
+def _check_pooling(pooling, depth: int, ndim: int) -> tuple[tuple[int, ...], ...]:
+    """Pooling factors per level and axis: 1 or 2 each, `depth` levels."""
+    if pooling is None:
+        return tuple((2,) * ndim for _ in range(depth))
+    factors = tuple((int(f),) * ndim if isinstance(f, int) else tuple(int(v) for v in f) for f in pooling)
+    if len(factors) != depth or any(len(f) != ndim or not set(f) <= {1, 2} for f in factors):
+        raise ModelError(
+            f"pooling {list(pooling)} needs {depth} levels of 1 or 2 per axis ({ndim} axes), "
+            f"e.g. {[(1,) + (2,) * (ndim - 1)] + [(2,) * ndim] * (depth - 1)}"
+        )
+    return factors
 
 
 def _check_normalization(normalization, in_channels: int):
