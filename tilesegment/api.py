@@ -17,7 +17,7 @@ from .errors import ModelError, UsageError
 from .executor import PRECISIONS, Executor, auto_batch_size, default_precision, resolve_devices
 from .geometry import Geometry, Pair
 from .io.manifest import Manifest, input_identity, model_hash
-from .io.sinks import ZarrSink, is_local_path
+from .io.sinks import ZarrSink, check_ngff, is_local_path
 from .io.sources import ImageLike, open_image
 from .models.load import ModelSpec, load_model
 from .pipeline import run_pipeline
@@ -105,6 +105,7 @@ class Job:
     image_path: Optional[str] = None  # for workers that open the image themselves
     open_options: dict = field(default_factory=dict)
     num_classes: int = 1
+    ngff: str = "0.5"  # OME-Zarr version of a file output
 
     @property
     def pending(self) -> np.ndarray:
@@ -160,7 +161,7 @@ class Job:
             with Stitcher(
                 tiler.plan, self.output, self.mode, overwrite=self.overwrite,
                 pixel_size=tiler.source.pixel_size, writers=self.readers,
-                num_classes=self.num_classes,
+                num_classes=self.num_classes, ngff=self.ngff,
                 record=self.record, resume=self.resume, done_blocks=self.done_blocks,
             ) as stitcher:
                 with _progress(tiler.plan.n_tiles - len(skipped), progress) as bar:
@@ -205,6 +206,7 @@ def prepare(
     tissue_mask: MaskLike = None,
     resume: bool = False,
     on_error: str = "raise",
+    ngff: str = "0.5",
 ) -> Job:
     """Check every argument of `segment` and plan the run, without computing anything.
 
@@ -216,6 +218,7 @@ def prepare(
     if precision not in PRECISIONS:
         raise UsageError(f"precision {precision!r} is unknown; use one of {', '.join(PRECISIONS)}")
     _check_output(image, output, overwrite, resume)
+    ngff = check_ngff(ngff)
     model = load_model(model)
     geometry = Geometry.of(model)
     devices = resolve_devices(device)
@@ -244,6 +247,8 @@ def prepare(
             "precision": precision if precision != "auto" else default_precision(devices[0]),
             "tissue_mask": _mask_identity(tissue_mask, mask),
         }
+        if ngff != "0.5":  # only then, so unfinished 0.5 outputs of older versions still resume
+            record["ngff"] = ngff
         done = _resume_state(output, record, resume)
         if done is None:
             _check_free_space(output, tiler.plan, mode, num_classes)
@@ -251,7 +256,8 @@ def prepare(
     image_path = os.fspath(image) if isinstance(image, (str, os.PathLike)) else None
     return Job(model, tiler, tuple(devices), int(batch_size), mode, output, overwrite, precision,
                compile, memory_budget, compute, record, done is not None,
-               np.zeros(0, np.int64) if done is None else done, image_path, open_options, num_classes)
+               np.zeros(0, np.int64) if done is None else done, image_path, open_options, num_classes,
+               ngff)
 
 
 def _mask_identity(spec: MaskLike, mask: Optional[np.ndarray]) -> Optional[str]:
@@ -361,6 +367,9 @@ def segment(
         A tile that cannot be read (corrupt JPEG tile): stop with its position,
         or fill it as background and list it in the output's metadata
         (``tilesegment.failed_tiles``).
+    ngff : {"0.5", "0.4"}
+        OME-Zarr version of a file output: "0.5" (zarr v3, the default) or
+        "0.4" (zarr v2, for QuPath and older napari-ome-zarr / ome-zarr-py).
     resume : bool
         Continue an output that a stopped run left (killed, Ctrl-C, error):
         its manifest must show the same input, model, tile size, mode and

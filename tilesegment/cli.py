@@ -67,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="pixels outside the image (default: reflect)")
     seg.add_argument("--chunk-size", type=_size, default=None, metavar="N",
                      help="output chunk edge; divides the tile size or is a multiple of it")
+    seg.add_argument("--ngff", choices=("0.5", "0.4"), default="0.5",
+                     help="OME-Zarr version of OUTPUT: 0.5 (zarr v3, default) or 0.4 (zarr v2, for "
+                          "QuPath and older napari-ome-zarr)")
     seg.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     seg.add_argument("--resume", action="store_true",
                      help="continue an OUTPUT that a stopped run left (same settings required)")
@@ -239,7 +242,8 @@ def _segment_one(args, image: str, output: str, client, resume: Optional[bool] =
                   chunk_size=args.chunk_size, overwrite=args.overwrite,
                   precision=args.precision, compile=args.compile, mpp=args.mpp,
                   series=args.series, channels=_channels(args.channels),
-                  tissue_mask=args.tissue_mask, resume=resume, on_error=args.on_error)
+                  tissue_mask=args.tissue_mask, resume=resume, on_error=args.on_error,
+                  ngff=args.ngff)
     plan, source, geometry = job.plan, job.tiler.source, job.plan.geometry
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
     say(f"input    {image}: {source.shape[0]} x {source.shape[1]} px, "

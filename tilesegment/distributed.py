@@ -130,7 +130,7 @@ def run_on_cluster(job, client, progress: bool = True):
     num_classes = job.num_classes
     stitcher = Stitcher(plan, job.output, job.mode, num_classes=num_classes, overwrite=job.overwrite,
                         pixel_size=job.tiler.source.pixel_size, record=job.record, resume=job.resume,
-                        done_blocks=job.done_blocks)
+                        done_blocks=job.done_blocks, ngff=job.ngff)
     with stitcher:
         sink = stitcher.sink
         spec = BlockSpec(

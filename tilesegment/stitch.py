@@ -10,7 +10,7 @@ import numba
 import numpy as np
 
 from .errors import ModelOutputError, TileSegmentError, UsageError
-from .io.sinks import MemorySink, Sink, ZarrSink
+from .io.sinks import MemorySink, Sink, ZarrSink, check_ngff
 from .plan import TilePlan
 
 __all__ = ["Stitcher", "MODES"]
@@ -105,6 +105,9 @@ class Stitcher:
     sink : Sink, optional
         Write into this sink instead of one made from `output` (used by the
         distributed runner, whose tasks each write their own block).
+    ngff : {"0.5", "0.4"}
+        OME-Zarr version of a file output: 0.5 (zarr v3, default) or 0.4
+        (zarr v2, for QuPath and older readers).
 
     Examples
     --------
@@ -131,6 +134,7 @@ class Stitcher:
         resume: bool = False,
         done_blocks: Optional[np.ndarray] = None,
         sink: Optional[Sink] = None,
+        ngff: str = "0.5",
     ) -> None:
         if mode not in MODES:
             raise UsageError(f"mode {mode!r} is unknown; use one of {', '.join(MODES)}")
@@ -138,7 +142,7 @@ class Stitcher:
         self.mode = mode
         self._output = output
         self._options = dict(overwrite=overwrite, pixel_size=pixel_size, writers=writers,
-                             record=record, resume=resume)
+                             record=record, resume=resume, ngff=check_ngff(ngff))
         if output is not None and not resume:
             ZarrSink.check_output(output, overwrite)
         self._sink: Optional[Sink] = sink
