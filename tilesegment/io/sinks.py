@@ -14,6 +14,7 @@ import numpy as np
 
 from ..errors import OutputExistsError, UsageError
 from .manifest import Manifest
+from .remote import is_url
 
 __all__ = ["Sink", "MemorySink", "ZarrSink", "BlockSink", "is_local_path", "palette", "NGFF_VERSIONS",
            "check_ngff"]
@@ -122,11 +123,15 @@ class ZarrSink:
     `overwrite` is set, the new image is written beside it and swapped in
     only once complete, so a failed run never destroys the old one.
 
-    With a run `record` (local paths only), every block is marked done in the
-    output's manifest after its chunks are written; a run that stops early
-    (error, Ctrl-C, SIGKILL) with at least one block done leaves a resumable
-    output, and ``resume=True`` reopens it. A failed run with nothing done
-    removes what it wrote.
+    With a run `record` (local paths and URLs), every block is marked done in
+    the output's manifest after its chunks are written; a run that stops
+    early (error, Ctrl-C, SIGKILL) with at least one block done leaves a
+    resumable output, and ``resume=True`` reopens it. A failed run with
+    nothing done removes what it wrote.
+
+    A URL output (``s3://bucket/out.zarr``) is written through zarr's fsspec
+    store with `storage_options`; it has no sibling to write beside, so
+    ``overwrite=True`` clears it when the run starts.
     """
 
     def __init__(
@@ -143,6 +148,7 @@ class ZarrSink:
         record: Optional[dict] = None,
         resume: bool = False,
         ngff: str = "0.5",
+        storage_options: Optional[dict] = None,
     ) -> None:
         import zarr
 
@@ -156,9 +162,15 @@ class ZarrSink:
         #: Keep the output on abort even with nothing done (set when other processes may
         #: still be writing into it, as in a distributed run).
         self.keep = False
+        self._url = output if is_url(output) else None
+        self._storage_options = storage_options
+        # zarr takes storage_options only with URLs; block_size is for remote TIFF inputs.
+        zarr_options = ({"storage_options": {k: v for k, v in (storage_options or {}).items()
+                                             if k != "block_size"}} if self._url else {})
         if resume:
-            self._final = self._path = Path(output)
-            self.group = zarr.open_group(self._path, mode="r+")
+            if self._url is None:
+                self._final = self._path = Path(output)
+            self.group = zarr.open_group(self._url or self._path, mode="r+", **zarr_options)
             self.array = self.group["0"]
             found = "0.4" if self.group.metadata.zarr_format == 2 else "0.5"
             if found != self.ngff:
@@ -167,9 +179,9 @@ class ZarrSink:
             if self.array.shape != tuple(shape) or self.array.dtype != np.dtype(dtype):
                 raise UsageError(f"cannot resume {str(output)!r}: its array is {self.array.shape} "
                                  f"{self.array.dtype}, this run writes {tuple(shape)} {np.dtype(dtype)}")
-            self.manifest = Manifest(self._path)
+            self.manifest = Manifest(self._url or self._path, storage_options)
         else:
-            self.check_output(output, overwrite)
+            self.check_output(output, overwrite, storage_options)
             target = output
             if is_local_path(output):
                 self._final = Path(output)
@@ -179,12 +191,12 @@ class ZarrSink:
                     target = self._final.with_name(f".{self._final.name}.{uuid.uuid4().hex[:8]}.tmp")
                 self._path = Path(target)
             mode = "w" if overwrite and not is_local_path(output) else "w-"
-            self.group = zarr.open_group(target, mode=mode, zarr_format=self._zarr_format)
+            self.group = zarr.open_group(target, mode=mode, zarr_format=self._zarr_format, **zarr_options)
             # The OME metadata is written last, in close(): until then the group is not an
             # image, so a run killed midway never leaves something that looks complete.
             self.array = self._create("0", shape, chunks, dtype)
-            if record is not None and self._final is not None:
-                self.manifest = Manifest(self._path)
+            if record is not None and (self._final is not None or self._url is not None):
+                self.manifest = Manifest(self._url or self._path, storage_options)
                 self.manifest.start(record)
         self._pool = ThreadPoolExecutor(max(1, writers), thread_name_prefix="tilesegment-write")
         self._slots = threading.BoundedSemaphore(2 * max(1, writers))
@@ -275,14 +287,14 @@ class ZarrSink:
         dest[..., y:y1, x:x1] = np.rint(mean) if dest.dtype.kind == "u" else mean
 
     @staticmethod
-    def check_output(output: Any, overwrite: bool) -> None:
+    def check_output(output: Any, overwrite: bool, storage_options: Optional[dict] = None) -> None:
         """Raise `OutputExistsError` if `output` exists and `overwrite` is false.
 
         For zarr stores and URLs (not local paths) `overwrite=True` clears the
         store when the run starts: there is no sibling to write beside.
         """
         if not is_local_path(output):
-            if not overwrite and _store_has_group(output):
+            if not overwrite and _store_has_group(output, storage_options):
                 raise OutputExistsError(
                     f"output store {output!r} already holds a zarr group; pass overwrite=True "
                     "(CLI: --overwrite) to clear and replace it, or use an empty store"
@@ -360,7 +372,7 @@ class ZarrSink:
     @property
     def resumable(self) -> bool:
         """Whether a stopped run left blocks that `resume=True` can build on."""
-        return (self.manifest is not None and self._path == self._final
+        return (self.manifest is not None and (self._url is not None or self._path == self._final)
                 and len(self.manifest.done_blocks()) > 0)
 
     def abort(self) -> None:
@@ -372,13 +384,21 @@ class ZarrSink:
         self._pool.shutdown(wait=True, cancel_futures=True)
         if self._final is not None and not self.resumable and not (self.keep and self._path == self._final):
             _remove(self._path)
+        elif self._url is not None and not self.keep and not self.resumable:
+            from .remote import filesystem
+
+            fs, root = filesystem(self._url, self._storage_options)
+            fs.rm(root, recursive=True)  # what this run wrote (an overwritten store was cleared)
 
 
-def _store_has_group(store: Any) -> bool:
+def _store_has_group(store: Any, storage_options: Optional[dict] = None) -> bool:
     import zarr
 
+    options = {}
+    if is_url(store):
+        options["storage_options"] = {k: v for k, v in (storage_options or {}).items() if k != "block_size"}
     try:
-        zarr.open_group(store, mode="r")
+        zarr.open_group(store, mode="r", **options)
         return True
     except Exception:
         return False
