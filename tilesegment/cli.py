@@ -367,7 +367,15 @@ def _info(args: argparse.Namespace) -> int:
         size = "" if lv.pixel_size is None else f", {lv.pixel_size[1]:.4g} um/px"
         print(f"level {i:<4} {lv.shape[0]} x {lv.shape[1]} px{size}")
     if args.model:
-        geometry = ts.Geometry.of(ts.load_model(args.model))
+        model = ts.load_model(args.model)
+        geometry = ts.Geometry.of(model)
+        if hasattr(model, "test_tensors"):  # a bioimage.io package
+            from .models.bioimageio import check_test_tensors
+
+            print(f"bioimage.io {model.name!r}, {model.weights_format} weights; note: "
+                  "loading a package runs its code (architecture), after checking its SHA-256s")
+            print(f"test       its test input reproduces its test output (max abs difference "
+                  f"{check_test_tensors(model):.2g})")
         step = geometry.step[0]
         tiles = [t for t in (256, 512, 1024, 2048) if t % step == 0] or [step * 32]
         print(f"network    halo {geometry.halo[0]}, step {step}, smallest input {geometry.min_input[0]}")

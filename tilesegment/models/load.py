@@ -86,7 +86,9 @@ def load_model(spec: ModelSpec) -> nn.Module:
         A module (returned as is); ``"demo"``, the bundled H&E model
         (background, tissue, nuclei); a tilesegment checkpoint written by
         `save_model`; a TorchScript file; an ONNX file (``*.onnx``, run
-        through onnxruntime, see `tilesegment.models.onnx.OnnxModel`); or
+        through onnxruntime, see `tilesegment.models.onnx.OnnxModel`); a
+        bioimage.io model (``rdf.yaml`` or package ``.zip``; loading it runs
+        its architecture code, see `tilesegment.models.bioimageio`); or
         ``"package.module:factory"``, a callable that returns a module.
 
     Raises
@@ -100,6 +102,10 @@ def load_model(spec: ModelSpec) -> nn.Module:
     if text == "demo":
         return _load_file(DEMO_MODEL).eval()
     path = Path(text)
+    if path.is_file() and _is_bioimageio(path):
+        from .bioimageio import load_bioimageio
+
+        return load_bioimageio(path)
     if path.is_file() and path.suffix.lower() == ".onnx":
         from .onnx import OnnxModel
 
@@ -109,9 +115,15 @@ def load_model(spec: ModelSpec) -> nn.Module:
     if ":" in text and not path.suffix:
         return _load_factory(text).eval()
     raise ModelError(
-        f"model {text!r} not found; pass a checkpoint path (*.pt), an ONNX file (*.onnx) or "
-        "'package.module:factory'"
+        f"model {text!r} not found; pass a checkpoint path (*.pt), an ONNX file (*.onnx), a "
+        "bioimage.io rdf.yaml or package .zip, or 'package.module:factory'"
     )
+
+
+def _is_bioimageio(path: Path) -> bool:
+    from .bioimageio import is_bioimageio
+
+    return is_bioimageio(path)
 
 
 def _load_file(path: Path) -> nn.Module:
