@@ -267,9 +267,11 @@ class OnnxModel(nn.Module):
         # Sessions cannot be copied; they are thread-safe and shared by the copies
         # (the executor deep-copies its model before moving it to a device).
         new = self.__class__.__new__(self.__class__)
-        new.__dict__.update(self.__dict__)
+        for key, value in self.__dict__.items():
+            # Module bookkeeping (hooks, buffers, shape cache) is copied; sessions are shared.
+            new.__dict__[key] = value.copy() if isinstance(value, dict) and key != "_sessions" else value
         new._buffers = {k: v.clone() for k, v in self._buffers.items()}
-        new._shapes = dict(self._shapes)
+        memo[id(self)] = new
         return new
 
     def __getstate__(self) -> dict:
