@@ -251,3 +251,8 @@ def test_failed_s3_run_with_nothing_done_leaves_nothing(s3, monkeypatch):
     fs.invalidate_cache()
     assert not fs.exists(f"{BUCKET}/failed.zarr/zarr.json")
     assert fs.find(f"{BUCKET}/failed.zarr") == []
+
+
+def test_batch_mode_refuses_a_url_output_folder(rgb_tiff, capsys):
+    assert main(["segment", str(rgb_tiff), str(rgb_tiff), f"s3://{BUCKET}/many/", "--quiet"]) == 2
+    assert "segment remote outputs one input at a time" in capsys.readouterr().err

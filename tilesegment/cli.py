@@ -130,6 +130,9 @@ def _segment(args: argparse.Namespace) -> int:
     with _client(args.scheduler) as client:
         if len(inputs) == 1 and not any(c in inputs[0] for c in "*?["):
             return _segment_one(args, inputs[0], output, client)
+        if "://" in output:
+            raise UsageError(f"several inputs are written into a local folder, not {output!r}; "
+                             "segment remote outputs one input at a time")
         return _segment_many(args, _expand(inputs), Path(output), client)
 
 

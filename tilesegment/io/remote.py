@@ -9,12 +9,11 @@ variables), and ``storage_options`` pass extra arguments to its filesystem.
 
 from __future__ import annotations
 
-import os
 from typing import Any, Optional
 
 from ..errors import InputError, UsageError
 
-__all__ = ["is_url", "filesystem", "open_remote_file", "url_name", "BLOCK_SIZE"]
+__all__ = ["is_url", "filesystem", "open_remote_file", "url_name", "join", "BLOCK_SIZE"]
 
 #: Bytes fetched per range request of a remote TIFF when a read misses the cache: large
 #: enough to take a run of tiles at once, small enough that reading a region of a slide
@@ -89,7 +88,3 @@ def join(root: str, *parts: str) -> str:
     """`root` and `parts` joined with "/" (paths inside an fsspec filesystem)."""
     return "/".join([root.rstrip("/"), *parts])
 
-
-def local_or_url(output: Any) -> bool:
-    """Whether `output` is a local path or a URL string (both can hold a manifest)."""
-    return is_url(output) or isinstance(output, (str, os.PathLike))
