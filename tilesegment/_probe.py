@@ -13,7 +13,7 @@ _LIMIT = 4096
 
 
 def model_in_channels(model: object) -> Optional[int]:
-    """Input channels of the first convolution of `model`, or None if it has none."""
+    """Input channels of the first convolution of `model` (or its declared ``in_channels``), or None."""
     for module in model.modules():  # type: ignore[attr-defined]
         # TorchScript modules keep the class name in `original_name`.
         kind = getattr(module, "original_name", type(module).__name__)
@@ -22,7 +22,8 @@ def model_in_channels(model: object) -> Optional[int]:
                 return int(module.in_channels)
             weight = module.weight
             return int(weight.shape[0] if kind.startswith("ConvTranspose") else weight.shape[1])
-    return None
+    declared = getattr(model, "in_channels", None)  # wrappers without convolutions (ONNX)
+    return declared if isinstance(declared, int) else None
 
 
 def _has_spatial_kernel(model) -> bool:

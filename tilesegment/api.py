@@ -17,7 +17,8 @@ from .errors import ModelError, UsageError
 from .executor import PRECISIONS, Executor, auto_batch_size, default_precision, resolve_devices
 from .geometry import Geometry, Pair
 from .io.manifest import Manifest, input_identity, model_hash
-from .io.sinks import ZarrSink, is_local_path
+from .io.remote import is_url
+from .io.sinks import ZarrSink, _store_has_group, check_ngff, is_local_path
 from .io.sources import ImageLike, open_image
 from .models.load import ModelSpec, load_model
 from .pipeline import run_pipeline
@@ -87,6 +88,8 @@ class Job:
     image_path: Optional[str] = None  # for workers that open the image themselves
     open_options: dict = field(default_factory=dict)
     num_classes: int = 1
+    ngff: str = "0.5"  # OME-Zarr version of a file output
+    storage_options: Optional[dict] = None  # fsspec options of URL inputs and outputs
 
     @property
     def pending(self) -> np.ndarray:
@@ -160,7 +163,8 @@ class Job:
             with Stitcher(
                 tiler.plan, self.output, self.mode, overwrite=self.overwrite,
                 pixel_size=tiler.source.pixel_size, writers=self.writers,
-                num_classes=self.num_classes,
+                num_classes=self.num_classes, ngff=self.ngff,
+                storage_options=self.storage_options,
                 record=self.record, resume=self.resume, done_blocks=self.done_blocks,
             ) as stitcher:
                 with progress_bar(tiler.plan.n_tiles - len(skipped), progress) as bar:
@@ -206,6 +210,8 @@ def prepare(
     tissue_mask: MaskLike = None,
     resume: bool = False,
     on_error: str = "raise",
+    ngff: str = "0.5",
+    storage_options: Optional[dict] = None,
 ) -> Job:
     """Check every argument of `segment` and plan the run, without computing anything.
 
@@ -216,11 +222,13 @@ def prepare(
         raise UsageError(f"mode {mode!r} is unknown; use one of {', '.join(MODES)}")
     if precision not in PRECISIONS:
         raise UsageError(f"precision {precision!r} is unknown; use one of {', '.join(PRECISIONS)}")
-    _check_output(image, output, overwrite, resume)
+    _check_output(image, output, overwrite, resume, storage_options)
+    ngff = check_ngff(ngff)
     model = load_model(model)
     geometry = Geometry.of(model)
     devices = resolve_devices(device)
-    source = open_image(image, axes=axes, level=level, series=series, channels=channels, mpp=mpp)
+    source = open_image(image, axes=axes, level=level, series=series, channels=channels, mpp=mpp,
+                        storage_options=storage_options)
     if tile_size in ("auto", None):
         tile_size = auto_tile_size(source.shape, geometry, devices[0], model, source.channels, memory_budget)
     tiler = Tiler(source, geometry, tile_size=tile_size, chunk_size=chunk_size, padding=padding,
@@ -235,7 +243,7 @@ def prepare(
     compute = None if mask is None else tiler.plan.tiles_touching(mask, margin=0)
     num_classes = model_out_channels(model, geometry)
     record, done = None, None
-    if output is not None and is_local_path(output):
+    if output is not None and (is_local_path(output) or is_url(output)):
         record = {
             "input": input_identity(image, source), "model": model_hash(model), "mode": mode,
             "tile_size": list(tiler.plan.tile_size), "chunk_size": list(tiler.plan.chunk_size),
@@ -245,14 +253,18 @@ def prepare(
             "precision": precision if precision != "auto" else default_precision(devices[0]),
             "tissue_mask": _mask_identity(tissue_mask, mask),
         }
-        done = _resume_state(output, record, resume)
-        if done is None:
+        if ngff != "0.5":  # only then, so unfinished 0.5 outputs of older versions still resume
+            record["ngff"] = ngff
+        done = _resume_state(output, record, resume, storage_options)
+        if done is None and is_local_path(output):
             _check_free_space(output, tiler.plan, mode, num_classes)
     open_options = dict(axes=axes, level=level, series=series, channels=channels, mpp=mpp)
     image_path = os.fspath(image) if isinstance(image, (str, os.PathLike)) else None
+    storage_options = dict(storage_options) if storage_options else None
     return Job(model, tiler, tuple(devices), int(batch_size), mode, output, overwrite, precision,
                compile, memory_budget, compute, record, done is not None,
-               np.zeros(0, np.int64) if done is None else done, image_path, open_options, num_classes)
+               np.zeros(0, np.int64) if done is None else done, image_path, open_options, num_classes,
+               ngff, storage_options)
 
 
 def _mask_identity(spec: MaskLike, mask: Optional[np.ndarray]) -> Optional[str]:
@@ -265,24 +277,27 @@ def _mask_identity(spec: MaskLike, mask: Optional[np.ndarray]) -> Optional[str]:
     return f"{spec if isinstance(spec, str) and spec == 'auto' else 'given'}:{digest}"
 
 
-def _check_output(image: Any, output: Any, overwrite: bool, resume: bool) -> None:
+def _check_output(image: Any, output: Any, overwrite: bool, resume: bool,
+                  storage_options: Optional[dict] = None) -> None:
     if resume and overwrite:
         raise UsageError("resume and overwrite exclude each other: resume continues an output, "
                          "overwrite replaces it")
     if output is None:
         return
-    if not (resume and is_local_path(output) and Manifest(output).exists):
-        ZarrSink.check_output(output, overwrite)
+    if not (resume and (is_local_path(output) or is_url(output))
+            and Manifest(output, storage_options).exists):
+        ZarrSink.check_output(output, overwrite, storage_options)
     _check_not_input(image, output)
 
 
-def _resume_state(output: Any, record: dict, resume: bool) -> Optional[np.ndarray]:
+def _resume_state(output: Any, record: dict, resume: bool,
+                  storage_options: Optional[dict] = None) -> Optional[np.ndarray]:
     """Blocks an earlier run of the same settings finished, or None when starting afresh."""
-    manifest = Manifest(output)
+    manifest = Manifest(output, storage_options)
     if resume and manifest.exists:
         manifest.check_matches(record, output)
         return manifest.done_blocks()
-    if resume and os.path.exists(output):
+    if resume and (_store_has_group(output, storage_options) if is_url(output) else os.path.exists(output)):
         raise UsageError(f"{str(output)!r} has no unfinished run to resume (it is complete or not "
                          "ours); use another output, or --overwrite to replace it")
     return None
@@ -301,15 +316,16 @@ def segment(
 
     Parameters
     ----------
-    image : path, numpy, zarr or dask array
-        TIFF/SVS/OME-TIFF/NDPI or zarr path (read lazily), or an array of
+    image : path, URL, numpy, zarr or dask array
+        TIFF/SVS/OME-TIFF/NDPI or zarr path or URL (read lazily), or an array of
         shape (Y, X), (Y, X, S) with S in {3, 4}, or (C, Y, X). Integer
         images are scaled to [0, 1] by their dtype's range; floats pass through.
     model : torch.nn.Module, path or str
         The network, or anything `load_model` accepts.
-    output : None, path or zarr store
-        None returns a numpy array; a path or store gets an OME-Zarr image and
-        the full-resolution ``zarr.Array`` is returned.
+    output : None, path, URL or zarr store
+        None returns a numpy array; a path, URL (``s3://bucket/out.zarr``) or
+        store gets an OME-Zarr image and the full-resolution ``zarr.Array``
+        is returned.
     tile_size : int, (int, int) or "auto"
         Edge of the written tile, a multiple of the network step. The network
         input is ``geometry.input_size(tile_size)``. "auto": see
@@ -362,6 +378,14 @@ def segment(
         A tile that cannot be read (corrupt JPEG tile): stop with its position,
         or fill it as background and list it in the output's metadata
         (``tilesegment.failed_tiles``).
+    storage_options : dict, optional
+        fsspec options for URL inputs and outputs (``s3://``, ``gs://``,
+        ``https://``), e.g. ``{"anon": True}`` or ``{"endpoint_url": ...}``;
+        by default the usual environment (``AWS_ENDPOINT_URL``,
+        ``AWS_PROFILE``...) applies. See docs/remote.md.
+    ngff : {"0.5", "0.4"}
+        OME-Zarr version of a file output: "0.5" (zarr v3, the default) or
+        "0.4" (zarr v2, for QuPath and older napari-ome-zarr / ome-zarr-py).
     resume : bool
         Continue an output that a stopped run left (killed, Ctrl-C, error):
         its manifest must show the same input, model, tile size, mode and

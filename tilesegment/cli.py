@@ -67,6 +67,12 @@ def _parser() -> argparse.ArgumentParser:
                      help="pixels outside the image (default: reflect)")
     seg.add_argument("--chunk-size", type=_size, default=None, metavar="N",
                      help="output chunk edge; divides the tile size or is a multiple of it")
+    seg.add_argument("--storage-options", type=_json_object, default=None, metavar="JSON",
+                     help="fsspec options for s3:// gs:// https:// inputs and outputs, e.g. "
+                          "'{\"anon\": true}' (default: the AWS/fsspec environment)")
+    seg.add_argument("--ngff", choices=("0.5", "0.4"), default="0.5",
+                     help="OME-Zarr version of OUTPUT: 0.5 (zarr v3, default) or 0.4 (zarr v2, for "
+                          "QuPath and older napari-ome-zarr)")
     seg.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     seg.add_argument("--resume", action="store_true",
                      help="continue an OUTPUT that a stopped run left (same settings required)")
@@ -106,6 +112,8 @@ def _parser() -> argparse.ArgumentParser:
     info = verbs.add_parser("info", help="describe an image (and a model's geometry)")
     info.add_argument("input", help="image file or zarr store")
     info.add_argument("--model", "-m", default=None, help="also show this model's geometry")
+    info.add_argument("--storage-options", type=_json_object, default=None, metavar="JSON",
+                      help="fsspec options for a remote INPUT (s3://, gs://, https://)")
     info.set_defaults(run=_info)
     return parser
 
@@ -122,6 +130,9 @@ def _segment(args: argparse.Namespace) -> int:
     with _client(args.scheduler) as client:
         if len(inputs) == 1 and not any(c in inputs[0] for c in "*?["):
             return _segment_one(args, inputs[0], output, client)
+        if "://" in output:
+            raise UsageError(f"several inputs are written into a local folder, not {output!r}; "
+                             "segment remote outputs one input at a time")
         return _segment_many(args, _expand(inputs), Path(output), client)
 
 
@@ -239,7 +250,8 @@ def _segment_one(args, image: str, output: str, client, resume: Optional[bool] =
                   chunk_size=args.chunk_size, overwrite=args.overwrite,
                   precision=args.precision, compile=args.compile, mpp=args.mpp,
                   series=args.series, channels=_channels(args.channels),
-                  tissue_mask=args.tissue_mask, resume=resume, on_error=args.on_error)
+                  tissue_mask=args.tissue_mask, resume=resume, on_error=args.on_error,
+                  ngff=args.ngff, storage_options=args.storage_options)
     plan, source, geometry = job.plan, job.tiler.source, job.plan.geometry
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
     say(f"input    {image}: {source.shape[0]} x {source.shape[1]} px, "
@@ -258,17 +270,17 @@ def _segment_one(args, image: str, output: str, client, resume: Optional[bool] =
         _, run = job.run(progress=not args.quiet, client=client)
     except BaseException:
         if not args.overwrite:  # an overwrite run writes beside the old output: nothing to resume
-            _say_resumable(output, plan.n_blocks)
+            _say_resumable(output, plan.n_blocks, args.storage_options)
         raise
     say(f"done     {run.tiles - run.skipped} tiles computed in {run.seconds:.1f} s: "
         f"{run.megapixels_per_second:.2f} Mpx/s -> {output}")
     return 0
 
 
-def _say_resumable(output: str, n_blocks: int) -> None:
+def _say_resumable(output: str, n_blocks: int, storage_options: Optional[dict] = None) -> None:
     from .io.manifest import Manifest
 
-    manifest = Manifest(output)
+    manifest = Manifest(output, storage_options)
     if manifest.exists and len(manifest.done_blocks()):
         print(f"tilesegment: {len(manifest.done_blocks())} of {n_blocks} blocks are saved in {output}; "
               "run the same command with --resume to continue", file=sys.stderr)
@@ -324,6 +336,18 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _json_object(text: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object, e.g. '{{\"anon\": true}}'")
+    return value
+
+
 def _channels(text):
     if text is None:
         return None
@@ -336,7 +360,7 @@ def _channels(text):
 def _info(args: argparse.Namespace) -> int:
     import tilesegment as ts
 
-    source = ts.open_image(args.input)
+    source = ts.open_image(args.input, storage_options=args.storage_options)
     print(f"image      {args.input} ({source.format})")
     print(f"shape      {source.shape[0]} x {source.shape[1]} px (Y x X), axes {source.axes}, "
           f"{source.channels} channel(s), {source.dtype}")
@@ -346,7 +370,15 @@ def _info(args: argparse.Namespace) -> int:
         size = "" if lv.pixel_size is None else f", {lv.pixel_size[1]:.4g} um/px"
         print(f"level {i:<4} {lv.shape[0]} x {lv.shape[1]} px{size}")
     if args.model:
-        geometry = ts.Geometry.of(ts.load_model(args.model))
+        model = ts.load_model(args.model)
+        geometry = ts.Geometry.of(model)
+        if hasattr(model, "test_tensors"):  # a bioimage.io package
+            from .models.bioimageio import check_test_tensors
+
+            print(f"bioimage.io {model.name!r}, {model.weights_format} weights; note: "
+                  "loading a package runs its code (architecture), after checking its SHA-256s")
+            print(f"test       its test input reproduces its test output (max abs difference "
+                  f"{check_test_tensors(model):.2g})")
         step = geometry.step[0]
         tiles = [t for t in (256, 512, 1024, 2048) if t % step == 0] or [step * 32]
         print(f"network    halo {geometry.halo[0]}, step {step}, smallest input {geometry.min_input[0]}")

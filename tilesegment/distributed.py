@@ -117,11 +117,16 @@ def run_on_cluster(job, client, progress: bool = True):
 
     from distributed import as_completed
 
+    from .io.sinks import is_local_path
     from .report import RunStats, progress_bar
     from .stitch import Stitcher
 
-    if job.output is None or not isinstance(job.output, (str, os.PathLike)):
-        raise UsageError("a distributed run writes to a shared OME-Zarr path; pass output=PATH")
+    if job.output is None or not is_local_path(job.output):
+        raise UsageError("a distributed run writes to a shared OME-Zarr path; pass output=PATH "
+                         "(URL outputs such as s3:// run locally, without a scheduler)")
+    if job.storage_options:
+        raise UsageError("storage_options do not travel to dask workers; configure remote access "
+                         "through the environment (AWS_ENDPOINT_URL, AWS_PROFILE...) on every worker")
     image = job.image_path
     if image is None:
         raise UsageError("a distributed run reads the image on the workers; pass a file path, "
@@ -131,7 +136,7 @@ def run_on_cluster(job, client, progress: bool = True):
     num_classes = job.num_classes
     stitcher = Stitcher(plan, job.output, job.mode, num_classes=num_classes, overwrite=job.overwrite,
                         pixel_size=job.tiler.source.pixel_size, record=job.record, resume=job.resume,
-                        done_blocks=job.done_blocks)
+                        done_blocks=job.done_blocks, ngff=job.ngff)
     with stitcher:
         sink = stitcher.sink
         spec = BlockSpec(

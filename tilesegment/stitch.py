@@ -10,7 +10,7 @@ import numba
 import numpy as np
 
 from .errors import ModelOutputError, TileSegmentError, UsageError
-from .io.sinks import MemorySink, Sink, ZarrSink
+from .io.sinks import MemorySink, Sink, ZarrSink, check_ngff
 from .plan import TilePlan
 
 __all__ = ["Stitcher", "MODES"]
@@ -125,6 +125,11 @@ class Stitcher:
     sink : Sink, optional
         Write into this sink instead of one made from `output` (used by the
         distributed runner, whose tasks each write their own block).
+    ngff : {"0.5", "0.4"}
+        OME-Zarr version of a file output: 0.5 (zarr v3, default) or 0.4
+        (zarr v2, for QuPath and older readers).
+    storage_options : dict, optional
+        fsspec options of a URL output (``s3://...``), e.g. ``{"endpoint_url": ...}``.
 
     Examples
     --------
@@ -151,6 +156,8 @@ class Stitcher:
         resume: bool = False,
         done_blocks: Optional[np.ndarray] = None,
         sink: Optional[Sink] = None,
+        ngff: str = "0.5",
+        storage_options: Optional[dict] = None,
     ) -> None:
         if mode not in MODES:
             raise UsageError(f"mode {mode!r} is unknown; use one of {', '.join(MODES)}")
@@ -158,9 +165,10 @@ class Stitcher:
         self.mode = mode
         self._output = output
         self._options = dict(overwrite=overwrite, pixel_size=pixel_size, writers=writers,
-                             record=record, resume=resume)
+                             record=record, resume=resume, ngff=check_ngff(ngff),
+                             storage_options=storage_options)
         if output is not None and not resume:
-            ZarrSink.check_output(output, overwrite)
+            ZarrSink.check_output(output, overwrite, storage_options)
         self._sink: Optional[Sink] = sink
         self._num_classes = num_classes
         self._buffers: dict[int, np.ndarray] = {}

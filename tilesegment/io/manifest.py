@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import numpy as np
 
@@ -36,8 +36,13 @@ def model_hash(model: Any) -> str:
 
 def input_identity(image: Any, source) -> dict:
     """What identifies the input: file name and size, or array shape and dtype."""
+    from .remote import is_url, url_name
+
     ident = {"shape": list(source.shape), "channels": source.channels, "dtype": str(source.dtype)}
-    if isinstance(image, (str, os.PathLike)):
+    if is_url(image):
+        ident["name"] = url_name(image)
+        ident["bytes"] = None  # a request per check; name, shape and dtype tell slides apart
+    elif isinstance(image, (str, os.PathLike)):
         path = Path(image)
         ident["name"] = path.name
         ident["bytes"] = path.stat().st_size if path.is_file() else None
@@ -45,40 +50,61 @@ def input_identity(image: Any, source) -> dict:
 
 
 class Manifest:
-    """Completion records of one output folder."""
+    """Completion records of one output: a local folder or a URL (``s3://...``).
 
-    def __init__(self, output: os.PathLike) -> None:
-        self.folder = Path(output) / _FOLDER
-        self._done = self.folder / "done"
+    Remote outputs keep the same objects under the same keys, written with
+    fsspec (``storage_options`` as for the output itself).
+    """
+
+    def __init__(self, output: Union[os.PathLike, str], storage_options: Optional[dict] = None) -> None:
+        from .remote import filesystem, is_url, join
+
+        if is_url(output):
+            self._fs, root = filesystem(output, storage_options)
+        else:
+            from fsspec.implementations.local import LocalFileSystem
+
+            self._fs, root = LocalFileSystem(), os.fspath(Path(output).absolute())
+        self.folder = join(root, _FOLDER)
+        self._run = join(self.folder, "run.json")
+        self._done = join(self.folder, "done")
+
+    def _fresh(self) -> None:
+        # Object-store filesystems cache listings; another process may have written since.
+        self._fs.invalidate_cache(self.folder)
 
     @property
     def exists(self) -> bool:
-        return (self.folder / "run.json").is_file()
+        self._fresh()
+        return self._fs.isfile(self._run)
 
     def start(self, record: dict) -> None:
         """Begin a run: write its identity, with no block done."""
-        self._done.mkdir(parents=True, exist_ok=True)
-        (self.folder / "run.json").write_text(json.dumps(record, indent=1, sort_keys=True))
+        self._fs.makedirs(self._done, exist_ok=True)  # a no-op on object stores
+        self._fs.pipe_file(self._run, json.dumps(record, indent=1, sort_keys=True).encode())
 
     def record(self) -> dict:
-        return json.loads((self.folder / "run.json").read_text())
+        return json.loads(self._fs.cat_file(self._run))
 
     def mark_done(self, block: int, failed_tiles: Optional[list] = None) -> None:
         """Record `block` as written (with its unreadable tiles). Call only after its chunks are on disk."""
-        (self._done / str(int(block))).write_text(json.dumps(failed_tiles or []))
+        self._fs.pipe_file(f"{self._done}/{int(block)}", json.dumps(failed_tiles or []).encode())
 
     def failed_tiles(self) -> list:
         """Unreadable tiles recorded with the finished blocks, in block order."""
         found = []
         for block in self.done_blocks():
-            text = (self._done / str(int(block))).read_text()
+            text = self._fs.cat_file(f"{self._done}/{int(block)}")
             found.extend(json.loads(text) if text else [])
         return found
 
     def done_blocks(self) -> np.ndarray:
-        if not self._done.is_dir():
-            return np.zeros(0, np.int64)
-        return np.array(sorted(int(p.name) for p in self._done.iterdir() if p.name.isdigit()), np.int64)
+        self._fresh()
+        try:
+            names = [p.rstrip("/").rsplit("/", 1)[-1] for p in self._fs.ls(self._done, detail=False)]
+        except FileNotFoundError:
+            names = []
+        return np.array(sorted(int(n) for n in names if n.isdigit()), np.int64)
 
     def check_matches(self, record: dict, output: os.PathLike) -> None:
         """Refuse to resume a run whose settings differ from `record`."""
@@ -96,10 +122,6 @@ class Manifest:
         if not self.exists:
             return None
         record = self.record()
-        for marker in self._done.iterdir() if self._done.is_dir() else ():
-            marker.unlink()
-        if self._done.is_dir():
-            self._done.rmdir()
-        (self.folder / "run.json").unlink()
-        self.folder.rmdir()
+        self._fs.rm(self.folder, recursive=True)
+        self._fresh()
         return record

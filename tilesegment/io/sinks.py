@@ -14,10 +14,25 @@ import numpy as np
 
 from ..errors import OutputExistsError, UsageError
 from .manifest import Manifest
+from .remote import is_url
 
-__all__ = ["Sink", "MemorySink", "ZarrSink", "BlockSink", "is_local_path", "palette"]
+__all__ = ["Sink", "MemorySink", "ZarrSink", "BlockSink", "is_local_path", "palette", "NGFF_VERSIONS",
+           "check_ngff"]
 
 Region = tuple[slice, slice]
+
+#: OME-Zarr versions we write: 0.5 (zarr v3, the default) and 0.4 (zarr v2, for QuPath and
+#: older napari-ome-zarr / ome-zarr-py readers).
+NGFF_VERSIONS = ("0.5", "0.4")
+
+
+def check_ngff(version: str) -> str:
+    """Return `version` as a string if we can write it; raise `UsageError` otherwise."""
+    text = str(version)
+    if text not in NGFF_VERSIONS:
+        raise UsageError(f"ngff {version!r} is not supported; use one of {', '.join(NGFF_VERSIONS)} "
+                         "(0.4 writes zarr v2 for QuPath and older readers)")
+    return text
 
 
 class Sink(Protocol):
@@ -96,18 +111,27 @@ def is_local_path(output: Any) -> bool:
 
 
 class ZarrSink:
-    """An OME-Zarr (NGFF 0.5, zarr v3) image group with the result as array ``"0"``.
+    """An OME-Zarr image group with the result as array ``"0"``.
+
+    NGFF 0.5 (zarr v3, metadata under ``attrs["ome"]``) by default; with
+    ``ngff="0.4"`` zarr v2 with "/"-separated chunk keys and the 0.4
+    metadata at the top level of the attributes, which QuPath and older
+    readers understand. Resuming keeps the version of the output found.
 
     Blocks are written by a thread pool (compression releases the GIL); at
     most ``2 * writers`` blocks wait in memory. When the output exists and
     `overwrite` is set, the new image is written beside it and swapped in
     only once complete, so a failed run never destroys the old one.
 
-    With a run `record` (local paths only), every block is marked done in the
-    output's manifest after its chunks are written; a run that stops early
-    (error, Ctrl-C, SIGKILL) with at least one block done leaves a resumable
-    output, and ``resume=True`` reopens it. A failed run with nothing done
-    removes what it wrote.
+    With a run `record` (local paths and URLs), every block is marked done in
+    the output's manifest after its chunks are written; a run that stops
+    early (error, Ctrl-C, SIGKILL) with at least one block done leaves a
+    resumable output, and ``resume=True`` reopens it. A failed run with
+    nothing done removes what it wrote.
+
+    A URL output (``s3://bucket/out.zarr``) is written through zarr's fsspec
+    store with `storage_options`; it has no sibling to write beside, so
+    ``overwrite=True`` clears it when the run starts.
     """
 
     def __init__(
@@ -123,9 +147,12 @@ class ZarrSink:
         labels: Optional[int] = None,
         record: Optional[dict] = None,
         resume: bool = False,
+        ngff: str = "0.5",
+        storage_options: Optional[dict] = None,
     ) -> None:
         import zarr
 
+        self.ngff = check_ngff(ngff)
         self._final: Optional[Path] = None
         self._names = ("y", "x") if len(shape) == 2 else ("c", "y", "x")
         self._pixel_size, self._labels = pixel_size, labels
@@ -135,16 +162,26 @@ class ZarrSink:
         #: Keep the output on abort even with nothing done (set when other processes may
         #: still be writing into it, as in a distributed run).
         self.keep = False
+        self._url = output if is_url(output) else None
+        self._storage_options = storage_options
+        # zarr takes storage_options only with URLs; block_size is for remote TIFF inputs.
+        zarr_options = ({"storage_options": {k: v for k, v in (storage_options or {}).items()
+                                             if k != "block_size"}} if self._url else {})
         if resume:
-            self._final = self._path = Path(output)
-            self.group = zarr.open_group(self._path, mode="r+")
+            if self._url is None:
+                self._final = self._path = Path(output)
+            self.group = zarr.open_group(self._url or self._path, mode="r+", **zarr_options)
             self.array = self.group["0"]
+            found = "0.4" if self.group.metadata.zarr_format == 2 else "0.5"
+            if found != self.ngff:
+                raise UsageError(f"cannot resume {str(output)!r}: it is NGFF {found}, this run writes "
+                                 f"NGFF {self.ngff}; pass ngff={found!r} (CLI: --ngff {found})")
             if self.array.shape != tuple(shape) or self.array.dtype != np.dtype(dtype):
                 raise UsageError(f"cannot resume {str(output)!r}: its array is {self.array.shape} "
                                  f"{self.array.dtype}, this run writes {tuple(shape)} {np.dtype(dtype)}")
-            self.manifest = Manifest(self._path)
+            self.manifest = Manifest(self._url or self._path, storage_options)
         else:
-            self.check_output(output, overwrite)
+            self.check_output(output, overwrite, storage_options)
             target = output
             if is_local_path(output):
                 self._final = Path(output)
@@ -154,20 +191,34 @@ class ZarrSink:
                     target = self._final.with_name(f".{self._final.name}.{uuid.uuid4().hex[:8]}.tmp")
                 self._path = Path(target)
             mode = "w" if overwrite and not is_local_path(output) else "w-"
-            self.group = zarr.open_group(target, mode=mode, zarr_format=3)
+            self.group = zarr.open_group(target, mode=mode, zarr_format=self._zarr_format, **zarr_options)
             # The OME metadata is written last, in close(): until then the group is not an
             # image, so a run killed midway never leaves something that looks complete.
             self.array = self._create("0", shape, chunks, dtype)
-            if record is not None and self._final is not None:
-                self.manifest = Manifest(self._path)
+            if record is not None and (self._final is not None or self._url is not None):
+                self.manifest = Manifest(self._url or self._path, storage_options)
                 self.manifest.start(record)
         self._pool = ThreadPoolExecutor(max(1, writers), thread_name_prefix="tilesegment-write")
         self._slots = threading.BoundedSemaphore(2 * max(1, writers))
         self._futures: list[Future] = []
 
-    def _create(self, name: str, shape, chunks, dtype):
-        from zarr.codecs import BloscCodec
+    @property
+    def _zarr_format(self) -> int:
+        return 2 if self.ngff == "0.4" else 3
 
+    def _create(self, name: str, shape, chunks, dtype):
+        options: dict[str, Any]
+        if self._zarr_format == 3:
+            from zarr.codecs import BloscCodec
+
+            options = dict(compressors=BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"),
+                           dimension_names=self._names)
+        else:
+            from numcodecs import Blosc
+
+            # NGFF 0.4 requires "/" chunk keys; v2 has no dimension names (the axes say them).
+            options = dict(compressors=Blosc(cname="zstd", clevel=3, shuffle=Blosc.BITSHUFFLE),
+                           chunk_key_encoding={"name": "v2", "separator": "/"})
         return self.group.create_array(
             name,
             overwrite=name != "0",  # a run killed while building the pyramid left some levels
@@ -175,21 +226,33 @@ class ZarrSink:
             chunks=tuple(min(c, n) for c, n in zip(chunks, shape)),
             dtype=dtype,
             fill_value=0,
-            compressors=BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"),
-            dimension_names=self._names,
             # Every chunk is written once, whole: checking each for "all fill value" first
             # (zarr's default) costs a full pass over it, and an empty chunk compresses to bytes.
             config={"write_empty_chunks": True},
+            **options,
         )
 
     def _metadata(self, n_levels: int) -> dict:
+        """The group's OME attributes for `n_levels` pyramid levels, in this sink's NGFF version."""
         meta = _multiscales(self._names, self._pixel_size, self._title, n_levels)
         if self._labels is not None:
             meta["image-label"] = {
-                "version": "0.5",
+                "version": self.ngff,
                 "colors": [{"label-value": k, "rgba": list(rgba)} for k, rgba in enumerate(palette(self._labels))],
             }
+        if self.ngff == "0.4":
+            # 0.4 keeps the version in each multiscale and the keys at the top of the attributes.
+            meta.pop("version")
+            for ms in meta["multiscales"]:
+                ms["version"] = "0.4"
         return meta
+
+    def _write_metadata(self, n_levels: int) -> None:
+        meta = self._metadata(n_levels)
+        if self.ngff == "0.4":
+            self.group.attrs.update(meta)
+        else:
+            self.group.attrs["ome"] = meta
 
     def _build_pyramid(self, smallest: int = 1024) -> int:
         """Write 2x-downsampled levels until the last fits `smallest` px; return the level count.
@@ -227,14 +290,14 @@ class ZarrSink:
         dest[..., y:y1, x:x1] = np.rint(mean) if dest.dtype.kind == "u" else mean
 
     @staticmethod
-    def check_output(output: Any, overwrite: bool) -> None:
+    def check_output(output: Any, overwrite: bool, storage_options: Optional[dict] = None) -> None:
         """Raise `OutputExistsError` if `output` exists and `overwrite` is false.
 
         For zarr stores and URLs (not local paths) `overwrite=True` clears the
         store when the run starts: there is no sibling to write beside.
         """
         if not is_local_path(output):
-            if not overwrite and _store_has_group(output):
+            if not overwrite and _store_has_group(output, storage_options):
                 raise OutputExistsError(
                     f"output store {output!r} already holds a zarr group; pass overwrite=True "
                     "(CLI: --overwrite) to clear and replace it, or use an empty store"
@@ -278,7 +341,7 @@ class ZarrSink:
             for future in self._futures:
                 future.result()
             self._raise_failed()
-            self.group.attrs["ome"] = self._metadata(self._build_pyramid())
+            self._write_metadata(self._build_pyramid())
             if self.manifest is not None:  # includes blocks of earlier, resumed runs
                 self.failed_tiles = self.manifest.failed_tiles()
             if self._record is not None or self.failed_tiles:
@@ -312,7 +375,7 @@ class ZarrSink:
     @property
     def resumable(self) -> bool:
         """Whether a stopped run left blocks that `resume=True` can build on."""
-        return (self.manifest is not None and self._path == self._final
+        return (self.manifest is not None and (self._url is not None or self._path == self._final)
                 and len(self.manifest.done_blocks()) > 0)
 
     def abort(self) -> None:
@@ -324,13 +387,21 @@ class ZarrSink:
         self._pool.shutdown(wait=True, cancel_futures=True)
         if self._final is not None and not self.resumable and not (self.keep and self._path == self._final):
             _remove(self._path)
+        elif self._url is not None and not self.keep and not self.resumable:
+            from .remote import filesystem
+
+            fs, root = filesystem(self._url, self._storage_options)
+            fs.rm(root, recursive=True)  # what this run wrote (an overwritten store was cleared)
 
 
-def _store_has_group(store: Any) -> bool:
+def _store_has_group(store: Any, storage_options: Optional[dict] = None) -> bool:
     import zarr
 
+    options = {}
+    if is_url(store):
+        options["storage_options"] = {k: v for k, v in (storage_options or {}).items() if k != "block_size"}
     try:
-        zarr.open_group(store, mode="r")
+        zarr.open_group(store, mode="r", **options)
         return True
     except Exception:
         return False

@@ -11,6 +11,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import numpy as np
 
 from ..errors import InputError
+from .remote import is_url, open_remote_file, url_name
 
 __all__ = ["ImageSource", "Level", "open_image", "ImageLike"]
 
@@ -216,6 +217,7 @@ def open_image(
     series: int = 0,
     channels: Optional[Sequence[int]] = None,
     mpp: Optional[float] = None,
+    storage_options: Optional[dict] = None,
 ) -> ImageSource:
     """Open `image` for region reads without loading it.
 
@@ -238,6 +240,13 @@ def open_image(
         Target pixel size in micrometres: the finest-but-not-finer level is
         read and area-resampled to exactly `mpp` (see `ResampledSource`).
         Overrides `level`.
+    storage_options : dict, optional
+        For URLs (``s3://``, ``gs://``, ``https://``...): arguments of the
+        fsspec filesystem (e.g. ``{"anon": True}``, ``{"endpoint_url": ...}``),
+        plus ``block_size``, the bytes per range request of a remote TIFF.
+        Credentials and endpoints otherwise come from the usual environment
+        (``AWS_ENDPOINT_URL``, ``AWS_PROFILE``...). A remote TIFF is read in
+        ranges, only the tiles a region needs; a remote zarr chunk by chunk.
 
     Raises
     ------
@@ -247,7 +256,9 @@ def open_image(
     """
     if hasattr(image, "read") and hasattr(image, "channels"):  # already a source
         return image
-    if isinstance(image, (str, os.PathLike)):
+    if is_url(image):
+        source = _open_url(image, axes, level if mpp is None else 0, series, storage_options)
+    elif isinstance(image, (str, os.PathLike)):
         path = Path(image)
         if not path.exists():
             raise InputError(f"input {str(path)!r} does not exist; check the path")
@@ -304,26 +315,46 @@ def _tiff_format(tif) -> str:
     return "tiff"
 
 
-def _open_tiff(path: Path, axes: Optional[str], level: int, series: int) -> ImageSource:
+def _open_url(url: str, axes: Optional[str], level: int, series: int,
+              storage_options: Optional[dict]) -> ImageSource:
+    """A remote TIFF through a range-reading file object, or a remote zarr store."""
+    name = url_name(url)
+    if name.lower().endswith(".zarr") or url.endswith("/"):
+        return _open_zarr(url, axes, level, series, storage_options)
+    handle = open_remote_file(url, storage_options)
+    try:
+        source = _open_tiff(handle, axes, level, series, name=name)
+    except BaseException:
+        handle.close()
+        raise
+    # tifffile leaves file objects it was given open: close it with the source.
+    return replace(source, _resources=(*source._resources, handle))
+
+
+def _open_tiff(path: Any, axes: Optional[str], level: int, series: int,
+               name: Optional[str] = None) -> ImageSource:
+    """A TIFF-family file from a path or a seekable binary file object (named `name`)."""
     import tifffile
     import zarr
 
+    name = name or Path(path).name
     try:
-        tif = tifffile.TiffFile(path)
+        tif = tifffile.TiffFile(path, name=name) if not isinstance(path, (str, os.PathLike)) \
+            else tifffile.TiffFile(path)
         all_series = tif.series
     except Exception as exc:
         raise InputError(
-            f"input {str(path)!r} is not a readable TIFF-family image ({exc}); "
+            f"input {name!r} is not a readable TIFF-family image ({exc}); "
             "supported: TIFF, SVS, OME-TIFF, NDPI, QPTIFF, OME-Zarr"
         ) from None
     try:
         if not 0 <= series < len(all_series):
             raise InputError(
-                f"series {series} is out of range for {path.name}: it has {len(all_series)} "
+                f"series {series} is out of range for {name}: it has {len(all_series)} "
                 f"series, 0..{len(all_series) - 1}"
             )
         chosen = all_series[series]
-        _check_level(level, len(chosen.levels), path.name)
+        _check_level(level, len(chosen.levels), name)
         native = chosen.levels[0].axes
         base = _tiff_pixel_size(tif)
         levels = []
@@ -338,13 +369,15 @@ def _open_tiff(path: Path, axes: Optional[str], level: int, series: int) -> Imag
         try:
             array = open_level(level)
         except Exception as exc:
-            raise InputError(f"cannot read {path.name} (level {level}): {exc}") from None
+            raise InputError(f"cannot read {name} (level {level}): {exc}") from None
         resources: tuple = (tif,)
-        decoder = None if axes else _TileDecoder.of(path, chosen.levels[level])
+        # Remote files (file objects) are read through tifffile's own range requests.
+        local = isinstance(path, (str, os.PathLike))
+        decoder = _TileDecoder.of(path, chosen.levels[level]) if local and not axes else None
         if decoder is not None:
             resources = (tif, decoder)
         return ImageSource(
-            array, axes or chosen.levels[level].axes, levels[level].pixel_size, name=path.name,
+            array, axes or chosen.levels[level].axes, levels[level].pixel_size, name=name,
             format=_tiff_format(tif), levels=tuple(levels), _open_level=open_level,
             _resources=resources, _decode_chunk=decoder,
             _thumbnails=_tiff_thumbnails(all_series, chosen, native),
@@ -438,16 +471,22 @@ def _tiff_pixel_size(tif) -> Optional[tuple[float, float]]:
     return None
 
 
-def _open_zarr(path: Path, axes: Optional[str], level: int, series: int = 0) -> ImageSource:
+def _open_zarr(path: Union[Path, str], axes: Optional[str], level: int, series: int = 0,
+               storage_options: Optional[dict] = None) -> ImageSource:
     import zarr
 
+    remote = is_url(path)
+    name = url_name(path) if remote else Path(path).name
+    options = {}
+    if remote:  # block_size is ours (remote TIFFs), not the filesystem's
+        options["storage_options"] = {k: v for k, v in (storage_options or {}).items() if k != "block_size"}
     try:
-        node = zarr.open(str(path), mode="r")
+        node = zarr.open(str(path), mode="r", **options)
     except Exception as exc:
         raise InputError(f"input {str(path)!r} is not a zarr store ({exc})") from None
     if not isinstance(node, zarr.Group):
-        _check_level(level, 1, path.name)
-        return ImageSource(node, axes or _default_axes(tuple(node.shape)), name=path.name, format="zarr")
+        _check_level(level, 1, name)
+        return ImageSource(node, axes or _default_axes(tuple(node.shape)), name=name, format="zarr")
     attrs = node.attrs.asdict()
     multiscales = attrs.get("ome", attrs).get("multiscales")  # NGFF 0.5 nests under "ome"
     if not multiscales:
@@ -456,7 +495,7 @@ def _open_zarr(path: Path, axes: Optional[str], level: int, series: int = 0) -> 
         )
     ms = multiscales[0]
     datasets = ms["datasets"]
-    _check_level(level, len(datasets), path.name)
+    _check_level(level, len(datasets), name)
     names = [a["name"] if isinstance(a, dict) else a for a in ms.get("axes", [])]
     if axes is None and names:
         axes = "".join({"c": "C"}.get(n.lower(), n.upper()) for n in names)
@@ -471,6 +510,6 @@ def _open_zarr(path: Path, axes: Optional[str], level: int, series: int = 0) -> 
         levels.append(Level((int(array.shape[ax.index("Y")]), int(array.shape[ax.index("X")])), pixel_size))
     return ImageSource(
         node[datasets[level]["path"]], axes or _default_axes(tuple(node[datasets[level]["path"]].shape)),
-        levels[level].pixel_size, name=path.name, format="ome-zarr", levels=tuple(levels),
+        levels[level].pixel_size, name=name, format="ome-zarr", levels=tuple(levels),
         _open_level=lambda i: node[datasets[i]["path"]],
     )

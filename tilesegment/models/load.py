@@ -1,4 +1,4 @@
-"""Save and load models: our checkpoint, TorchScript, or ``"package.module:factory"``."""
+"""Save and load models: our checkpoint, TorchScript, ONNX, or ``"package.module:factory"``."""
 
 from __future__ import annotations
 
@@ -24,15 +24,23 @@ _ARCHITECTURES = {"UNet": UNet}
 DEMO_MODEL = Path(__file__).with_name("demo_unet.pt")
 
 
-def save_model(model: UNet, path: Union[str, os.PathLike], **metadata: Any) -> Path:
-    """Write `model` as a tilesegment checkpoint: architecture, weights, normalization.
+def save_model(model: nn.Module, path: Union[str, os.PathLike], *, format: str = "checkpoint",
+               **metadata: Any) -> Path:
+    """Write `model` as a tilesegment checkpoint (architecture, weights, normalization) or ONNX.
 
     Parameters
     ----------
-    model : UNet
-        A built-in network (its ``config`` rebuilds it).
+    model : UNet or torch.nn.Module
+        A built-in network (its ``config`` rebuilds it); for ``format="onnx"``
+        any module whose geometry `Geometry.of` finds.
     path : str or path-like
-        Destination file, conventionally ``*.pt``.
+        Destination file, conventionally ``*.pt`` (checkpoint) or ``*.onnx``.
+    format : {"checkpoint", "onnx"}
+        ``"onnx"`` exports with dynamic batch, height and width and stores
+        the geometry and normalization in the file's metadata, so
+        ``load_model("net.onnx")`` runs it through onnxruntime with no
+        probing (needs ``pip install 'tilesegment[onnx]'``; see
+        `tilesegment.models.onnx.export_onnx` for the exporter options).
     **metadata
         Extra JSON-like facts to keep with the weights (training data, scores).
 
@@ -41,6 +49,12 @@ def save_model(model: UNet, path: Union[str, os.PathLike], **metadata: Any) -> P
     pathlib.Path
         The written file.
     """
+    if format == "onnx":
+        from .onnx import export_onnx
+
+        return export_onnx(model, path, **metadata)
+    if format != "checkpoint":
+        raise ModelError(f"save_model format {format!r} is unknown; use 'checkpoint' or 'onnx'")
     arch = type(model).__name__
     if arch not in _ARCHITECTURES or not hasattr(model, "config"):
         raise ModelError(
@@ -71,8 +85,11 @@ def load_model(spec: ModelSpec) -> nn.Module:
     spec : nn.Module, path or str
         A module (returned as is); ``"demo"``, the bundled H&E model
         (background, tissue, nuclei); a tilesegment checkpoint written by
-        `save_model`; a TorchScript file; or ``"package.module:factory"``, a
-        callable that returns a module.
+        `save_model`; a TorchScript file; an ONNX file (``*.onnx``, run
+        through onnxruntime, see `tilesegment.models.onnx.OnnxModel`); a
+        bioimage.io model (``rdf.yaml`` or package ``.zip``; loading it runs
+        its architecture code, see `tilesegment.models.bioimageio`); or
+        ``"package.module:factory"``, a callable that returns a module.
 
     Raises
     ------
@@ -85,13 +102,28 @@ def load_model(spec: ModelSpec) -> nn.Module:
     if text == "demo":
         return _load_file(DEMO_MODEL).eval()
     path = Path(text)
+    if path.is_file() and _is_bioimageio(path):
+        from .bioimageio import load_bioimageio
+
+        return load_bioimageio(path)
+    if path.is_file() and path.suffix.lower() == ".onnx":
+        from .onnx import OnnxModel
+
+        return OnnxModel(path).eval()
     if path.is_file():
         return _load_file(path).eval()
     if ":" in text and not path.suffix:
         return _load_factory(text).eval()
     raise ModelError(
-        f"model {text!r} not found; pass a checkpoint path (*.pt) or 'package.module:factory'"
+        f"model {text!r} not found; pass a checkpoint path (*.pt), an ONNX file (*.onnx), a "
+        "bioimage.io rdf.yaml or package .zip, or 'package.module:factory'"
     )
+
+
+def _is_bioimageio(path: Path) -> bool:
+    from .bioimageio import is_bioimageio
+
+    return is_bioimageio(path)
 
 
 def _load_file(path: Path) -> nn.Module:

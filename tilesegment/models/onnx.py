@@ -1,0 +1,382 @@
+"""ONNX models run through onnxruntime, wrapped as a ``torch.nn.Module``.
+
+The wrapper lets an ONNX network go everywhere a torch module goes (executor,
+geometry, manifest, distributed tasks) without those stages knowing about
+onnxruntime: ``forward`` takes and returns torch tensors. Its `geometry`
+is declared, from the model's own metadata (written by
+``save_model(..., format="onnx")``) or found once by running the network on
+small inputs, so the meta-device probe never needs to look inside it.
+
+onnxruntime is an optional dependency (``pip install "tilesegment[onnx]"``);
+it is imported only when an ONNX model is loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import warnings
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import ModelError
+from ..geometry import Geometry
+
+__all__ = ["OnnxModel", "export_onnx", "GEOMETRY_KEY", "NORMALIZATION_KEY"]
+
+#: Keys of the ONNX ``metadata_props`` that carry what tilesegment needs.
+GEOMETRY_KEY = "tilesegment.geometry"
+NORMALIZATION_KEY = "tilesegment.normalization"
+
+
+def _import_ort():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ModelError(
+            "ONNX models need onnxruntime: pip install 'tilesegment[onnx]' (or onnxruntime-gpu "
+            "on a CUDA machine)"
+        ) from None
+    return onnxruntime
+
+
+class OnnxModel(nn.Module):
+    """An ONNX segmentation network, run by onnxruntime, usable as a torch module.
+
+    Parameters
+    ----------
+    model : path or bytes
+        The ``.onnx`` file (or its bytes). Its first input must be
+        ``(N, C, H, W)`` with dynamic H and W; the first output is used.
+    geometry : Geometry, optional
+        Declare the network's halo and step (needed for "same"-padded
+        networks, whose output is as large as their input). By default it
+        is read from the model's ``tilesegment.geometry`` metadata, or found
+        by running the network on growing small inputs (once, at load).
+    providers : sequence, optional
+        onnxruntime execution providers for CUDA devices, e.g.
+        ``["TensorrtExecutionProvider", "CUDAExecutionProvider"]``. Default:
+        CUDA when onnxruntime-gpu offers it. CPU inputs always use the CPU
+        provider.
+    threads : int, optional
+        Intra-op threads of the CPU session (default: ``torch.get_num_threads()``,
+        so torch and ONNX models share the cores alike).
+
+    Notes
+    -----
+    On CUDA inputs the network reads the torch tensor in place and writes
+    into a torch tensor (onnxruntime IO binding): no copy through the host.
+
+    Raises
+    ------
+    ModelError
+        When onnxruntime is missing, the file is not ONNX, the input is not
+        4-d, its channel axis is not fixed, or its spatial axes are fixed
+        (tiles of other sizes could not run).
+    """
+
+    def __init__(
+        self,
+        model: Union[str, os.PathLike, bytes],
+        *,
+        geometry: Optional[Geometry] = None,
+        providers: Optional[Sequence[Any]] = None,
+        threads: Optional[int] = None,
+    ) -> None:
+        super().__init__()
+        _import_ort()
+        if isinstance(model, (bytes, bytearray)):
+            data, self.name = bytes(model), "ONNX model"
+        else:
+            path = Path(model)
+            data, self.name = path.read_bytes(), path.name
+        self._data = data
+        self._providers = None if providers is None else list(providers)
+        self._threads = threads
+        self._sessions: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self._shapes: dict[tuple[int, int], tuple[int, ...]] = {}
+        # The file's hash as a buffer: the manifest's model hash (state_dict) then tells
+        # ONNX models apart, so resume refuses another model.
+        digest = hashlib.sha256(data).digest()
+        self.register_buffer("onnx_sha256", torch.tensor(list(digest), dtype=torch.uint8))
+        try:
+            session = self._session("cpu")
+        except Exception as exc:
+            raise ModelError(f"{self.name} is not a readable ONNX model ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+        node = session.get_inputs()[0]
+        self._input_name, self._output_name = node.name, session.get_outputs()[0].name
+        self._input_type = np.float16 if node.type == "tensor(float16)" else np.float32
+        shape = list(node.shape)
+        if len(shape) != 4:
+            raise ModelError(f"{self.name}: input {node.name!r} has shape {shape}; tilesegment "
+                             "runs 2-d networks with (N, C, H, W) inputs")
+        if not isinstance(shape[1], int):
+            raise ModelError(f"{self.name}: the channel axis of input {node.name!r} is dynamic "
+                             f"({shape[1]!r}); export the model with a fixed number of channels")
+        if isinstance(shape[2], int) or isinstance(shape[3], int):
+            raise ModelError(
+                f"{self.name}: input {node.name!r} has fixed spatial axes {tuple(shape[2:])}, so "
+                "tiles of other sizes cannot run; re-export with dynamic height and width, e.g. "
+                "torch.onnx.export(..., dynamic_axes={'input': {0: 'n', 2: 'h', 3: 'w'}}) or "
+                "ts.save_model(model, 'net.onnx', format='onnx')"
+            )
+        self.in_channels = int(shape[1])
+        self._fixed_batch = shape[0] if isinstance(shape[0], int) else None
+        meta = session.get_modelmeta().custom_metadata_map
+        self.metadata = dict(meta)
+        self.normalization = _normalization(meta.get(NORMALIZATION_KEY), self.name)
+        if geometry is None and GEOMETRY_KEY in meta:
+            try:
+                geometry = Geometry(**json.loads(meta[GEOMETRY_KEY]))
+            except Exception as exc:
+                raise ModelError(f"{self.name}: metadata {GEOMETRY_KEY} is invalid ({exc})") from None
+        self.num_classes: Optional[int] = None
+        self.geometry: Geometry = geometry if geometry is not None else self._probe()
+        self.num_classes = int(self._output_shape(self.geometry.min_input)[1])
+
+    # -- geometry ------------------------------------------------------------------------
+
+    def _probe(self) -> Geometry:
+        from .._probe import probe_geometry
+
+        # The probe calls forward() on meta tensors; while `geometry` is unset those run the
+        # network on zeros of that size (small sizes fail or finish fast).
+        self.geometry = None  # type: ignore[assignment]
+        geometry = probe_geometry(self, self.in_channels)
+        if geometry.shrink == (0, 0):
+            raise ModelError(
+                f"{self.name} pads internally (its output is as large as its input), so its "
+                "halo cannot be measured; declare it: OnnxModel(path, geometry=ts.Geometry(halo=..., "
+                f"step={geometry.step[0]})), or store it with ts.save_model(..., format='onnx')"
+            )
+        return geometry
+
+    def _output_shape(self, size: Sequence[int], batch: int = 1) -> tuple[int, ...]:
+        """Output shape for an input of spatial `size`: from the geometry, or one real run."""
+        size = (int(size[0]), int(size[1]))
+        geometry = getattr(self, "geometry", None)
+        classes = getattr(self, "num_classes", None)
+        if geometry is not None and classes is not None and geometry.is_valid_input(size):
+            return (batch, classes, *geometry.output_size(size))
+        if size not in self._shapes:
+            x = np.zeros((1, self.in_channels, *size), dtype=self._input_type)
+            self._shapes[size] = tuple(int(s) for s in self._run_cpu(x).shape)
+        return (batch, *self._shapes[size][1:])
+
+    # -- sessions ------------------------------------------------------------------------
+
+    def _session(self, device: str):
+        with self._lock:
+            session = self._sessions.get(device)
+            if session is None:
+                session = self._sessions[device] = self._new_session(device)
+            return session
+
+    def _new_session(self, device: str):
+        ort = _import_ort()
+        options = ort.SessionOptions()
+        options.log_severity_level = 4  # invalid sizes while probing are expected, not news
+        if device == "cpu":
+            options.intra_op_num_threads = self._threads or torch.get_num_threads()
+            # Idle onnxruntime threads spin by default, taking the cores that the reader
+            # and writer threads need between batches.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            providers: list[Any] = ["CPUExecutionProvider"]
+        else:
+            index = int(device.split(":")[1]) if ":" in device else 0
+            available = ort.get_available_providers()
+            wanted = self._providers or ["CUDAExecutionProvider"]
+            providers = []
+            for p in wanted:
+                name = p[0] if isinstance(p, (tuple, list)) else p
+                if name not in available:
+                    continue
+                if name in ("CUDAExecutionProvider", "TensorrtExecutionProvider") and isinstance(p, str):
+                    p = (name, {"device_id": index})
+                providers.append(p)
+            if not any((p[0] if isinstance(p, tuple) else p) == "CUDAExecutionProvider" for p in providers):
+                raise ModelError(
+                    f"{self.name}: onnxruntime has no CUDA provider here (available: "
+                    f"{', '.join(available)}); pip install onnxruntime-gpu, or run on device='cpu'"
+                )
+            providers.append("CPUExecutionProvider")
+        return ort.InferenceSession(self._data, sess_options=options, providers=providers)
+
+    # -- running -------------------------------------------------------------------------
+
+    def _run_cpu(self, x: np.ndarray) -> np.ndarray:
+        session = self._session("cpu")
+        if self._fixed_batch is not None and len(x) != self._fixed_batch:
+            parts = [session.run([self._output_name], {self._input_name: x[i : i + 1]})[0]
+                     for i in range(len(x))]
+            return np.concatenate(parts)
+        return session.run([self._output_name], {self._input_name: x})[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Run the network on ``(N, C, H, W)``; returns ``(N, K, h, w)`` float32 logits."""
+        if x.device.type == "meta":
+            return torch.empty(self._output_shape(tuple(x.shape[-2:]), x.shape[0]), device="meta")
+        if x.device.type == "cuda":
+            return self._run_cuda(x)
+        data = x.detach().to(torch.float32).contiguous().numpy()  # NCHW, as ONNX expects
+        y = torch.from_numpy(self._run_cpu(data.astype(self._input_type, copy=False)))
+        return y.float()
+
+    def _run_cuda(self, x: torch.Tensor) -> torch.Tensor:
+        """IO binding: onnxruntime reads `x` and writes the result in device memory."""
+        device = x.device
+        session = self._session(f"cuda:{device.index or 0}")
+        dtype = torch.float16 if self._input_type == np.float16 else torch.float32
+        x = x.detach().to(dtype).contiguous()  # NCHW: channels-last strides are not ONNX's
+        shape = self._output_shape(tuple(x.shape[-2:]), x.shape[0])
+        if self._fixed_batch is not None and x.shape[0] != self._fixed_batch:
+            return torch.cat([self._run_cuda(x[i : i + 1]) for i in range(x.shape[0])])
+        out_dtype = torch.float16 if session.get_outputs()[0].type == "tensor(float16)" else torch.float32
+        y = torch.empty(shape, dtype=out_dtype, device=device)
+        binding = session.io_binding()
+        binding.bind_input(self._input_name, "cuda", device.index or 0,
+                           np.float16 if dtype == torch.float16 else np.float32,
+                           tuple(x.shape), x.data_ptr())
+        binding.bind_output(self._output_name, "cuda", device.index or 0,
+                            np.float16 if out_dtype == torch.float16 else np.float32,
+                            tuple(y.shape), y.data_ptr())
+        # `x` was written on torch's stream and onnxruntime runs on its own: wait for the
+        # upload first. Run() returns after onnxruntime's stream is synchronized, so `y` is
+        # complete for any torch stream afterwards.
+        torch.cuda.current_stream(device).synchronize()
+        try:
+            session.run_with_iobinding(binding)
+        except Exception as exc:
+            if "alloc" in str(exc).lower() or "memory" in str(exc).lower():
+                # Worded so the executor's out-of-memory handling halves the batch.
+                raise RuntimeError(f"CUDA out of memory in onnxruntime: {exc}") from exc
+            raise
+        return y.float()
+
+    # -- copies and pickling -------------------------------------------------------------
+
+    def __deepcopy__(self, memo: dict) -> "OnnxModel":
+        # Sessions cannot be copied; they are thread-safe and shared by the copies
+        # (the executor deep-copies its model before moving it to a device).
+        new = self.__class__.__new__(self.__class__)
+        for key, value in self.__dict__.items():
+            # Module bookkeeping (hooks, buffers, shape cache) is copied; sessions are shared.
+            new.__dict__[key] = value.copy() if isinstance(value, dict) and key != "_sessions" else value
+        new._buffers = {k: v.clone() for k, v in self._buffers.items()}
+        memo[id(self)] = new
+        return new
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_sessions"], state["_lock"] = {}, None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def extra_repr(self) -> str:
+        return f"{self.name}, in_channels={self.in_channels}, geometry={self.geometry}"
+
+
+def _normalization(text: Optional[str], name: str):
+    if not text:
+        return None
+    try:
+        mean, std = json.loads(text)
+        return (tuple(float(v) for v in mean), tuple(float(v) for v in std))
+    except Exception as exc:
+        raise ModelError(f"{name}: metadata {NORMALIZATION_KEY} is invalid ({exc})") from None
+
+
+def export_onnx(
+    model: nn.Module,
+    path: Union[str, os.PathLike],
+    *,
+    in_channels: Optional[int] = None,
+    geometry: Optional[Geometry] = None,
+    opset: Optional[int] = None,
+    dynamo: bool = False,
+    **metadata: Any,
+) -> Path:
+    """Export `model` to ONNX with dynamic batch and spatial axes and its geometry inside.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The network (any module; its geometry from `Geometry.of`).
+    path : str or path-like
+        Destination ``*.onnx`` file.
+    in_channels : int, optional
+        Input channels (default: from the first convolution).
+    geometry : Geometry, optional
+        Stored in the file's metadata (default: ``Geometry.of(model)``), so
+        loading needs no probe.
+    opset : int, optional
+        ONNX opset (default: the exporter's).
+    dynamo : bool
+        Use torch's ``torch.export``-based exporter (needs ``onnxscript``)
+        instead of the TorchScript-based one (the default here: no extra
+        dependency, and it exports a U-Net in under a second).
+    **metadata
+        Extra facts stored as JSON strings in the model's ``metadata_props``.
+
+    Returns
+    -------
+    pathlib.Path
+        The written file.
+    """
+    try:
+        import onnx
+    except ImportError:
+        raise ModelError("exporting ONNX needs the onnx package: pip install 'tilesegment[onnx]'") from None
+    from .._probe import model_in_channels
+
+    path = Path(path)
+    model = model.eval()
+    geometry = Geometry.of(model) if geometry is None else geometry
+    in_channels = in_channels or model_in_channels(model)
+    if in_channels is None:
+        raise ModelError("cannot tell the model's input channels; pass in_channels=")
+    example = torch.zeros(1, in_channels, *geometry.min_input)
+    kwargs: dict[str, Any] = dict(input_names=["input"], output_names=["output"])
+    if opset is not None:
+        kwargs["opset_version"] = opset
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter's notice
+        if dynamo:
+            n, h, w = (torch.export.Dim(name) for name in ("n", "h", "w"))
+            torch.onnx.export(model, (example,), str(path), dynamo=True,
+                              dynamic_shapes={next(iter(_forward_args(model))): {0: n, 2: h, 3: w}},
+                              **kwargs)
+        else:
+            torch.onnx.export(model, (example,), str(path), dynamo=False,
+                              dynamic_axes={"input": {0: "n", 2: "h", 3: "w"},
+                                            "output": {0: "n", 2: "h_out", 3: "w_out"}}, **kwargs)
+    proto = onnx.load(str(path))
+    props = {GEOMETRY_KEY: json.dumps({"halo": list(geometry.halo), "step": list(geometry.step),
+                                       "min_input": list(geometry.min_input),
+                                       "shrink": list(geometry.shrink)})}
+    normalization = getattr(model, "normalization", None)
+    if normalization is not None:
+        props[NORMALIZATION_KEY] = json.dumps([list(normalization[0]), list(normalization[1])])
+    props.update({f"tilesegment.{k}": json.dumps(v) for k, v in metadata.items()})
+    for key, value in props.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(proto, str(path))
+    return path
+
+
+def _forward_args(model: nn.Module):
+    import inspect
+
+    return inspect.signature(model.forward).parameters
