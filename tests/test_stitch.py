@@ -3,7 +3,7 @@ import pytest
 import zarr
 
 import tilesegment as ts
-from tilesegment.stitch import _crop_labels, _crop_copy, _crop_probabilities
+from tilesegment._kernels import crop_copy as _crop_copy, crop_labels as _crop_labels, crop_probabilities as _crop_probabilities
 
 
 @pytest.fixture

@@ -23,7 +23,8 @@ from .io.sources import ImageLike, open_image
 from .models.load import ModelSpec, load_model
 from .pipeline import run_pipeline
 from .report import RunStats, progress_bar
-from .stitch import MODES, Stitcher
+from .modes import get_mode
+from .stitch import Stitcher
 from .tiler import Tiler
 from .tissue import MaskLike, load_mask
 
@@ -218,8 +219,7 @@ def prepare(
     Takes the parameters of `segment` (except `progress`) and returns a
     `Job`; raises the same errors `segment` would, before any work.
     """
-    if mode not in MODES:
-        raise UsageError(f"mode {mode!r} is unknown; use one of {', '.join(MODES)}")
+    get_mode(mode)  # an unknown mode fails here, before anything is opened
     if precision not in PRECISIONS:
         raise UsageError(f"precision {precision!r} is unknown; use one of {', '.join(PRECISIONS)}")
     _check_output(image, output, overwrite, resume, storage_options)
@@ -422,17 +422,12 @@ segment.__signature__ = inspect.Signature(
 )
 
 
-#: Expected compressed size per uncompressed byte (zstd + bit-shuffle), per mode: label maps
-#: compress far better than logits. Used only to refuse runs that cannot fit the disk.
-_COMPRESSION = {"labels": 0.15, "probabilities": 0.5, "logits": 1.0}
-
-
 def _check_free_space(output: Any, plan, mode: str, classes: int) -> None:
     import shutil
     from pathlib import Path
 
-    per_pixel = 1 if mode == "labels" else classes * (4 if mode == "logits" else 1)
-    need = plan.shape[0] * plan.shape[1] * per_pixel * _COMPRESSION[mode] * 4 / 3  # + pyramid
+    kind = get_mode(mode)
+    need = math.prod(plan.shape) * kind.bytes_per_pixel(classes) * kind.compression * 4 / 3  # + pyramid
     folder = Path(output).resolve().parent
     free = shutil.disk_usage(folder).free
     if need > free:

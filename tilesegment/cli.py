@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .errors import TileSegmentError, UsageError
+from .modes import MODES
 
 __all__ = ["main"]
 
@@ -52,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     seg.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                      help="autocast precision; auto: bf16 on GPUs that support it, fp32 on CPU")
     seg.add_argument("--compile", action="store_true", help="run the model through torch.compile")
-    seg.add_argument("--mode", choices=("labels", "probabilities", "logits"), default="labels",
+    seg.add_argument("--mode", choices=list(MODES), default="labels",
                      help="labels: uint8 argmax; probabilities: uint8 softmax*255; logits: float32")
     seg.add_argument("--level", type=int, default=0, help="pyramid level to segment (default: 0)")
     seg.add_argument("--mpp", type=float, default=None,

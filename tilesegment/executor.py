@@ -24,6 +24,7 @@ from torch import nn
 
 from .errors import TileSegmentError, UsageError
 from .geometry import Geometry, Pair
+from .modes import Mode, get_mode
 
 __all__ = [
     "Executor",
@@ -381,20 +382,10 @@ def _is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
-def reduce_logits(y: torch.Tensor, mode: str) -> torch.Tensor:
-    """Turn ``(N, K, h, w)`` logits into what `mode` writes, as the stitcher's kernels do.
-
-    labels: ``(N, 1, h, w)`` uint8 argmax (``logit > 0`` for one class);
-    probabilities: ``(N, K, h, w)`` uint8 ``round(softmax * 255)`` (sigmoid for
-    one class); logits: float32 unchanged.
-    """
-    if mode == "labels":
-        labels = (y > 0) if y.shape[1] == 1 else y.argmax(1, keepdim=True)
-        return labels.to(torch.uint8)
-    if mode == "probabilities":
-        p = torch.sigmoid(y) if y.shape[1] == 1 else torch.softmax(y, dim=1)
-        return torch.floor(p * 255.0 + 0.5).to(torch.uint8)
-    return y
+def reduce_logits(y: torch.Tensor, mode: Union[str, Mode]) -> torch.Tensor:
+    """Turn ``(N, K, h, w)`` logits into what `mode` writes, as the stitcher's kernels do
+    (see `tilesegment.modes`)."""
+    return get_mode(mode).reduce(y)
 
 
 def _to_device(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:

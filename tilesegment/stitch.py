@@ -2,89 +2,18 @@
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any, Optional, Union
 
-import numba
 import numpy as np
 
+from ._kernels import crop_copy
 from .errors import ModelOutputError, TileSegmentError, UsageError
+from .modes import Mode, get_mode
 from .io.sinks import MemorySink, Sink, ZarrSink, check_ngff
 from .plan import TilePlan
 
-__all__ = ["Stitcher", "MODES"]
-
-#: Output modes: what is written per pixel.
-MODES = ("labels", "probabilities", "logits")
-
-
-# Each kernel returns whether every value it read was finite: checking in the
-# same pass costs nothing, where a separate np.isfinite pass over a strided
-# window allocates and copies as much again. ``v - v == 0`` is False exactly
-# for NaN and +-Inf, and always True for integers.
-
-
-@numba.njit(cache=True, nogil=True)
-def _crop_copy(out, cy, cx, h, w, dest, dy, dx):  # pragma: no cover - compiled
-    finite = True
-    for k in range(out.shape[0]):
-        for i in range(h):
-            for j in range(w):
-                v = out[k, cy + i, cx + j]
-                finite &= (v - v) == 0
-                dest[k, dy + i, dx + j] = v
-    return finite
-
-
-@numba.njit(cache=True, nogil=True)
-def _crop_labels(out, cy, cx, h, w, dest, dy, dx):  # pragma: no cover - compiled
-    classes = out.shape[0]
-    finite = True
-    for i in range(h):
-        for j in range(w):
-            best, arg = out[0, cy + i, cx + j], 0
-            finite &= (best - best) == 0
-            if classes == 1:
-                dest[dy + i, dx + j] = 1 if best > 0 else 0
-                continue
-            for k in range(1, classes):
-                v = out[k, cy + i, cx + j]
-                finite &= (v - v) == 0
-                if v > best:  # first maximum wins, as numpy.argmax
-                    best, arg = v, k
-            dest[dy + i, dx + j] = arg
-    return finite
-
-
-@numba.njit(cache=True, nogil=True)
-def _crop_probabilities(out, cy, cx, h, w, dest, dy, dx):  # pragma: no cover - compiled
-    classes = out.shape[0]
-    finite = True
-    for i in range(h):
-        for j in range(w):
-            if classes == 1:
-                v = out[0, cy + i, cx + j]
-                finite &= (v - v) == 0
-                p = 1.0 / (1.0 + math.exp(-float(v)))
-                dest[0, dy + i, dx + j] = np.uint8(math.floor(p * 255.0 + 0.5))
-                continue
-            top = out[0, cy + i, cx + j]
-            for k in range(classes):
-                v = out[k, cy + i, cx + j]
-                finite &= (v - v) == 0
-                top = max(top, v)
-            total = 0.0
-            for k in range(classes):
-                total += math.exp(float(out[k, cy + i, cx + j] - top))
-            for k in range(classes):
-                p = math.exp(float(out[k, cy + i, cx + j] - top)) / total
-                dest[k, dy + i, dx + j] = np.uint8(math.floor(p * 255.0 + 0.5))
-    return finite
-
-
-_KERNELS = {"labels": _crop_labels, "probabilities": _crop_probabilities, "logits": _crop_copy}
-_DTYPES = {"labels": np.uint8, "probabilities": np.uint8, "logits": np.float32}
+__all__ = ["Stitcher"]
 
 
 class Stitcher:
@@ -105,8 +34,8 @@ class Stitcher:
     output : None, path or zarr store
         None keeps the result in memory (a numpy array); a path or store gets
         an OME-Zarr image group whose full-resolution array is ``"0"``.
-    mode : {"labels", "probabilities", "logits"}
-        What to write per pixel.
+    mode : {"labels", "probabilities", "logits"} or Mode
+        What to write per pixel (see `tilesegment.modes`).
     num_classes : int, optional
         Output channels; taken from the first output when omitted.
     overwrite : bool
@@ -146,7 +75,7 @@ class Stitcher:
         self,
         plan: TilePlan,
         output: Union[None, str, os.PathLike, Any] = None,
-        mode: str = "labels",
+        mode: Union[str, Mode] = "labels",
         *,
         num_classes: Optional[int] = None,
         overwrite: bool = False,
@@ -159,10 +88,8 @@ class Stitcher:
         ngff: str = "0.5",
         storage_options: Optional[dict] = None,
     ) -> None:
-        if mode not in MODES:
-            raise UsageError(f"mode {mode!r} is unknown; use one of {', '.join(MODES)}")
         self.plan = plan
-        self.mode = mode
+        self.mode: Mode = get_mode(mode)
         self._output = output
         self._options = dict(overwrite=overwrite, pixel_size=pixel_size, writers=writers,
                              record=record, resume=resume, ngff=check_ngff(ngff),
@@ -189,14 +116,14 @@ class Stitcher:
 
     def _open(self, num_classes: int) -> None:
         self._num_classes = num_classes
-        shape = self.plan.shape if self.mode == "labels" else (num_classes, *self.plan.shape)
-        dtype = _DTYPES[self.mode]
+        mode = self.mode
+        shape, dtype = mode.shape(self.plan.shape, num_classes), mode.dtype
         if self._output is None:
             self._sink = MemorySink(shape, dtype)
         else:
-            chunks = self.plan.chunk_size if self.mode == "labels" else (num_classes, *self.plan.chunk_size)
-            labels = max(num_classes, 2) if self.mode == "labels" else None
-            self._sink = ZarrSink(self._output, shape, dtype, chunks, labels=labels, **self._options)
+            chunks = mode.shape(self.plan.chunk_size, num_classes)
+            self._sink = ZarrSink(self._output, shape, dtype, chunks, labels=mode.label_count(num_classes),
+                                  **self._options)
 
     # -- adding outputs -------------------------------------------------------------
 
@@ -223,7 +150,7 @@ class Stitcher:
         self._check(indices, outputs, reduced)
         if self._sink is None:
             self._open(outputs.shape[1])
-        kernel = _crop_copy if reduced else _KERNELS[self.mode]
+        kernel = crop_copy if reduced else self.mode.kernel
         crop = (0, 0) if reduced else self.plan.geometry.crop
         for index, out in zip(indices, outputs):
             buffer, dy, dx, h, w = self._target(int(index))
@@ -251,7 +178,7 @@ class Stitcher:
         if self._closed:
             raise UsageError("stitcher is closed; create a new one to add more tiles")
         if self._sink is None:
-            if self.mode != "labels":
+            if self.mode.per_class:
                 raise UsageError("fill() before any output needs Stitcher(..., num_classes=K)")
             self._open(1)
         for index in np.asarray(getattr(tiles, "indices", tiles), dtype=np.int64).reshape(-1):
@@ -260,10 +187,7 @@ class Stitcher:
                 self.failed_tiles.append(entry)
                 self._failed_in.setdefault(int(self._block_of[index]), []).append(entry)
             buffer, dy, dx, h, w = self._target(int(index))
-            window = buffer[..., dy : dy + h, dx : dx + w]
-            window[...] = 0
-            if self.mode == "probabilities":
-                window[0] = 255
+            self.mode.fill(buffer[..., dy : dy + h, dx : dx + w])
             self._tile_done(int(index))
 
     def mark_written(self, blocks: Any) -> None:
@@ -306,10 +230,11 @@ class Stitcher:
                 "expected (N, classes, height, width)"
             )
         if reduced:
-            if outputs.dtype != _DTYPES[self.mode] or (self.mode == "labels" and outputs.shape[1] != 1):
+            mode = self.mode
+            if outputs.dtype != mode.dtype or (not mode.per_class and outputs.shape[1] != 1):
                 raise UsageError(
-                    f"reduced outputs for mode {self.mode!r} must be {np.dtype(_DTYPES[self.mode])}"
-                    f"{' with one channel' if self.mode == 'labels' else ''}; got {outputs.dtype}, "
+                    f"reduced outputs for mode {mode.name!r} must be {mode.dtype}"
+                    f"{'' if mode.per_class else ' with one channel'}; got {outputs.dtype}, "
                     f"shape {outputs.shape}"
                 )
             if outputs.shape[2:] != self.plan.tile_size:
@@ -326,8 +251,7 @@ class Stitcher:
             )
         if self._num_classes is not None and outputs.shape[1] != self._num_classes:
             raise UsageError(f"outputs have {outputs.shape[1]} classes, expected {self._num_classes}")
-        if self.mode == "labels" and outputs.shape[1] > 256:
-            raise UsageError(f"{outputs.shape[1]} classes do not fit uint8 labels; use mode='logits'")
+        self.mode.check_classes(outputs.shape[1])
 
     # -- finishing -------------------------------------------------------------------
 
