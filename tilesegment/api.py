@@ -64,7 +64,7 @@ def auto_tile_size(
     )
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, kw_only=True)
 class Job:
     """A validated segmentation run: every input checked, nothing computed yet.
 
@@ -261,10 +261,13 @@ def prepare(
     open_options = dict(axes=axes, level=level, series=series, channels=channels, mpp=mpp)
     image_path = os.fspath(image) if isinstance(image, (str, os.PathLike)) else None
     storage_options = dict(storage_options) if storage_options else None
-    return Job(model, tiler, tuple(devices), int(batch_size), mode, output, overwrite, precision,
-               compile, memory_budget, compute, record, done is not None,
-               np.zeros(0, np.int64) if done is None else done, image_path, open_options, num_classes,
-               ngff, storage_options)
+    return Job(
+        model=model, tiler=tiler, devices=tuple(devices), batch_size=int(batch_size), mode=mode,
+        output=output, overwrite=overwrite, precision=precision, compile=compile,
+        memory_budget=memory_budget, compute=compute, record=record, resume=done is not None,
+        done_blocks=np.zeros(0, np.int64) if done is None else done, image_path=image_path,
+        open_options=open_options, num_classes=num_classes, ngff=ngff, storage_options=storage_options,
+    )
 
 
 def _mask_identity(spec: MaskLike, mask: Optional[np.ndarray]) -> Optional[str]:
