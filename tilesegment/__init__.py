@@ -14,6 +14,7 @@ from .errors import (
 from .geometry import Geometry
 from .io.sources import ImageSource, open_image
 from .models import UNet, load_model, save_model
+from .objects import Objects, label_objects
 from .plan import Block, Tile, TilePlan
 from .stitch import Stitcher
 from .tiler import Batch, Tiler
@@ -30,6 +31,7 @@ __all__ = [
     "InvalidTileSize",
     "ModelError",
     "ModelOutputError",
+    "Objects",
     "OutputExistsError",
     "RunStats",
     "Stitcher",
@@ -40,6 +42,7 @@ __all__ = [
     "TileSegmentError",
     "UNet",
     "UsageError",
+    "label_objects",
     "load_model",
     "open_image",
     "prepare",
