@@ -213,10 +213,13 @@ def _grid(array: Any, ndim: int, chunks: Any) -> Grid:
         if stored is not None and len(stored) and isinstance(stored[0], tuple):  # dask
             edge = tuple(max(c) for c in stored[-ndim:])
         elif stored is not None and len(stored):  # zarr: whole stored chunks, about a megapixel each
-            edge = list(int(c) for c in stored[-ndim:])
-            for axis in range(ndim):
-                while np.prod(edge) < _TARGET_PIXELS and edge[axis] < shape[axis]:
-                    edge[axis] *= 2
+            edge = [int(c) for c in stored[-ndim:]]
+            while np.prod(edge) < _TARGET_PIXELS:
+                growable = [a for a in range(ndim) if edge[a] < shape[a]]
+                if not growable:
+                    break
+                axis = min(growable, key=lambda a: (edge[a], -a))  # the shortest edge, x first
+                edge[axis] *= 2
             edge = tuple(edge)
         else:
             edge = (DEFAULT_CHUNK,) * 2 if ndim == 2 else (128,) * 3
