@@ -564,6 +564,7 @@ def label_objects(
     classes: Optional[Sequence[int]] = None,
     connectivity: int = 1,
     probabilities: Any = None,
+    class_names: Union[None, Sequence[str], dict] = None,
     chunks: Union[None, int, Sequence[int]] = None,
     overwrite: bool = False,
     progress: bool = True,
@@ -589,6 +590,10 @@ def label_objects(
     probabilities : path or array, optional
         (C, Y, X) class probabilities of the same run, for a labels map: adds
         the mean probability of each object's class to the table.
+    class_names : sequence or dict, optional
+        Name per class value, for the table and the GeoJSON classification
+        (default: those recorded in the segment output by the CLI and
+        `write_class_names`, else "class K").
     chunks : int or tuple, optional
         Processing chunk edge (default: the stored chunks, joined up to about
         a megapixel; 1024 for numpy maps).
@@ -627,6 +632,9 @@ def label_objects(
     [[1, 1, 2], [2, 2, 2], [3, 1, 1], [4, 1, 2]]
     """
     inp = _open_input(labels, chunks, probabilities)
+    if class_names is not None:
+        names = class_names if isinstance(class_names, dict) else dict(enumerate(class_names))
+        inp.names = {**inp.names, **{int(k): str(v) for k, v in names.items()}}
     if not isinstance(connectivity, (int, np.integer)) or not 1 <= connectivity <= inp.ndim:
         raise UsageError(f"connectivity {connectivity!r} must be 1 (face neighbours) to {inp.ndim} "
                          f"(all neighbours) for a {inp.ndim}-D map")
