@@ -136,7 +136,11 @@ def test_geojson_is_what_qupath_reads_gzipped_with_types_classes_and_measurement
     assert by_id[1]["measurements"]["area"] == 36
     with pytest.raises(ts.OutputExistsError):
         objs.to_geojson(path)
-    assert objs.to_geojson(tmp_path / "t.geojson", annotation_classes=[2], annotation_min_area=None)
+    scaled = objs.to_geojson(tmp_path / "t.geojson", annotation_classes=[2], annotation_min_area=None, scale=4)
+    features = {f["properties"]["measurements"]["Object ID"]: f for f in json.loads(scaled.read_text())["features"]}
+    assert features[1]["properties"]["objectType"] == "annotation"
+    assert features[2]["properties"]["objectType"] == "detection"
+    assert features[1]["geometry"]["coordinates"][0][0] in ([8, 8], [32, 8], [32, 32], [8, 32])
 
 
 def test_connectivity_2_joins_diagonal_pixels_into_one_valid_multipolygon(tmp_path):

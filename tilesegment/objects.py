@@ -494,6 +494,7 @@ class Objects:
         overwrite: bool = False,
         annotation_classes: Sequence[int] = (),
         annotation_min_area: Optional[int] = 100_000,
+        scale: float = 1.0,
         progress: bool = False,
     ) -> Path:
         """Write a QuPath-ready GeoJSON FeatureCollection (gzipped when `path` ends in ``.gz``).
@@ -505,7 +506,8 @@ class Objects:
         pixels (None: never by size); ``properties.classification``
         ``{name, color}`` from the model's classes; ``properties.measurements``
         from the table. Features are streamed to the file as their objects
-        are complete.
+        are complete. `scale` multiplies the coordinates (the downsample of
+        the segmented level, when that was not full resolution).
         """
         import gzip
 
@@ -523,6 +525,8 @@ class Objects:
         with opener(tmp, "wt", encoding="utf-8") as out, _bar(len(self), progress, "objects: GeoJSON") as bar:
             out.write('{"type": "FeatureCollection", "features": [\n')
             for n, (oid, geometry) in enumerate(self.outlines()):
+                if scale != 1.0:
+                    geometry = shapely.transform(geometry, lambda xy: xy * scale)
                 k = int(self._merged.classes[oid - 1])
                 area = int(self._merged.area[oid - 1])
                 big = annotation_min_area is not None and area >= annotation_min_area
