@@ -377,17 +377,17 @@ def _sink(inp: _Input, where: Any, dtype, overwrite: bool, writers: int):
 
 
 def _finish_sink(sink: Any, where: Any) -> Any:
+    """Close the sink (pyramid, NGFF metadata); point the label image at its image."""
     import zarr
 
-    array = sink.close()
-    root = sink._final if sink._final is not None else None
-    group = zarr.open_group(root if root is not None else array.store, mode="r+")
+    array = sink.close()  # opened read-only
+    group = zarr.open_group(array.store.with_read_only(False), mode="r+")
     ome = _ome(group)
     label = dict(ome.get("image-label", {}))
     if where == "group":
         label["source"] = {"image": "../../"}
     group.attrs["ome"] = {**ome, "image-label": label}
-    return zarr.open_array(root / "0", mode="r") if root is not None else array
+    return array
 
 
 # ----------------------------------------------------------------------------- the objects
