@@ -287,10 +287,10 @@ def _write_many(task: _Task, chunks: list[int], lookups: list, array_path: str) 
     return len(chunks)
 
 
-def _bar(total: int, enabled: bool, what: str):
+def _bar(total: int, enabled: bool, what: str, unit: str = "chunk"):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit="chunk", desc=what, disable=not enabled, leave=False, dynamic_ncols=True)
+    return tqdm(total=total, unit=unit, desc=what, disable=not enabled, leave=False, dynamic_ncols=True)
 
 
 def _measure_local(task: _Task, progress: bool, workers: int) -> Merged:
@@ -522,7 +522,7 @@ class Objects:
         annotate = {int(k) for k in annotation_classes}
         opener = gzip.open if path.name.lower().endswith(".gz") else open
         tmp = path.with_name(f".{path.name}.tmp")
-        with opener(tmp, "wt", encoding="utf-8") as out, _bar(len(self), progress, "objects: GeoJSON") as bar:
+        with opener(tmp, "wt", encoding="utf-8") as out, _bar(len(self), progress, "objects: GeoJSON", "object") as bar:
             out.write('{"type": "FeatureCollection", "features": [\n')
             for n, (oid, geometry) in enumerate(self.outlines()):
                 if scale != 1.0:
