@@ -16,7 +16,10 @@ The two labelings are checked to be the same partition (whole map compared
 at the smallest size, object counts at every size).
 Output: results/objects.{csv,json,png}.
 
-    python benchmarks/objects.py [--sizes 4096,16384] [--no-dask-image]
+    python benchmarks/objects.py [--sizes 4096,16384] [--no-dask-image] [--maps DIR]
+
+``--maps DIR`` keeps the generated maps there and reuses them (the 16384^2
+one takes minutes to draw).
 """
 
 from __future__ import annotations
@@ -116,6 +119,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="4096,16384")
     parser.add_argument("--no-dask-image", action="store_true")
     parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument("--maps", default=None, help="folder to keep and reuse the generated maps in")
     args = parser.parse_args()
     import zarr
 
@@ -123,8 +127,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for size in (int(s) for s in args.sizes.split(",")):
-            src = tmp / f"map{size}.zarr"
-            write_map(src, size)
+            src = (Path(args.maps) if args.maps else tmp) / f"map{size}.zarr"
+            if not (args.maps and src.exists()):
+                write_map(src, size)
             results = {}
             for tool in ("tilesegment",) + (() if args.no_dask_image else ("dask-image",)):
                 out = tmp / f"{tool}{size}.zarr"
@@ -143,7 +148,7 @@ def main() -> None:
                 for row in rows[-2:]:
                     row["equal_to_other"] = bool(equal)
                 print(f"size {size}: same objects as dask-image: {equal}", flush=True)
-            for path in tmp.glob(f"*{size}.zarr"):
+            for path in tmp.glob(f"*{size}.zarr"):  # outputs (and maps not kept)
                 import shutil
 
                 shutil.rmtree(path)

@@ -171,7 +171,11 @@ def measure_chunk(index: int, grid: Grid, labels: np.ndarray, prob: Optional[np.
     n = len(class_of) - 1
     origin = [r.start for r in grid.region(index)]
     stats = chunk_stats(local, n, origin, grid.shape, prob)
-    shell = [(np.take(local, 0, axis=a).copy(), np.take(local, -1, axis=a).copy()) for a in range(3)]
+    # keep only the planes that face a neighbouring chunk: a 2-D map is one chunk deep, and
+    # its whole chunk would otherwise be kept twice as the "planes" of the leading axis
+    at, counts = grid.index(index), grid.counts
+    shell = [(np.take(local, 0, axis=a).copy() if at[a] > 0 else None,
+              np.take(local, -1, axis=a).copy() if at[a] < counts[a] - 1 else None) for a in range(3)]
     return ChunkResult(index, n, class_of[1:], stats, shell), local
 
 
