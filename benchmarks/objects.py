@@ -120,6 +120,8 @@ def main() -> None:
     parser.add_argument("--no-dask-image", action="store_true")
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--maps", default=None, help="folder to keep and reuse the generated maps in")
+    parser.add_argument("--dask-image-sizes", default=None,
+                        help="sizes to run dask-image on (default: all; it needs minutes at 16384^2)")
     args = parser.parse_args()
     import zarr
 
@@ -131,7 +133,9 @@ def main() -> None:
             if not (args.maps and src.exists()):
                 write_map(src, size)
             results = {}
-            for tool in ("tilesegment",) + (() if args.no_dask_image else ("dask-image",)):
+            theirs = not args.no_dask_image and (args.dask_image_sizes is None or
+                                                 str(size) in args.dask_image_sizes.split(","))
+            for tool in ("tilesegment",) + (("dask-image",) if theirs else ()):
                 out = tmp / f"{tool}{size}.zarr"
                 results[tool] = run(tool, src, out, args.timeout)
                 row = {"tool": tool, "size": size, "megapixels": round(size * size / 1e6, 1), **results[tool]}
@@ -152,9 +156,12 @@ def main() -> None:
                 import shutil
 
                 shutil.rmtree(path)
+    keys = ["tool", "size", "megapixels", "peak_rss_mb", "seconds", "objects", "mpx_per_s", "equal_to_other",
+            "error"]
+    rows = [{k: r.get(k, "") for k in keys} for r in rows]
     write_rows("objects", rows)
     _plot(rows)
-    ours = [r for r in rows if r["tool"] == "tilesegment" and "peak_rss_mb" in r]
+    ours = [r for r in rows if r["tool"] == "tilesegment" and r["peak_rss_mb"] != ""]
     if len(ours) >= 2:
         print(f"peak RSS ratio {ours[-1]['size']}^2 / {ours[0]['size']}^2: "
               f"{ours[-1]['peak_rss_mb'] / ours[0]['peak_rss_mb']:.3f}")
@@ -174,7 +181,7 @@ def _plot(rows) -> None:
         got = {r["size"]: r for r in rows if r["tool"] == tool}
         xs = np.arange(len(sizes)) + i * width
         for ax, key in zip(axes, ("mpx_per_s", "peak_rss_mb")):
-            ax.bar(xs, [got.get(s, {}).get(key, 0) for s in sizes], width, label=tool)
+            ax.bar(xs, [got.get(s, {}).get(key) or 0 for s in sizes], width, label=tool)
     for ax, title in zip(axes, ("throughput (Mpx/s)", "peak RSS (MB)")):
         ax.set_xticks(np.arange(len(sizes)) + width * (len(tools) - 1) / 2, [f"{s}²" for s in sizes])
         ax.set_title(title)
