@@ -345,8 +345,9 @@ def _find_objects(image: str, classes, connectivity: int, table: Optional[str], 
                          progress=not quiet, client=client)
     counts = objs.table["class_name"].value_counts(sort=False)
     summary = ", ".join(f"{n} {name}" for name, n in counts.items() if n) or "none"
-    say(f"objects  {len(objs)} ({summary}) in {time.perf_counter() - start:.1f} s -> "
-        f"{Path(image) / 'labels' / 'objects'}")
+    stored = Path(image) / "labels" / "objects"
+    where = stored if stored.is_dir() else "not stored (INPUT is an array, not the OME-Zarr group of a segment run)"
+    say(f"objects  {len(objs)} ({summary}) in {time.perf_counter() - start:.1f} s -> {where}")
     if table is not None:
         say(f"table    {objs.to_table(table, overwrite=overwrite)}")
     if geojson is not None:
