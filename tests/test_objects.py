@@ -288,3 +288,18 @@ def test_real_slide_nuclei_equal_whole_image_components_and_outline_them(shared_
         pixels = area[feature["properties"]["measurements"]["Object ID"]]
         assert abs(polygon.area - pixels) <= polygon.length / 2
         assert feature["properties"]["classification"]["name"] == "nuclei"
+
+
+def test_merge_keeps_only_about_one_band_of_chunk_shells():
+    from tilesegment._components import Grid, Merger, measure_chunk
+
+    labels = np.random.default_rng(5).integers(0, 2, (1, 80, 120)).astype(np.uint8)
+    grid = Grid.regular(labels.shape, (1, 10, 10))  # 8 x 12 chunks
+    merger = Merger(grid, connectivity=2)
+    most = 0
+    for i in range(grid.n_chunks):
+        result, _ = measure_chunk(i, grid, labels[grid.region(i)], None, [1], 2)
+        merger.add(result)
+        most = max(most, sum(r.shell is not None for r in merger.results.values()))
+    assert most <= grid.counts[2] + 2
+    assert all(r.shell is None for r in merger.results.values())
