@@ -100,3 +100,18 @@ def test_cli_scheduler_local_runs_on_a_local_cluster(slide, net, tmp_path, capsy
     assert code == 0, capsys.readouterr().err
     expected = ts.segment(slide, net, tile_size=64, progress=False)
     np.testing.assert_array_equal(zarr.open_array(tmp_path / "o.zarr" / "0")[:], expected)
+
+
+def test_distributed_objects_equal_local_ones(cluster, slide, tmp_path):
+    """label_objects on the cluster: chunk tasks plus a merge on the client, equal to a local run."""
+    from conftest import small_unet
+
+    seg = tmp_path / "seg.zarr"
+    ts.segment(slide, small_unet(), seg, tile_size=64, chunk_size=64, progress=False)
+    local = ts.label_objects(seg, tmp_path / "local.zarr", chunks=64, progress=False)
+    remote = ts.label_objects(seg, tmp_path / "remote.zarr", chunks=64, progress=False, client=cluster)
+    assert len(local) > 10
+    np.testing.assert_array_equal(remote.labels[:], local.labels[:])
+    assert remote.table.equals(local.table)
+    with pytest.raises(ts.UsageError, match="zarr path"):
+        ts.label_objects(np.zeros((4, 4), np.uint8), client=cluster, progress=False)

@@ -35,6 +35,8 @@ _LAZY = {
     "Block": "plan",
     "Tile": "plan",
     "TilePlan": "plan",
+    "Objects": "objects",
+    "label_objects": "objects",
     "Stitcher": "stitch",
     "Batch": "tiler",
     "Tiler": "tiler",
@@ -71,6 +73,7 @@ if TYPE_CHECKING:  # what static checkers and IDEs see
     from .geometry import Geometry
     from .io.sources import ImageSource, open_image
     from .models import UNet, load_model, save_model
+    from .objects import Objects, label_objects
     from .plan import Block, Tile, TilePlan
     from .report import RunStats
     from .stitch import Stitcher

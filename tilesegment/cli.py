@@ -82,12 +82,35 @@ def _parser() -> argparse.ArgumentParser:
     seg.add_argument("--scheduler", default=None, metavar="ADDRESS|local:N",
                      help="run blocks on a dask.distributed cluster: a scheduler address, or local:N "
                           "for N local worker processes (paths must be shared with the workers)")
+    seg.add_argument("--objects", action="store_true",
+                     help="also find whole objects (every class but 0): labels/objects in OUTPUT, and "
+                          "OUTPUT's name + .objects.csv and .geojson.gz beside it (see `objects`)")
     seg.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
     seg.set_defaults(run=_segment)
 
+    obj = verbs.add_parser("objects", help="whole objects of a segmented image: instance labels, table, GeoJSON",
+                           description="Find the connected components of each class of a segment output "
+                                       "across its chunks (equal to whole-image connected components), "
+                                       "write them as the NGFF label image INPUT/labels/objects, and "
+                                       "optionally a table (CSV/Parquet) and a QuPath GeoJSON.")
+    obj.add_argument("input", metavar="INPUT.zarr", help="OME-Zarr written by tilesegment segment")
+    obj.add_argument("--classes", default=None, metavar="K,L",
+                     help="classes whose components are objects, e.g. 2 (default: every class but 0)")
+    obj.add_argument("--connectivity", type=int, default=1, metavar="N",
+                     help="1: face neighbours (default); 2 (3 in 3-D): diagonal neighbours too")
+    obj.add_argument("--table", default=None, metavar="PATH", help="write the table: .csv, .csv.gz or .parquet")
+    obj.add_argument("--geojson", default=None, metavar="PATH",
+                     help="write outlines for QuPath: .geojson, or .geojson.gz (gzipped)")
+    obj.add_argument("--overwrite", action="store_true", help="replace earlier objects, table or GeoJSON")
+    obj.add_argument("--scheduler", default=None, metavar="ADDRESS|local:N",
+                     help="label chunks on a dask.distributed cluster (paths shared with the workers)")
+    obj.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
+    obj.set_defaults(run=_objects)
+
     demo = verbs.add_parser("demo", help="segment a generated H&E slide with the bundled model",
                             description="Generate a synthetic H&E slide, segment it with the bundled "
-                                        "demo model, write OME-Zarr and an overview PNG.")
+                                        "demo model, find its objects, write OME-Zarr, a table, QuPath "
+                                        "GeoJSON and an overview picture.")
     demo.add_argument("out_dir", nargs="?", default="tilesegment-demo", help="output folder (default: tilesegment-demo)")
     demo.add_argument("--size", type=int, default=3072, help="edge of the generated slide in px (default: 3072)")
     demo.add_argument("--image", default=None, help="segment this H&E slide instead of a generated one")
@@ -128,6 +151,8 @@ def _segment(args: argparse.Namespace) -> int:
     if len(args.paths) < 2:
         raise UsageError("segment needs an INPUT and an OUTPUT, e.g. tilesegment segment slide.svs slide.zarr")
     *inputs, output = args.paths
+    if args.objects and len(inputs) == 1 and not any(c in inputs[0] for c in "*?["):
+        _check_objects_outputs(output, args.overwrite)
     with _client(args.scheduler) as client:
         if len(inputs) == 1 and not any(c in inputs[0] for c in "*?["):
             return _segment_one(args, inputs[0], output, client)
@@ -275,6 +300,74 @@ def _segment_one(args, image: str, output: str, client, resume: Optional[bool] =
         raise
     say(f"done     {run.tiles - run.skipped} tiles computed in {run.seconds:.1f} s: "
         f"{run.megapixels_per_second:.2f} Mpx/s -> {output}")
+    names = getattr(job.model, "metadata", {}).get("classes")
+    if names and Path(output).is_dir():
+        from .objects import write_class_names
+
+        write_class_names(output, names)
+    if args.objects:
+        table, geojson = _beside(output)
+        _find_objects(output, None, 1, str(table), str(geojson), args.overwrite or resume, args.quiet, client)
+    return 0
+
+
+def _beside(output: str) -> tuple[Path, Path]:
+    """Where `segment --objects` puts the table and the GeoJSON: beside OUTPUT, named after it."""
+    out = Path(output)
+    stem = out.name[:-len(".ome.zarr")] if out.name.endswith(".ome.zarr") else out.stem
+    return out.with_name(f"{stem}.objects.csv"), out.with_name(f"{stem}.geojson.gz")
+
+
+def _check_objects_outputs(output: str, overwrite: bool) -> None:
+    from .errors import OutputExistsError
+
+    for path in _beside(output):
+        if path.exists() and not overwrite:
+            raise OutputExistsError(f"{str(path)!r} exists (objects of an earlier run); pass --overwrite or "
+                                    "another OUTPUT")
+
+
+def _objects(args: argparse.Namespace) -> int:
+    classes = None if args.classes is None else _classes(args.classes)
+    with _client(args.scheduler) as client:
+        return _find_objects(args.input, classes, args.connectivity, args.table, args.geojson,
+                             args.overwrite, args.quiet, client)
+
+
+def _classes(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--classes {text!r} is not a comma-separated list of class numbers, e.g. 2 or 1,2") from None
+
+
+def _find_objects(image: str, classes, connectivity: int, table: Optional[str], geojson: Optional[str],
+                  overwrite: bool, quiet: bool, client) -> int:
+    """Label the objects of a segment output; write the table and GeoJSON when asked."""
+    import time
+
+    from .errors import OutputExistsError
+    from .objects import label_objects
+
+    for path in (table, geojson):  # fail before the work, not after it
+        if path is not None and Path(path).exists() and not overwrite:
+            raise OutputExistsError(f"{path!r} exists; pass --overwrite or another path")
+    say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr))
+    start = time.perf_counter()
+    objs = label_objects(image, classes=classes, connectivity=connectivity, overwrite=overwrite,
+                         progress=not quiet, client=client)
+    counts = objs.table["class_name"].value_counts(sort=False)
+    summary = ", ".join(f"{n} {name}" for name, n in counts.items() if n) or "none"
+    stored = Path(image) / "labels" / "objects"
+    where = stored if stored.is_dir() else "not stored (INPUT is an array, not the OME-Zarr group of a segment run)"
+    say(f"objects  {len(objs)} ({summary}) in {time.perf_counter() - start:.1f} s -> {where}")
+    if table is not None:
+        say(f"table    {objs.to_table(table, overwrite=overwrite)}")
+    if geojson is not None:
+        if objs.ndim != 2:
+            raise UsageError("--geojson is for 2-D images; a 3-D map gets labels and a table only")
+        say(f"geojson  {objs.to_geojson(geojson, overwrite=overwrite, progress=not quiet)}  "
+            "(QuPath: File > Import objects, or drag it onto the slide)")
     return 0
 
 
@@ -295,7 +388,9 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"slide       {result.slide}")
     print(f"labels      {result.output}  (OME-Zarr: 0 background, 1 tissue, 2 nuclei; "
           f"{result.seconds:.1f} s)")
-    print(f"overview    {result.overview}  (left: slide, right: tissue green, nuclei yellow)")
+    print(f"objects     {result.objects} in {result.output}/labels/objects; table {result.table}; "
+          f"QuPath {result.geojson}")
+    print(f"overview    {result.overview}  (left: slide, right: outlines of tissue green, nuclei yellow)")
     if result.scores:
         print("agreement   Dice with the generated truth: " +
               ", ".join(f"{k[5:]} {v:.3f}" for k, v in result.scores.items()))

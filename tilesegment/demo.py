@@ -11,10 +11,11 @@ import numpy as np
 
 from .errors import OutputExistsError
 
-__all__ = ["run_demo", "overview", "DemoResult", "CLASS_COLOURS", "write_tiff_pyramid"]
+__all__ = ["run_demo", "overview", "outline", "DemoResult", "CLASS_COLOURS", "write_tiff_pyramid"]
 
-#: RGB overlay colour and opacity per demo class; None leaves the pixel as it is.
-CLASS_COLOURS = (None, ((40, 170, 90), 0.3), ((255, 210, 0), 0.8))
+#: Outline colour per demo class (None: not drawn). Strong, light colours stay legible
+#: on purple-pink H&E, where a translucent fill turned the slide grey.
+CLASS_COLOURS = (None, (0, 235, 90), (255, 235, 0))
 _OVERVIEW_EDGE = 1024
 
 
@@ -27,6 +28,9 @@ class DemoResult:
     overview: Path
     seconds: float
     scores: dict
+    objects: int = 0  #: objects found (instance labels in ``output``/labels/objects)
+    table: Optional[Path] = None
+    geojson: Optional[Path] = None
 
 
 def write_tiff_pyramid(path: Union[str, os.PathLike], rgb: np.ndarray, pixel_size: float = 0.5) -> Path:
@@ -46,22 +50,38 @@ def write_tiff_pyramid(path: Union[str, os.PathLike], rgb: np.ndarray, pixel_siz
     return path
 
 
-def overview(rgb: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Side-by-side RGB image and its coloured label overlay, as one uint8 image."""
-    blend = rgb.astype(np.float32).copy()
-    for k, style in enumerate(CLASS_COLOURS):
-        if style is not None:
-            colour, alpha = style
-            mask = labels == k
-            blend[mask] = (1 - alpha) * blend[mask] + alpha * np.asarray(colour, np.float32)
+def outline(labels: np.ndarray) -> np.ndarray:
+    """Pixels of `labels` (non-zero) that touch a pixel of another value: the objects' edges."""
+    edge = np.zeros(labels.shape, bool)
+    edge[1:] |= labels[1:] != labels[:-1]
+    edge[:-1] |= labels[:-1] != labels[1:]
+    edge[:, 1:] |= labels[:, 1:] != labels[:, :-1]
+    edge[:, :-1] |= labels[:, :-1] != labels[:, 1:]
+    return edge & (labels != 0)
+
+
+def overview(rgb: np.ndarray, labels: np.ndarray, objects: Optional[np.ndarray] = None) -> np.ndarray:
+    """Side-by-side RGB image and the same image with outlines, as one uint8 image.
+
+    Tissue (class 1 and what lies in it) gets its border against the glass;
+    nuclei (class 2) get one outline per object of `objects` (instance labels;
+    without them, the outline of the nuclei mask), so touching nuclei stay
+    apart. The slide itself is left as it is: a translucent fill turned
+    purple H&E grey.
+    """
+    drawn = rgb.copy()
+    tissue, nuclei = CLASS_COLOURS[1], CLASS_COLOURS[2]
+    drawn[outline((labels != 0).astype(np.uint8))] = tissue
+    mask = labels == 2
+    drawn[outline(np.where(mask, objects, 0) if objects is not None else mask.astype(np.uint8))] = nuclei
     gap = np.full((rgb.shape[0], 8, 3), 255, np.uint8)
-    return np.concatenate([rgb, gap, blend.astype(np.uint8)], axis=1)
+    return np.concatenate([rgb, gap, drawn], axis=1)
 
 
-def _write_png(path: Path, image: np.ndarray) -> Path:
+def _write_jpeg(path: Path, image: np.ndarray) -> Path:
     import imagecodecs
 
-    path.write_bytes(imagecodecs.png_encode(np.ascontiguousarray(image)))
+    path.write_bytes(imagecodecs.jpeg_encode(np.ascontiguousarray(image), level=80))
     return path
 
 
@@ -74,13 +94,15 @@ def run_demo(
     overwrite: bool = False,
     progress: bool = True,
 ) -> DemoResult:
-    """Segment a synthetic (or given) H&E slide with the demo model and draw an overview.
+    """Segment a synthetic (or given) H&E slide with the demo model, find its objects, draw an overview.
 
     Parameters
     ----------
     out_dir : path
-        Folder for ``slide.tif`` (when generated), ``segmentation.zarr`` and
-        ``overview.png``; created if missing.
+        Folder for ``slide.tif`` (when generated), ``segmentation.zarr`` (with
+        the objects as ``labels/objects``), ``objects.csv``, ``objects.geojson.gz``
+        (QuPath: nuclei as detections, tissue as annotations) and
+        ``overview.jpg``; created if missing.
     size : int
         Edge of the generated slide in pixels (0.5 um/px).
     seed : int
@@ -97,10 +119,11 @@ def run_demo(
     from .api import segment
     from .he import CLASSES, dice, synthetic_slide
     from .io.sources import open_image
+    from .objects import label_objects, write_class_names
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    result_path, png_path = out / "segmentation.zarr", out / "overview.png"
+    result_path, png_path = out / "segmentation.zarr", out / "overview.jpg"
     if result_path.exists() and not overwrite:
         raise OutputExistsError(
             f"{str(result_path)!r} exists from an earlier demo; pass --overwrite or another folder"
@@ -114,16 +137,20 @@ def run_demo(
     start = time.perf_counter()
     labels = segment(slide, "demo", result_path, device=device, overwrite=overwrite, progress=progress)
     seconds = time.perf_counter() - start
+    write_class_names(result_path, CLASSES)
+    objs = label_objects(result_path, overwrite=overwrite, progress=progress)
+    table = objs.to_table(out / "objects.csv", overwrite=True)
+    geojson = objs.to_geojson(out / "objects.geojson.gz", overwrite=True, annotation_classes=[1])
 
     source = open_image(slide)
     step = max(1, int(np.ceil(max(source.shape) / _OVERVIEW_EDGE)))
     small_rgb = source.read(0, source.shape[0], 0, source.shape[1], step=step)
     source.close()
     small = labels[::step, ::step]
-    _write_png(png_path, overview(small_rgb, small))
+    _write_jpeg(png_path, overview(small_rgb, small, objs.labels[::step, ::step]))
     scores = {}
     if truth is not None:
         truth = truth[::step, ::step]
         scores = {f"dice_{name}": round(dice(small == k, truth == k), 3)
                   for k, name in enumerate(CLASSES)}
-    return DemoResult(slide, result_path, png_path, seconds, scores)
+    return DemoResult(slide, result_path, png_path, seconds, scores, len(objs), table, geojson)

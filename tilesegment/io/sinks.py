@@ -149,12 +149,13 @@ class ZarrSink:
         resume: bool = False,
         ngff: str = "0.5",
         storage_options: Optional[dict] = None,
+        dimension_names: Optional[tuple[str, ...]] = None,
     ) -> None:
         import zarr
 
         self.ngff = check_ngff(ngff)
         self._final: Optional[Path] = None
-        self._names = ("y", "x") if len(shape) == 2 else ("c", "y", "x")
+        self._names = dimension_names or (("y", "x") if len(shape) == 2 else ("c", "y", "x"))
         self._pixel_size, self._labels = pixel_size, labels
         self._title = Path(str(output)).stem
         self._record, self.manifest = record, None
@@ -431,8 +432,9 @@ def _multiscales(names: tuple[str, ...], pixel_size, name: str, n_levels: int = 
             axis.pop("unit", None)
         pixel_size = (1.0, 1.0)
     datasets = []
-    for level in range(n_levels):
-        scale = [1.0] * (len(names) - 2) + [float(p) * 2**level for p in pixel_size]
+    for level in range(n_levels):  # the pyramid halves the last two axes only
+        *lead, py, px = (float(p) for p in pixel_size)
+        scale = [1.0] * (len(names) - 2 - len(lead)) + lead + [py * 2**level, px * 2**level]
         datasets.append(
             {"path": str(level), "coordinateTransformations": [{"type": "scale", "scale": scale}]}
         )

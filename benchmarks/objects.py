@@ -1,0 +1,196 @@
+"""Whole objects across chunks: peak memory against map size, and speed next to dask-image.
+
+Writes nuclei-density label maps (0 glass, 1 tissue, 2 nuclei: about 400
+nuclei per megapixel, 4-12 px radius, some touching, many cut by chunk
+borders) of 4096^2 and 16384^2 pixels as zarr arrays in 1024^2 chunks, then
+labels the nuclei of each in a fresh process, recording the process's peak
+RSS (ru_maxrss) and the time of the labelling alone (imports and numba's
+cache excluded by a warm-up on a tiny map):
+
+- tilesegment: ``ts.label_objects(map, out.zarr, classes=[2])`` (instance
+  labels written to zarr with a pyramid, plus the table);
+- dask-image: ``dask_image.ndmeasure.label(da.from_zarr(map) == 2)`` stored
+  with ``da.to_zarr`` (the same work: labels on disk).
+
+The two labelings are checked to be the same partition (whole map compared
+at the smallest size, object counts at every size).
+Output: results/objects.{csv,json,png}.
+
+    python benchmarks/objects.py [--sizes 4096,16384] [--no-dask-image] [--maps DIR]
+
+``--maps DIR`` keeps the generated maps there and reuses them (the 16384^2
+one takes minutes to draw).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from _common import RESULTS, write_rows
+
+CELL = 40  # one nucleus per 40x40 px cell (~625 per Mpx; ~375 objects remain: tissue only, some touch)
+
+CHILD = """
+import resource, sys, time
+tool, src, out = sys.argv[1:4]
+import numpy as np
+if tool == "tilesegment":
+    import tilesegment as ts
+    ts.label_objects(np.eye(8, dtype=np.uint8) * 2, classes=[2], progress=False)  # imports, numba cache
+    start = time.perf_counter()
+    n = len(ts.label_objects(src, out, classes=[2], progress=False))
+else:
+    import dask, dask.array as da
+    from dask_image.ndmeasure import label
+    label(da.from_array(np.eye(8, dtype=bool), chunks=4))[0].compute()  # imports
+    start = time.perf_counter()
+    labels, count = label(da.from_zarr(src) == 2)
+    _, n = dask.compute(da.to_zarr(labels, out, compute=False), count)
+seconds = time.perf_counter() - start
+print("RESULT", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, seconds, int(n))
+"""
+
+
+def _hash(a: np.ndarray, b: np.ndarray, salt: int) -> np.ndarray:
+    """Deterministic pseudo-random floats in [0, 1) per integer pair (a, b)."""
+    h = (a.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) ^ (b.astype(np.uint64) * np.uint64(0xC2B2AE3D27D4EB4F))
+    h ^= np.uint64(salt) * np.uint64(0x165667B19E3779F9)
+    h ^= h >> np.uint64(33)
+    h *= np.uint64(0xFF51AFD7ED558CCD)
+    h ^= h >> np.uint64(33)
+    return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def nuclei_map(y0: int, x0: int, h: int, w: int) -> np.ndarray:
+    """The map's pixels [y0, y0+h) x [x0, x0+w): same values whatever the chunking."""
+    yy, xx = np.mgrid[y0:y0 + h, x0:x0 + w]
+    out = np.where(np.sin(yy / 700.0) + np.cos(xx / 900.0) > -0.6, 1, 0).astype(np.uint8)  # tissue
+    cy, cx = yy // CELL, xx // CELL
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            ny, nx = cy + dy, cx + dx
+            centre_y = (ny + _hash(ny, nx, 1)) * CELL
+            centre_x = (nx + _hash(ny, nx, 2)) * CELL
+            radius = 4 + 8 * _hash(ny, nx, 3)
+            inside = (yy - centre_y) ** 2 + (xx - centre_x) ** 2 <= radius**2
+            out[inside & (out == 1)] = 2
+    return out
+
+
+def write_map(path: Path, size: int, chunk: int = 1024):
+    import zarr
+
+    array = zarr.create_array(path, shape=(size, size), chunks=(chunk, chunk), dtype=np.uint8)
+    for y in range(0, size, chunk):
+        for x in range(0, size, chunk):
+            array[y:y + chunk, x:x + chunk] = nuclei_map(y, x, min(chunk, size - y), min(chunk, size - x))
+    return array
+
+
+def run(tool: str, src: Path, out: Path, timeout: float) -> dict:
+    try:
+        done = subprocess.run([sys.executable, "-c", CHILD, tool, str(src), str(out)],
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timeout after {timeout:.0f} s"}
+    line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT")), None)
+    if line is None:
+        return {"error": (done.stderr.strip().splitlines() or ["failed"])[-1][:200]}
+    peak, seconds, n = line.split()[1:]
+    return {"peak_rss_mb": round(float(peak), 1), "seconds": round(float(seconds), 2), "objects": int(n)}
+
+
+def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
+    if not ((a > 0) == (b > 0)).all():
+        return False
+    mask = a > 0
+    pairs = np.unique(a[mask].astype(np.uint64) << np.uint64(32) | b[mask].astype(np.uint64))
+    return len(pairs) == len(np.unique(a[mask])) == len(np.unique(b[mask]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="4096,16384")
+    parser.add_argument("--no-dask-image", action="store_true")
+    parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument("--maps", default=None, help="folder to keep and reuse the generated maps in")
+    parser.add_argument("--dask-image-sizes", default=None,
+                        help="sizes to run dask-image on (default: all; it needs minutes at 16384^2)")
+    args = parser.parse_args()
+    import zarr
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for size in (int(s) for s in args.sizes.split(",")):
+            src = (Path(args.maps) if args.maps else tmp) / f"map{size}.zarr"
+            if not (args.maps and src.exists()):
+                write_map(src, size)
+            results = {}
+            theirs = not args.no_dask_image and (args.dask_image_sizes is None or
+                                                 str(size) in args.dask_image_sizes.split(","))
+            for tool in ("tilesegment",) + (("dask-image",) if theirs else ()):
+                out = tmp / f"{tool}{size}.zarr"
+                results[tool] = run(tool, src, out, args.timeout)
+                row = {"tool": tool, "size": size, "megapixels": round(size * size / 1e6, 1), **results[tool]}
+                if "seconds" in results[tool]:
+                    row["mpx_per_s"] = round(size * size / 1e6 / results[tool]["seconds"], 2)
+                rows.append(row)
+                print(row, flush=True)
+            if len(results) == 2 and all("objects" in r for r in results.values()):
+                equal = results["tilesegment"]["objects"] == results["dask-image"]["objects"]
+                if size == min(int(s) for s in args.sizes.split(",")):
+                    ours = zarr.open_array(tmp / f"tilesegment{size}.zarr" / "0")[:]
+                    theirs = zarr.open_array(tmp / f"dask-image{size}.zarr")[:]
+                    equal = equal and same_partition(ours, theirs)
+                for row in rows[-2:]:
+                    row["equal_to_other"] = bool(equal)
+                print(f"size {size}: same objects as dask-image: {equal}", flush=True)
+            for path in tmp.glob(f"*{size}.zarr"):  # outputs (and maps not kept)
+                import shutil
+
+                shutil.rmtree(path)
+    keys = ["tool", "size", "megapixels", "peak_rss_mb", "seconds", "objects", "mpx_per_s", "equal_to_other",
+            "error"]
+    rows = [{k: r.get(k, "") for k in keys} for r in rows]
+    write_rows("objects", rows)
+    _plot(rows)
+    ours = [r for r in rows if r["tool"] == "tilesegment" and r["peak_rss_mb"] != ""]
+    if len(ours) >= 2:
+        print(f"peak RSS ratio {ours[-1]['size']}^2 / {ours[0]['size']}^2: "
+              f"{ours[-1]['peak_rss_mb'] / ours[0]['peak_rss_mb']:.3f}")
+
+
+def _plot(rows) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tools = sorted({r["tool"] for r in rows}, reverse=True)
+    sizes = sorted({r["size"] for r in rows})
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    width = 0.8 / len(tools)
+    for i, tool in enumerate(tools):
+        got = {r["size"]: r for r in rows if r["tool"] == tool}
+        xs = np.arange(len(sizes)) + i * width
+        for ax, key in zip(axes, ("mpx_per_s", "peak_rss_mb")):
+            ax.bar(xs, [got.get(s, {}).get(key) or 0 for s in sizes], width, label=tool)
+    for ax, title in zip(axes, ("throughput (Mpx/s)", "peak RSS (MB)")):
+        ax.set_xticks(np.arange(len(sizes)) + width * (len(tools) - 1) / 2, [f"{s}²" for s in sizes])
+        ax.set_title(title)
+        ax.set_xlabel("label map")
+    axes[0].legend()
+    fig.suptitle("labelling nuclei across 1024² chunks (2 CPU cores)")
+    fig.tight_layout()
+    fig.savefig(RESULTS / "objects.png", dpi=120)
+
+
+if __name__ == "__main__":
+    main()
