@@ -186,12 +186,10 @@ def test_bad_inputs_fail_with_one_clear_error():
 
 @pytest.fixture
 def segmented(tmp_path, rgb_tiff):
-    """A labels OME-Zarr from segment (3 classes, 2 um/px) with class names."""
-    from tilesegment.objects import write_class_names
-
+    """A labels OME-Zarr from segment (3 classes, 2 um/px) with the class names its model carries."""
+    model = ts.save_model(small_unet(), tmp_path / "m.pt", classes=["background", "stroma", "cells"])
     out = tmp_path / "seg.zarr"
-    ts.segment(rgb_tiff, small_unet(), out, tile_size=32, chunk_size=32, progress=False)
-    write_class_names(out, ["background", "stroma", "cells"])
+    ts.segment(rgb_tiff, model, out, tile_size=32, chunk_size=32, progress=False)
     return out
 
 

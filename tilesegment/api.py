@@ -166,6 +166,7 @@ class Job:
                 pixel_size=tiler.source.pixel_size, writers=self.writers,
                 num_classes=self.num_classes, ngff=self.ngff,
                 storage_options=self.storage_options,
+                class_names=getattr(self.model, "metadata", {}).get("classes"),
                 record=self.record, resume=self.resume, done_blocks=self.done_blocks,
             ) as stitcher:
                 with progress_bar(tiler.plan.n_tiles - len(skipped), progress) as bar:

@@ -300,11 +300,6 @@ def _segment_one(args, image: str, output: str, client, resume: Optional[bool] =
         raise
     say(f"done     {run.tiles - run.skipped} tiles computed in {run.seconds:.1f} s: "
         f"{run.megapixels_per_second:.2f} Mpx/s -> {output}")
-    names = getattr(job.model, "metadata", {}).get("classes")
-    if names and Path(output).is_dir():
-        from .objects import write_class_names
-
-        write_class_names(output, names)
     if args.objects:
         table, geojson = _beside(output)
         _find_objects(output, None, 1, str(table), str(geojson), args.overwrite or resume, args.quiet, client)

@@ -119,7 +119,7 @@ def run_demo(
     from .api import segment
     from .he import CLASSES, dice, synthetic_slide
     from .io.sources import open_image
-    from .objects import label_objects, write_class_names
+    from .objects import label_objects
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -137,7 +137,6 @@ def run_demo(
     start = time.perf_counter()
     labels = segment(slide, "demo", result_path, device=device, overwrite=overwrite, progress=progress)
     seconds = time.perf_counter() - start
-    write_class_names(result_path, CLASSES)
     objs = label_objects(result_path, overwrite=overwrite, progress=progress)
     table = objs.to_table(out / "objects.csv", overwrite=True)
     geojson = objs.to_geojson(out / "objects.geojson.gz", overwrite=True, annotation_classes=[1])

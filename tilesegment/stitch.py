@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
@@ -59,6 +59,10 @@ class Stitcher:
         (zarr v2, for QuPath and older readers).
     storage_options : dict, optional
         fsspec options of a URL output (``s3://...``), e.g. ``{"endpoint_url": ...}``.
+    class_names : sequence of str, optional
+        Names of the classes, recorded in the output (NGFF image-label
+        properties for labels; ``tilesegment.classes``) for `label_objects`,
+        QuPath and napari.
 
     Examples
     --------
@@ -87,13 +91,14 @@ class Stitcher:
         sink: Optional[Sink] = None,
         ngff: str = "0.5",
         storage_options: Optional[dict] = None,
+        class_names: Optional[Sequence[str]] = None,
     ) -> None:
         self.plan = plan
         self.mode: Mode = get_mode(mode)
         self._output = output
         self._options = dict(overwrite=overwrite, pixel_size=pixel_size, writers=writers,
                              record=record, resume=resume, ngff=check_ngff(ngff),
-                             storage_options=storage_options)
+                             storage_options=storage_options, class_names=class_names)
         if output is not None and not resume:
             ZarrSink.check_output(output, overwrite, storage_options)
         self._sink: Optional[Sink] = sink

@@ -8,7 +8,7 @@ import threading
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Optional, Protocol, Union
+from typing import Any, Optional, Protocol, Sequence, Union
 
 import numpy as np
 
@@ -150,6 +150,7 @@ class ZarrSink:
         ngff: str = "0.5",
         storage_options: Optional[dict] = None,
         dimension_names: Optional[tuple[str, ...]] = None,
+        class_names: Optional[Sequence[str]] = None,
     ) -> None:
         import zarr
 
@@ -157,6 +158,7 @@ class ZarrSink:
         self._final: Optional[Path] = None
         self._names = dimension_names or (("y", "x") if len(shape) == 2 else ("c", "y", "x"))
         self._pixel_size, self._labels = pixel_size, labels
+        self._class_names = None if class_names is None else [str(n) for n in class_names]
         self._title = Path(str(output)).stem
         self._record, self.manifest = record, None
         self.failed_tiles: list[dict] = []  # unreadable tiles filled as background
@@ -241,6 +243,9 @@ class ZarrSink:
                 "version": self.ngff,
                 "colors": [{"label-value": k, "rgba": list(rgba)} for k, rgba in enumerate(palette(self._labels))],
             }
+            if self._class_names:
+                meta["image-label"]["properties"] = [
+                    {"label-value": k, "class": name} for k, name in enumerate(self._class_names)]
         if self.ngff == "0.4":
             # 0.4 keeps the version in each multiscale and the keys at the top of the attributes.
             meta.pop("version")
@@ -345,9 +350,10 @@ class ZarrSink:
             self._write_metadata(self._build_pyramid())
             if self.manifest is not None:  # includes blocks of earlier, resumed runs
                 self.failed_tiles = self.manifest.failed_tiles()
-            if self._record is not None or self.failed_tiles:
+            if self._record is not None or self.failed_tiles or self._class_names:
+                classes = {"classes": self._class_names} if self._class_names else {}
                 self.group.attrs["tilesegment"] = {**(self._record or {}), "complete": True,
-                                                   "failed_tiles": self.failed_tiles}
+                                                   "failed_tiles": self.failed_tiles, **classes}
             self._pool.shutdown(wait=True)
             if self.manifest is not None:
                 self.manifest.finish()
