@@ -175,3 +175,15 @@ def test_cached_batches_handle_every_source_dtype(dtype):
             assert b.data.dtype == (np.float32 if normalize else tiler.input_dtype)
             for k, index in enumerate(b.indices):
                 np.testing.assert_array_equal(b.data[k], tiler.read(int(index), normalize=normalize))
+
+
+def test_a_sharded_zarr_is_decoded_shard_by_shard():
+    image = np.random.default_rng(7).integers(0, 256, (100, 90, 1), dtype=np.uint8)
+    array = zarr.create_array(store={}, shape=image.shape, chunks=(10, 10, 1), shards=(50, 30, 1), dtype=np.uint8)
+    array[:] = image
+    tiler = ts.Tiler(ts.open_image(array, axes="YXC"), ts.Geometry(halo=3, step=4), tile_size=16)
+    assert tiler.source.chunk_shape == (50, 30)
+    for b in tiler.batches(3):
+        for k, index in enumerate(b.indices):
+            np.testing.assert_array_equal(b.data[k], tiler.read(int(index)))
+    assert tiler.last_cache.decoded == 2 * 3  # each shard once

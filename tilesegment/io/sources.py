@@ -127,7 +127,9 @@ class ImageSource:
         zarr or dask chunks); None for arrays in memory, which need no decoding."""
         if isinstance(self.array, np.ndarray):
             return None
-        chunks = getattr(self.array, "chunksize", None) or getattr(self.array, "chunks", None)
+        # A zarr shard is read in one request; its inner chunks are the smaller unit.
+        chunks = (getattr(self.array, "shards", None) or getattr(self.array, "chunksize", None)
+                  or getattr(self.array, "chunks", None))
         if not chunks or not all(isinstance(c, (int, np.integer)) for c in chunks):
             return None
         return (int(chunks[self.axes.index("Y")]), int(chunks[self.axes.index("X")]))
