@@ -19,7 +19,7 @@ from .geometry import Geometry, Pair
 from .io.manifest import Manifest, input_identity, model_hash
 from .io.remote import is_url
 from .io.sinks import ZarrSink, _store_has_group, check_ngff, is_local_path
-from .io.sources import ImageLike, open_image
+from .io.sources import ImageLike, ReadOptions
 from .models.load import ModelSpec, load_model
 from .pipeline import run_pipeline
 from .report import RunStats, progress_bar
@@ -87,10 +87,15 @@ class Job:
     resume: bool = False
     done_blocks: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     image_path: Optional[str] = None  # for workers that open the image themselves
-    open_options: dict = field(default_factory=dict)
+    read: ReadOptions = field(default_factory=ReadOptions)
     num_classes: int = 1
     ngff: str = "0.5"  # OME-Zarr version of a file output
     storage_options: Optional[dict] = None  # fsspec options of URL inputs and outputs
+
+    @property
+    def class_names(self) -> Optional[list]:
+        """Class names the model carries (checkpoint metadata ``classes``), if any."""
+        return getattr(self.model, "metadata", {}).get("classes")
 
     @property
     def pending(self) -> np.ndarray:
@@ -166,7 +171,7 @@ class Job:
                 pixel_size=tiler.source.pixel_size, writers=self.writers,
                 num_classes=self.num_classes, ngff=self.ngff,
                 storage_options=self.storage_options,
-                class_names=getattr(self.model, "metadata", {}).get("classes"),
+                class_names=self.class_names,
                 record=self.record, resume=self.resume, done_blocks=self.done_blocks,
             ) as stitcher:
                 with progress_bar(tiler.plan.n_tiles - len(skipped), progress) as bar:
@@ -228,8 +233,8 @@ def prepare(
     model = load_model(model)
     geometry = Geometry.of(model)
     devices = resolve_devices(device)
-    source = open_image(image, axes=axes, level=level, series=series, channels=channels, mpp=mpp,
-                        storage_options=storage_options)
+    read = ReadOptions(axes=axes, level=level, series=series, channels=channels, mpp=mpp)
+    source = read.open(image, storage_options)
     if tile_size in ("auto", None):
         tile_size = auto_tile_size(source.shape, geometry, devices[0], model, source.channels, memory_budget)
     tiler = Tiler(source, geometry, tile_size=tile_size, chunk_size=chunk_size, padding=padding,
@@ -248,9 +253,7 @@ def prepare(
         record = {
             "input": input_identity(image, source), "model": model_hash(model), "mode": mode,
             "tile_size": list(tiler.plan.tile_size), "chunk_size": list(tiler.plan.chunk_size),
-            "padding": padding, "level": level, "mpp": mpp, "series": series,
-            "channels": None if channels is None else [int(c) for c in channels],
-            "axes": axes, "on_error": on_error,
+            "padding": padding, **read.to_dict(), "on_error": on_error,
             "precision": precision if precision != "auto" else default_precision(devices[0]),
             "tissue_mask": _mask_identity(tissue_mask, mask),
         }
@@ -259,7 +262,6 @@ def prepare(
         done = _resume_state(output, record, resume, storage_options)
         if done is None and is_local_path(output):
             _check_free_space(output, tiler.plan, mode, num_classes)
-    open_options = dict(axes=axes, level=level, series=series, channels=channels, mpp=mpp)
     image_path = os.fspath(image) if isinstance(image, (str, os.PathLike)) else None
     storage_options = dict(storage_options) if storage_options else None
     return Job(
@@ -267,7 +269,7 @@ def prepare(
         output=output, overwrite=overwrite, precision=precision, compile=compile,
         memory_budget=memory_budget, compute=compute, record=record, resume=done is not None,
         done_blocks=np.zeros(0, np.int64) if done is None else done, image_path=image_path,
-        open_options=open_options, num_classes=num_classes, ngff=ngff, storage_options=storage_options,
+        read=read, num_classes=num_classes, ngff=ngff, storage_options=storage_options,
     )
 
 

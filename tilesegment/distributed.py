@@ -19,6 +19,7 @@ import numpy as np
 
 from .errors import UsageError
 from .geometry import Geometry, Pair
+from .io.sources import ReadOptions
 
 __all__ = ["run_on_cluster", "BlockSpec"]
 
@@ -28,7 +29,7 @@ class BlockSpec:
     """Everything a worker needs to compute blocks of a plan (plain, picklable values)."""
 
     image: str
-    open_options: dict
+    read: ReadOptions
     geometry: Geometry
     tile_size: Pair
     chunk_size: Pair
@@ -50,12 +51,11 @@ def _compute_blocks(spec: BlockSpec, blocks: list[int], model: Any) -> tuple[lis
 
     from .io.manifest import Manifest
     from .io.sinks import BlockSink
-    from .io.sources import open_image
     from .pipeline import run_pipeline
     from .stitch import Stitcher
     from .tiler import Tiler
 
-    source = open_image(spec.image, **spec.open_options)
+    source = spec.read.open(spec.image)
     with Tiler(source, spec.geometry, spec.tile_size, chunk_size=spec.chunk_size, padding=spec.padding,
                normalization=getattr(model, "normalization", None), on_error=spec.on_error) as tiler:
         plan = tiler.plan
@@ -136,11 +136,11 @@ def run_on_cluster(job, client, progress: bool = True):
     num_classes = job.num_classes
     stitcher = Stitcher(plan, job.output, job.mode, num_classes=num_classes, overwrite=job.overwrite,
                         pixel_size=job.tiler.source.pixel_size, record=job.record, resume=job.resume,
-                        done_blocks=job.done_blocks, ngff=job.ngff)
+                        done_blocks=job.done_blocks, ngff=job.ngff, class_names=job.class_names)
     with stitcher:
         sink = stitcher.sink
         spec = BlockSpec(
-            image=os.fspath(image), open_options=job.open_options, geometry=plan.geometry,
+            image=os.fspath(image), read=job.read, geometry=plan.geometry,
             tile_size=plan.tile_size, chunk_size=plan.chunk_size, padding=job.tiler.padding,
             mode=job.mode, num_classes=num_classes, batch_size=job.batch_size,
             precision=job.precision, array_path=os.fspath(sink.path / "0"),

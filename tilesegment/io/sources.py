@@ -13,7 +13,7 @@ import numpy as np
 from ..errors import InputError
 from .remote import is_url, open_remote_file, url_name
 
-__all__ = ["ImageSource", "Level", "open_image", "ImageLike"]
+__all__ = ["ImageSource", "Level", "ReadOptions", "open_image", "ImageLike"]
 
 ImageLike = Union[str, os.PathLike, np.ndarray, Any]
 _SPATIAL = "YX"
@@ -198,6 +198,34 @@ class ImageSource:
         """Close files the source holds open."""
         for resource in self._resources:
             resource.close()
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """Which pixels of a file to read: the options of `open_image` as one value.
+
+    The run record (resume checks), the tasks of a distributed run and the
+    API share it, so the options are listed once.
+    """
+
+    axes: Optional[str] = None
+    level: int = 0
+    series: int = 0
+    channels: Optional[tuple[int, ...]] = None
+    mpp: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        if self.channels is not None:
+            object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+
+    def to_dict(self) -> dict:
+        """Plain values (JSON-ready), keyed like `open_image`'s parameters."""
+        return {"axes": self.axes, "level": self.level, "series": self.series,
+                "channels": None if self.channels is None else list(self.channels), "mpp": self.mpp}
+
+    def open(self, image: "ImageLike", storage_options: Optional[dict] = None) -> "ImageSource":
+        """`open_image` of `image` with these options."""
+        return open_image(image, **self.to_dict(), storage_options=storage_options)
 
 
 def _default_axes(shape: tuple[int, ...]) -> str:
