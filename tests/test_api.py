@@ -162,3 +162,12 @@ def test_failed_fresh_output_is_removed(net, rgb_image, tmp_path):
     with pytest.raises(Boom):
         ts.segment(rgb_image, failing, tmp_path / "fresh.zarr", tile_size=32, progress=False)
     assert not (tmp_path / "fresh.zarr").exists()
+
+
+def test_segment_has_every_option_of_prepare_with_the_same_default():
+    import inspect
+
+    seg, prep = (inspect.signature(f).parameters for f in (ts.segment, ts.prepare))
+    assert {name: p.default for name, p in prep.items()} == {
+        name: seg[name].default for name in prep}
+    assert set(seg) - set(prep) == {"progress", "client"}

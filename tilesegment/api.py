@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
 import time
@@ -314,9 +313,28 @@ def segment(
     model: ModelSpec,
     output: Union[None, str, os.PathLike, Any] = None,
     *,
+    tile_size: Union[int, tuple[int, int], str, None] = "auto",
+    batch_size: Union[int, str, None] = "auto",
+    device: Union[str, torch.device] = "auto",
+    mode: str = "labels",
+    padding: str = "reflect",
+    level: int = 0,
+    axes: Optional[str] = None,
+    chunk_size: Union[int, tuple[int, int], None] = None,
+    overwrite: bool = False,
+    precision: str = "auto",
+    compile: bool = False,
+    memory_budget: Optional[int] = None,
+    mpp: Optional[float] = None,
+    series: int = 0,
+    channels: Optional[Sequence[int]] = None,
+    tissue_mask: MaskLike = None,
+    resume: bool = False,
+    on_error: str = "raise",
+    ngff: str = "0.5",
+    storage_options: Optional[dict] = None,
     progress: bool = True,
     client: Any = None,
-    **options: Any,
 ) -> Any:
     """Segment `image` with `model`, tile by tile, exactly as whole-image inference would.
 
@@ -417,15 +435,16 @@ def segment(
     >>> labels.shape, labels.dtype
     ((100, 80), dtype('uint8'))
     """
-    return prepare(image, model, output, **options).run(progress, client=client)[0]
+    job = prepare(
+        image, model, output, tile_size=tile_size, batch_size=batch_size, device=device, mode=mode,
+        padding=padding, level=level, axes=axes, chunk_size=chunk_size, overwrite=overwrite,
+        precision=precision, compile=compile, memory_budget=memory_budget, mpp=mpp, series=series,
+        channels=channels, tissue_mask=tissue_mask, resume=resume, on_error=on_error, ngff=ngff,
+        storage_options=storage_options,
+    )
+    return job.run(progress, client=client)[0]
 
 
-# segment() takes prepare()'s options: one list of them, shown in help() and IDEs.
-segment.__signature__ = inspect.Signature(
-    [*inspect.signature(prepare).parameters.values(),
-     *(p for name, p in inspect.signature(segment).parameters.items() if name in ("progress", "client"))],
-    return_annotation=Any,
-)
 
 
 def _check_free_space(output: Any, plan, mode: str, classes: int) -> None:
