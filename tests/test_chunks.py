@@ -187,3 +187,28 @@ def test_a_sharded_zarr_is_decoded_shard_by_shard():
         for k, index in enumerate(b.indices):
             np.testing.assert_array_equal(b.data[k], tiler.read(int(index)))
     assert tiler.last_cache.decoded == 2 * 3  # each shard once
+
+
+def test_tiles_a_tiff_leaves_out_read_as_its_fill_value(tmp_path):
+    # Philips slides omit background tiles (byte count 0); tifffile's store fills them.
+    image = (np.arange(256 * 256) % 251).astype(np.uint8).reshape(256, 256)
+    path = tmp_path / "sparse.tif"
+    tifffile.imwrite(path, image, tile=(128, 128))
+    with tifffile.TiffFile(path) as tif:
+        tags = tif.pages[0].tags
+        counts, offsets = tags["TileByteCounts"], tags["TileOffsets"]
+        width = {3: 2, 4: 4, 16: 8}  # SHORT, LONG, LONG8
+        spots = [(tag.valueoffset + width[int(tag.dtype)], width[int(tag.dtype)]) for tag in (counts, offsets)]
+    with open(path, "r+b") as f:
+        for spot, n in spots:  # entry 1 of both: tile (0, 1) is left out
+            f.seek(spot)
+            f.write(b"\0" * n)
+    source = ts.open_image(path)
+    assert source._decode_chunk is not None
+    np.testing.assert_array_equal(source.read_chunk(0, 1), source.read(0, 128, 128, 256))
+    assert not source.read_chunk(0, 1).any() and source.read_chunk(0, 0).any()
+    tiler = ts.Tiler(path, ts.Geometry(halo=8, step=16), tile_size=64)
+    for b in tiler.batches(4, workers=1):
+        assert len(b.failed) == 0
+        for k, index in enumerate(b.indices):
+            np.testing.assert_array_equal(b.data[k], tiler.read(int(index)))

@@ -30,8 +30,14 @@ def is_url(value: Any) -> bool:
 
 
 def url_name(url: str) -> str:
-    """The last part of a URL's path: what to call it in messages and outputs."""
-    return url.rstrip("/").rsplit("/", 1)[-1]
+    """The last part of a URL's path: what to call it in messages and outputs.
+
+    The query and fragment are dropped: a pre-signed URL's carries credentials,
+    which must not end up in outputs or messages, and changes at each signing.
+    """
+    from urllib.parse import urlsplit
+
+    return urlsplit(url).path.rstrip("/").rsplit("/", 1)[-1]
 
 
 def _split_options(storage_options: Optional[dict]) -> tuple[dict, int]:

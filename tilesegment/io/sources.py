@@ -349,7 +349,7 @@ def _open_url(url: str, axes: Optional[str], level: int, series: int,
               storage_options: Optional[dict]) -> ImageSource:
     """A remote TIFF through a range-reading file object, or a remote zarr store."""
     name = url_name(url)
-    if name.lower().endswith(".zarr") or url.endswith("/"):
+    if name.lower().endswith(".zarr") or url.split("?", 1)[0].endswith("/"):
         return _open_zarr(url, axes, level, series, storage_options)
     handle = open_remote_file(url, storage_options)
     try:
@@ -469,11 +469,13 @@ class _TileDecoder:
     def __call__(self, cy: int, cx: int) -> np.ndarray:
         page, index = self._page, cy * self._across + cx
         count, offset = int(page.databytecounts[index]), int(page.dataoffsets[index])
-        data = os.pread(self._fd, count, offset) if count else None
-        tile, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
-        tile = tile.reshape(*self._tile, -1)
         (hy, hx), (ny, nx) = self._tile, self._shape
-        return tile[: min(hy, ny - cy * hy), : min(hx, nx - cx * hx)]
+        shape = (min(hy, ny - cy * hy), min(hx, nx - cx * hx), int(page.samplesperpixel))
+        if not count:  # a tile the file leaves out (Philips slides: background): the fill value
+            return np.full(shape, page.fillvalue or 0, page.dtype)
+        data = os.pread(self._fd, count, offset)
+        tile, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
+        return tile.reshape(*self._tile, -1)[: shape[0], : shape[1]]
 
     def close(self) -> None:
         os.close(self._fd)
