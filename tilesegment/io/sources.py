@@ -471,8 +471,8 @@ class _TileDecoder:
         count, offset = int(page.databytecounts[index]), int(page.dataoffsets[index])
         (hy, hx), (ny, nx) = self._tile, self._shape
         shape = (min(hy, ny - cy * hy), min(hx, nx - cx * hx), int(page.samplesperpixel))
-        if not count:  # a tile the file leaves out (Philips slides: background): the fill value
-            return np.full(shape, page.fillvalue or 0, page.dtype)
+        if not count:  # a tile the file leaves out (Philips slides: background): nodata, as tifffile
+            return np.full(shape, page.nodata or 0, page.dtype)
         data = os.pread(self._fd, count, offset)
         tile, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
         return tile.reshape(*self._tile, -1)[: shape[0], : shape[1]]
