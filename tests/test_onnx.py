@@ -21,7 +21,7 @@ pytest.importorskip("onnx")
 from tilesegment.models.onnx import GEOMETRY_KEY, OnnxModel  # noqa: E402
 
 
-def _raw_export(net, path, in_channels=3, size=44, dynamic=True, batch_dynamic=True):
+def _raw_export(net, path, in_channels=3, size=44, dynamic=True, batch_dynamic=True, batch=1):
     """torch.onnx.export without tilesegment's metadata (as a user's own export would be)."""
     import warnings
 
@@ -32,7 +32,7 @@ def _raw_export(net, path, in_channels=3, size=44, dynamic=True, batch_dynamic=T
             axes["input"][0] = "n"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(net, (torch.zeros(1, in_channels, size, size),), str(path), dynamo=False,
+        torch.onnx.export(net, (torch.zeros(batch, in_channels, size, size),), str(path), dynamo=False,
                           input_names=["input"], output_names=["output"], dynamic_axes=axes or None)
     return path
 
@@ -87,9 +87,10 @@ def test_fixed_spatial_axes_are_refused_with_what_to_do(tmp_path, capsys, rgb_ti
     assert not (tmp_path / "o.zarr").exists()
 
 
-def test_fixed_batch_of_one_runs_batches_tile_by_tile(tmp_path):
+@pytest.mark.parametrize("batch", [1, 3])
+def test_a_fixed_batch_size_runs_any_batch_in_groups_of_it(tmp_path, batch):
     net = small_unet(3, 2, base=4, depth=2, seed=6)
-    model = ts.load_model(_raw_export(net, tmp_path / "b1.onnx", batch_dynamic=False))
+    model = ts.load_model(_raw_export(net, tmp_path / "fixed.onnx", batch_dynamic=False, batch=batch))
     image = np.random.default_rng(3).random((70, 90, 3)).astype(np.float32)
     ref = ts.segment(image, net, tile_size=32, mode="logits", progress=False)
     got = ts.segment(image, model, tile_size=32, batch_size=4, mode="logits", progress=False)

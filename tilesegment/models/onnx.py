@@ -214,10 +214,14 @@ class OnnxModel(nn.Module):
 
     def _run_cpu(self, x: np.ndarray) -> np.ndarray:
         session = self._session("cpu")
-        if self._fixed_batch is not None and len(x) != self._fixed_batch:
-            parts = [session.run([self._output_name], {self._input_name: x[i : i + 1]})[0]
-                     for i in range(len(x))]
-            return np.concatenate(parts)
+        b, n = self._fixed_batch, len(x)
+        if b is not None and n != b:
+            # A model exported without a dynamic batch axis: run groups of its batch size,
+            # the last one padded with zeros, and keep the outputs of the real inputs.
+            x = np.concatenate([x, np.zeros((-n % b, *x.shape[1:]), x.dtype)])
+            parts = [session.run([self._output_name], {self._input_name: x[i : i + b]})[0]
+                     for i in range(0, len(x), b)]
+            return np.concatenate(parts)[:n]
         return session.run([self._output_name], {self._input_name: x})[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -237,8 +241,10 @@ class OnnxModel(nn.Module):
         dtype = torch.float16 if self._input_type == np.float16 else torch.float32
         x = x.detach().to(dtype).contiguous()  # NCHW: channels-last strides are not ONNX's
         shape = self._output_shape(tuple(x.shape[-2:]), x.shape[0])
-        if self._fixed_batch is not None and x.shape[0] != self._fixed_batch:
-            return torch.cat([self._run_cuda(x[i : i + 1]) for i in range(x.shape[0])])
+        b, n = self._fixed_batch, x.shape[0]
+        if b is not None and n != b:  # groups of the fixed batch size, as on CPU
+            x = torch.cat([x, x.new_zeros((-n % b, *x.shape[1:]))])
+            return torch.cat([self._run_cuda(x[i : i + b]) for i in range(0, len(x), b)])[:n]
         out_dtype = torch.float16 if session.get_outputs()[0].type == "tensor(float16)" else torch.float32
         y = torch.empty(shape, dtype=out_dtype, device=device)
         binding = session.io_binding()
