@@ -301,3 +301,18 @@ def test_merge_keeps_only_about_one_band_of_chunk_shells():
         most = max(most, sum(r.shell is not None for r in merger.results.values()))
     assert most <= grid.counts[2] + 2
     assert all(r.shell is None for r in merger.results.values())
+
+
+def test_ngff_04_output_gets_its_objects_in_ngff_04(tmp_path, rgb_tiff):
+    from ome_zarr_models.v04.image_label import ImageLabel
+
+    model = ts.save_model(small_unet(), tmp_path / "m.pt", classes=["background", "stroma", "cells"])
+    out = tmp_path / "seg04.zarr"
+    ts.segment(rgb_tiff, model, out, tile_size=32, chunk_size=32, ngff="0.4", progress=False)
+    objs = ts.label_objects(out, progress=False)
+    assert "area_um2" in objs.table.columns and set(objs.table["class_name"]) <= {"stroma", "cells"}
+    labels = zarr.open_group(out / "labels", mode="r")
+    assert labels.metadata.zarr_format == 2 and labels.attrs["labels"] == ["objects"]
+    ImageLabel.from_zarr(zarr.open_group(out / "labels" / "objects", mode="r"))
+    with pytest.raises(ts.UsageError, match="out of range"):
+        ts.label_objects(out, classes=[3], overwrite=True, progress=False)

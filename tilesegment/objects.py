@@ -51,6 +51,7 @@ class _Input:
     num_classes: Optional[int] = None
     group_path: Optional[Path] = None
     probabilities: Any = None  # (C, *spatial) array for a labels map, or None
+    ngff: str = "0.5"  # version of the segment output the labels go into
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -92,8 +93,23 @@ class _Input:
         return [int(v) for v in np.unique(labels) if v]
 
 
+def _ngff(group: Any) -> str:
+    """The NGFF version of a group: 0.4 keeps its keys at the top of zarr v2 attributes."""
+    return "0.5" if "ome" in group.attrs or group.metadata.zarr_format == 3 else "0.4"
+
+
 def _ome(group: Any) -> dict:
-    return dict(group.attrs.get("ome", {}))
+    """The group's OME metadata, in either NGFF version."""
+    attrs = group.attrs.asdict()
+    return dict(attrs.get("ome", attrs)) if _ngff(group) == "0.5" else dict(attrs)
+
+
+def _set_ome(group: Any, meta: dict) -> None:
+    """Write OME metadata where the group's NGFF version keeps it."""
+    if _ngff(group) == "0.5":
+        group.attrs["ome"] = meta
+    else:
+        group.attrs.update(meta)
 
 
 def _open_input(labels: Any, chunks: Any, probabilities: Any) -> _Input:
@@ -139,6 +155,7 @@ def _open_group(group: Any, path: Optional[Path], chunks: Any, probabilities: An
                          "or logits of a segment run; pass the labels output of segment")
     inp = _open_array(group["0"], chunks, probabilities, kind=kind, name=repr(where))
     inp.group_path = path
+    inp.ngff = _ngff(group)
     inp.pixel_size = _pixel_size(multiscales[0], inp.ndim)
     label_meta = ome.get("image-label", {})
     colours = {int(c["label-value"]): tuple(int(v) for v in c["rgba"][:3])
@@ -353,15 +370,17 @@ def _check_outputs(inp: _Input, output: Any, overwrite: bool) -> Any:
 
 
 def _labels_group(inp: _Input) -> None:
-    """Create ``labels/`` in the image group and list ``objects`` in it (NGFF 0.5)."""
+    """Create ``labels/`` in the image group, in its NGFF version, and list ``objects`` in it."""
     import zarr
 
-    root = zarr.open_group(inp.group_path / "labels", mode="a", zarr_format=3)
+    zarr_format = 3 if inp.ngff == "0.5" else 2
+    root = zarr.open_group(inp.group_path / "labels", mode="a", zarr_format=zarr_format)
     ome = _ome(root)
     names = list(ome.get("labels", []))
     if "objects" not in names:
         names.append("objects")
-    root.attrs["ome"] = {"version": "0.5", **ome, "labels": names}
+    version = {"version": "0.5"} if inp.ngff == "0.5" else {}
+    _set_ome(root, {**version, **ome, "labels": names})
 
 
 def _sink(inp: _Input, where: Any, dtype, overwrite: bool, writers: int):
@@ -373,7 +392,8 @@ def _sink(inp: _Input, where: Any, dtype, overwrite: bool, writers: int):
     chunks = tuple(e[1] - e[0] for e in inp.grid.edges)[3 - inp.ndim:]
     names = ("y", "x") if inp.ndim == 2 else ("z", "y", "x")
     return ZarrSink(target, inp.shape, dtype, chunks, overwrite=overwrite, pixel_size=inp.pixel_size,
-                    writers=writers, labels=1, dimension_names=names)
+                    writers=writers, labels=1, dimension_names=names,
+                    ngff=inp.ngff if where == "group" else "0.5")
 
 
 def _finish_sink(sink: Any, where: Any) -> Any:
@@ -386,7 +406,7 @@ def _finish_sink(sink: Any, where: Any) -> Any:
     label = dict(ome.get("image-label", {}))
     if where == "group":
         label["source"] = {"image": "../../"}
-    group.attrs["ome"] = {**ome, "image-label": label}
+    _set_ome(group, {**ome, "image-label": label})
     return array
 
 
@@ -711,4 +731,4 @@ def write_class_names(output: Union[str, os.PathLike], names: Sequence[str]) -> 
     if "image-label" in ome:
         label = dict(ome["image-label"])
         label["properties"] = [{"label-value": k, "class": name} for k, name in enumerate(names)]
-        group.attrs["ome"] = {**ome, "image-label": label}
+        _set_ome(group, {**ome, "image-label": label})
