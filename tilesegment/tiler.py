@@ -70,9 +70,12 @@ class Tiler:
     on_error : {"raise", "skip"}
         What a tile that cannot be read (a corrupt JPEG tile in a slide) does:
         stop the run with its position, or be listed in `Batch.failed`.
-    cache_bytes : int
+    cache_bytes : int, optional
         Bound on the decoded source chunks `batches` keeps for the tiles still
-        to come (see `ChunkCache`).
+        to come (see `ChunkCache`). Default: 1 GiB, or the band of chunk rows
+        that one row of tile inputs spans plus one, if that is more (large
+        zarr chunks or shards across a wide image): under a smaller bound a
+        row-by-row scan decodes chunks again and again.
 
     Examples
     --------
@@ -97,12 +100,12 @@ class Tiler:
         axes: Optional[str] = None,
         level: int = 0,
         on_error: str = "raise",
-        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        cache_bytes: Optional[int] = None,
     ) -> None:
         if on_error not in ("raise", "skip"):
             raise UsageError(f"on_error {on_error!r} is unknown; use 'raise' or 'skip'")
         self.on_error = on_error
-        self.cache_bytes = int(cache_bytes)
+        self.cache_bytes = None if cache_bytes is None else int(cache_bytes)
         #: The chunk cache of the latest `batches` call (its ``decoded`` count
         #: shows how much was decoded), or None.
         self.last_cache: Optional[ChunkCache] = None
@@ -221,7 +224,12 @@ class Tiler:
         rows, cols = self._spans(self.plan.origins[order])
         spans = np.array([(*rows[int(oy)][1:], *cols[int(ox)][1:]) for oy, ox in self.plan.origins[order]],
                          np.int64).reshape(-1, 4)
-        return ChunkCache(self.source, spans, self.cache_bytes)
+        budget = self.cache_bytes
+        if budget is None:
+            (cy, cx), (n_in, width) = self.source.chunk_shape, (self.plan.input_size[0], self.source.shape[1])
+            row = -(-width // cx) * cy * cx * self.source.channels * self.input_dtype.itemsize
+            budget = max(DEFAULT_CACHE_BYTES, (-(-n_in // cy) + 2) * row)
+        return ChunkCache(self.source, spans, budget)
 
     def batches(
         self,

@@ -84,7 +84,8 @@ class ChunkCache:
 
     @property
     def decoded_pixels(self) -> int:
-        """Pixels decoded so far (whole chunks, clipped to the image)."""
+        """Pixels decoded so far, counting whole chunks (edge chunks over-count the part
+        outside the image)."""
         return self.decoded * self.chunk_shape[0] * self.chunk_shape[1]
 
     def _get(self, key: tuple[int, int]) -> np.ndarray:
