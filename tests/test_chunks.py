@@ -212,3 +212,13 @@ def test_tiles_a_tiff_leaves_out_read_as_its_fill_value(tmp_path):
         assert len(b.failed) == 0
         for k, index in enumerate(b.indices):
             np.testing.assert_array_equal(b.data[k], tiler.read(int(index)))
+
+
+def test_a_run_stopped_early_leaves_no_decoded_chunks():
+    image = np.random.default_rng(8).integers(0, 256, (200, 200, 1), dtype=np.uint8)
+    tiler = ts.Tiler(chunked(image, (16, 16)), ts.Geometry(halo=6, step=8), tile_size=32)
+    batches = tiler.batches(2, workers=2)
+    next(batches)
+    assert tiler.last_cache._chunks  # chunks kept for the tiles still to come
+    batches.close()
+    assert not tiler.last_cache._chunks and tiler.last_cache._bytes == 0

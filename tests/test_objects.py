@@ -316,3 +316,19 @@ def test_ngff_04_output_gets_its_objects_in_ngff_04(tmp_path, rgb_tiff):
     ImageLabel.from_zarr(zarr.open_group(out / "labels" / "objects", mode="r"))
     with pytest.raises(ts.UsageError, match="out of range"):
         ts.label_objects(out, classes=[3], overwrite=True, progress=False)
+
+
+def test_a_failed_geojson_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    import shapely
+
+    labels = np.zeros((20, 20), np.uint8)
+    labels[2:8, 2:8] = 1
+    objs = ts.label_objects(labels, progress=False)
+
+    def broken(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(shapely, "to_geojson", broken)
+    with pytest.raises(OSError, match="disk full"):
+        objs.to_geojson(tmp_path / "o.geojson")
+    assert list(tmp_path.iterdir()) == []

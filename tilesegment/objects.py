@@ -542,26 +542,31 @@ class Objects:
         annotate = {int(k) for k in annotation_classes}
         opener = gzip.open if path.name.lower().endswith(".gz") else open
         tmp = path.with_name(f".{path.name}.tmp")
-        with opener(tmp, "wt", encoding="utf-8") as out, _bar(len(self), progress, "objects: GeoJSON", "object") as bar:
-            out.write('{"type": "FeatureCollection", "features": [\n')
-            for n, (oid, geometry) in enumerate(self.outlines()):
-                if scale != 1.0:
-                    geometry = shapely.transform(geometry, lambda xy: xy * scale)
-                k = int(self._merged.classes[oid - 1])
-                area = int(self._merged.area[oid - 1])
-                big = annotation_min_area is not None and area >= annotation_min_area
-                props = {
-                    "objectType": "annotation" if k in annotate or big else "detection",
-                    "name": f"{self.class_names.get(k, k)} {oid}",
-                    "classification": {"name": self.class_names.get(k, f"class {k}"),
-                                       "color": list(self.class_colours.get(k, (255, 0, 0)))},
-                    "measurements": {"Object ID": oid, **{c: _number(v) for c, v in zip(measure, values[oid - 1])}},
-                }
-                out.write(("" if n == 0 else ",\n") + '{"type": "Feature", "geometry": '
-                          + shapely.to_geojson(geometry) + ', "properties": ' + json.dumps(props) + "}")
-                bar.update()
-            out.write("\n]}\n")
-        tmp.replace(path)
+        try:
+            bar = _bar(len(self), progress, "objects: GeoJSON", "object")
+            with opener(tmp, "wt", encoding="utf-8") as out, bar:
+                out.write('{"type": "FeatureCollection", "features": [\n')
+                for n, (oid, geometry) in enumerate(self.outlines()):
+                    if scale != 1.0:
+                        geometry = shapely.transform(geometry, lambda xy: xy * scale)
+                    k = int(self._merged.classes[oid - 1])
+                    area = int(self._merged.area[oid - 1])
+                    big = annotation_min_area is not None and area >= annotation_min_area
+                    props = {
+                        "objectType": "annotation" if k in annotate or big else "detection",
+                        "name": f"{self.class_names.get(k, k)} {oid}",
+                        "classification": {"name": self.class_names.get(k, f"class {k}"),
+                                           "color": list(self.class_colours.get(k, (255, 0, 0)))},
+                        "measurements": {"Object ID": oid, **{c: _number(v) for c, v in zip(measure, values[oid - 1])}},
+                    }
+                    out.write(("" if n == 0 else ",\n") + '{"type": "Feature", "geometry": '
+                              + shapely.to_geojson(geometry) + ', "properties": ' + json.dumps(props) + "}")
+                    bar.update()
+                out.write("\n]}\n")
+            tmp.replace(path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # no half-written file left beside the output
+            raise
         return path
 
 

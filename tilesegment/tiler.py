@@ -289,14 +289,14 @@ class Tiler:
             ok = np.asarray([r.result() if hasattr(r, "result") else r for r in reads], bool)
             return Batch(group, data, group[~ok])
 
-        if workers <= 0:
-            yield from (finish(*start(g, lambda f, *a: f(*a))) for g in groups)
-            return
         # Tiles, not batches, are the unit of work: every reader thread is busy even
         # when few large batches are in flight (a GPU's batch of 16 tiles at 1024).
-        pool = ThreadPoolExecutor(workers, thread_name_prefix="tilesegment-read")
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="tilesegment-read") if workers > 0 else None
         pending: deque = deque()
         try:
+            if pool is None:
+                yield from (finish(*start(g, lambda f, *a: f(*a))) for g in groups)
+                return
             for group in groups:
                 pending.append(start(group, pool.submit))
                 if len(pending) > prefetch:
@@ -307,7 +307,10 @@ class Tiler:
             for _, _, reads in pending:
                 for future in reads:
                     future.cancel()
-            pool.shutdown(wait=True, cancel_futures=True)
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+            if cache is not None:
+                cache.clear()  # a run stopped early leaves no decoded chunks behind
 
     def close(self) -> None:
         """Close the image file, if any."""

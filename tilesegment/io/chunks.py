@@ -137,6 +137,12 @@ class ChunkCache:
                 out[ys - y0 : ye - y0, xs - x0 : xe - x0] = chunk[ys - i * cy : ye - i * cy, xs - j * cx : xe - j * cx]
         return out
 
+    def clear(self) -> None:
+        """Drop every decoded chunk (a run stopped early); the counters stay."""
+        with self._lock:
+            self._chunks.clear()
+            self._bytes = 0
+
     def release(self, y0: int, y1: int, x0: int, x1: int) -> None:
         """One reader of region ``[y0:y1, x0:x1]`` is done: drop chunks nobody needs any more."""
         a, b, c, d = self._chunk_range(y0, y1, x0, x1)

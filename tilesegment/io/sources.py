@@ -377,6 +377,7 @@ def _open_tiff(path: Any, axes: Optional[str], level: int, series: int,
             f"input {name!r} is not a readable TIFF-family image ({exc}); "
             "supported: TIFF, SVS, OME-TIFF, NDPI, QPTIFF, OME-Zarr"
         ) from None
+    resources: tuple = (tif,)  # closed again if anything below fails
     try:
         if not 0 <= series < len(all_series):
             raise InputError(
@@ -400,7 +401,6 @@ def _open_tiff(path: Any, axes: Optional[str], level: int, series: int,
             array = open_level(level)
         except Exception as exc:
             raise InputError(f"cannot read {name} (level {level}): {exc}") from None
-        resources: tuple = (tif,)
         # Remote files (file objects) are read through tifffile's own range requests.
         local = isinstance(path, (str, os.PathLike))
         decoder = _TileDecoder.of(path, chosen.levels[level]) if local and not axes else None
@@ -413,7 +413,8 @@ def _open_tiff(path: Any, axes: Optional[str], level: int, series: int,
             _thumbnails=_tiff_thumbnails(all_series, chosen, native),
         )
     except Exception:
-        tif.close()
+        for resource in resources:
+            resource.close()
         raise
 
 
