@@ -218,12 +218,19 @@ class Tiler:
     def chunk_cache(self, tiles: Optional[Sequence[int]] = None) -> Optional[ChunkCache]:
         """A cache that decodes each stored chunk once for reading `tiles` (default: all),
         or None for sources held in memory."""
+        order = np.arange(self.plan.n_tiles) if tiles is None else np.asarray(tiles, np.int64)
+        return self._chunk_cache(order, *self._spans(self.plan.origins[order]))
+
+    def _chunk_cache(self, order: np.ndarray, rows: dict, cols: dict) -> Optional[ChunkCache]:
         if self.source.chunk_shape is None:
             return None
-        order = np.arange(self.plan.n_tiles) if tiles is None else np.asarray(tiles, np.int64)
-        rows, cols = self._spans(self.plan.origins[order])
-        spans = np.array([(*rows[int(oy)][1:], *cols[int(ox)][1:]) for oy, ox in self.plan.origins[order]],
-                         np.int64).reshape(-1, 4)
+        # Source span of every tile, from the per-row and per-column tables `_spans` made.
+        origins = self.plan.origins[order]
+        parts = []
+        for axis, table in enumerate((rows, cols)):
+            unique, inverse = np.unique(origins[:, axis], return_inverse=True)
+            parts.append(np.array([table[int(o)][1:] for o in unique], np.int64).reshape(-1, 2)[inverse])
+        spans = np.concatenate(parts, axis=1)
         budget = self.cache_bytes
         if budget is None:
             (cy, cx), (n_in, width) = self.source.chunk_shape, (self.plan.input_size[0], self.source.shape[1])
@@ -276,7 +283,7 @@ class Tiler:
             raise UsageError(f"batch_size {batch_size} must be at least 1")
         order = np.arange(self.plan.n_tiles) if tiles is None else np.asarray(tiles, np.int64)
         rows, cols = self._spans(self.plan.origins[order])
-        cache = self.last_cache = self.chunk_cache(order)
+        cache = self.last_cache = self._chunk_cache(order, rows, cols)
         groups = (order[i : i + int(batch_size)] for i in range(0, len(order), int(batch_size)))
 
         def start(group, run):
