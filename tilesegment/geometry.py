@@ -168,6 +168,21 @@ class Geometry:
 
         return probe_geometry(model, in_channels)
 
+    def stacked(self, n: int) -> "Geometry":
+        """This geometry with `n` leading stack axes: a 2-d network run plane by plane
+        over Z or T sees no context across planes (halo 0) and takes any
+        number of them (step 1).
+
+        Examples
+        --------
+        >>> Geometry(halo=4, step=8).stacked(1).halo
+        (0, 4, 4)
+        """
+        if n == 0:
+            return self
+        return Geometry(halo=(0,) * n + self.halo, step=(1,) * n + self.step,
+                        min_input=(1,) * n + self.min_input, shrink=(0,) * n + self.shrink)
+
     # -- arithmetic -----------------------------------------------------------------
 
     @property
