@@ -25,7 +25,7 @@ from .pipeline import run_pipeline
 from .report import RunStats, progress_bar
 from .modes import get_mode
 from .stitch import Stitcher
-from .tiler import Tiler
+from .tiler import Tiler, check_axes
 from .tissue import MaskLike, load_mask
 
 __all__ = ["segment", "prepare", "Job", "RunStats", "auto_tile_size"]
@@ -264,6 +264,7 @@ def prepare(
     devices = resolve_devices(device)
     read = ReadOptions(axes=axes, level=level, series=series, channels=channels, mpp=mpp)
     source = read.open(image, storage_options, ndim=geometry.ndim)
+    check_axes(source, geometry)
     if tile_size in ("auto", None):
         tile_size = auto_tile_size(source.shape[source.ndim - geometry.ndim:], geometry, devices[0], model,
                                    source.channels, memory_budget)

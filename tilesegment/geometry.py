@@ -246,17 +246,18 @@ class Geometry:
             multiple of the network step 16; nearest valid: 96 or 112``.
         """
         pair = as_shape(tile_size, self.ndim, "tile_size")
-        for t, st in zip(pair, self.step):
+        for axis, t, st in zip(axis_names(self.ndim), pair, self.step):
+            where = f" along {axis}" if self.ndim > 2 else ""
             if t <= 0:
                 raise InvalidTileSize(
-                    f"tile_size {t} must be positive; use a multiple of the network step {st}, "
+                    f"tile_size {t}{where} must be positive; use a multiple of the network step {st}, "
                     f"e.g. {st * max(1, 512 // st)}"
                 )
             if t % st:
                 low, high = (t // st) * st, (t // st + 1) * st
                 options = " or ".join(str(v) for v in (low, high) if v > 0)
                 raise InvalidTileSize(
-                    f"tile_size {t} is not a multiple of the network step {st}; "
+                    f"tile_size {t}{where} is not a multiple of the network step {st}; "
                     f"nearest valid: {options}"
                 )
         return pair

@@ -255,8 +255,7 @@ class TilePlan:
 
     def computed_fraction(self) -> float:
         """Network input pixels computed per output pixel written (the halo overhead)."""
-        n_in = self.input_size
-        return self.n_tiles * n_in[0] * n_in[1] / (self.shape[0] * self.shape[1])
+        return self.n_tiles * int(np.prod(self.input_size)) / int(np.prod(self.shape))
 
 
 def _with_stack(value: PairLike, stack: int, ndim: int, fill) -> tuple:

@@ -17,7 +17,7 @@ from .io.mirror import gather_nd, normalization_affine, pad_indices
 from .io.sources import ImageLike, ImageSource, open_image
 from .plan import TilePlan
 
-__all__ = ["Tiler", "Batch"]
+__all__ = ["Tiler", "Batch", "check_axes"]
 
 Allocator = Callable[[tuple, np.dtype], np.ndarray]
 
@@ -116,12 +116,7 @@ class Tiler:
         self.last_cache: Optional[ChunkCache] = None
         self.geometry = Geometry.of(geometry)
         self.source: ImageSource = open_image(image, axes=axes, level=level, ndim=self.geometry.ndim)
-        if self.source.ndim < self.geometry.ndim:
-            raise UsageError(
-                f"the network is {self.geometry.ndim}-d ({axis_names(self.geometry.ndim)}) but "
-                f"{self.source.name} has axes {self.source.plan_axes}; pass axes= to name its "
-                f"{axis_names(self.geometry.ndim).upper()} axes (e.g. axes='ZYX' for a (Z, Y, X) array)"
-            )
+        check_axes(self.source, self.geometry)
         self.plan = TilePlan.build(self.source.shape, self.geometry, tile_size, chunk_size,
                                    axes=self.source.plan_axes)
         pad_indices(0, 1, 1, padding)  # fail now on an unknown mode, not in a thread
@@ -345,6 +340,16 @@ class Tiler:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def check_axes(source: ImageSource, geometry: Geometry) -> None:
+    """Refuse an image with fewer plan axes than the network has spatial axes."""
+    if source.ndim < geometry.ndim:
+        raise UsageError(
+            f"the network is {geometry.ndim}-d ({', '.join(axis_names(geometry.ndim))}) but "
+            f"{source.name} has axes {source.plan_axes}; pass axes= to name its "
+            f"{axis_names(geometry.ndim).upper()} axes (e.g. axes='ZYX' for a (Z, Y, X) array)"
+        )
 
 
 def _span(indices: np.ndarray) -> tuple[int, int]:

@@ -74,6 +74,8 @@ class ImageSource:
     _decode_chunk: Optional[Callable[[int, int], np.ndarray]] = field(default=None, repr=False)
     #: Other small pictures of the whole image (an SVS thumbnail): ((Y, X), open) pairs.
     _thumbnails: tuple = field(default=(), repr=False)
+    #: Stack axes kept even with one element (Z for a 3-d network: a one-plane volume).
+    keep_axes: str = ""
 
     def __post_init__(self) -> None:
         axes = self.axes.upper()
@@ -114,7 +116,8 @@ class ImageSource:
     def plan_axes(self) -> str:
         """The axes plans run over, in plan order: ``"YX"``, ``"ZYX"``, ``"TYX"``, ``"TZYX"``."""
         shape = self.array.shape
-        return "".join(a for a in _SPATIAL if a in "YX" or (a in self.axes and shape[self.axes.index(a)] > 1))
+        return "".join(a for a in _SPATIAL if a in "YX" + self.keep_axes
+                       or (a in self.axes and shape[self.axes.index(a)] > 1))
 
     @property
     def ndim(self) -> int:
@@ -344,6 +347,8 @@ def open_image(
         source = _open_array(image, axes, level, ndim)
     if channels is not None:
         source = replace(source, channel_order=tuple(int(c) for c in channels))
+    if ndim >= 3 and "Z" in source.axes:
+        source = replace(source, keep_axes="Z")
     _check_readable(source)
     if mpp is not None:
         from .resample import at_pixel_size
