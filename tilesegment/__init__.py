@@ -30,6 +30,7 @@ _LAZY = {
     "ImageSource": "io.sources",
     "open_image": "io.sources",
     "UNet": "models",
+    "PlaneWise": "models",
     "load_model": "models",
     "save_model": "models",
     "Block": "plan",
@@ -72,7 +73,7 @@ if TYPE_CHECKING:  # what static checkers and IDEs see
     from .api import Job, prepare, segment
     from .geometry import Geometry
     from .io.sources import ImageSource, open_image
-    from .models import UNet, load_model, save_model
+    from .models import PlaneWise, UNet, load_model, save_model
     from .objects import Objects, label_objects
     from .plan import Block, Tile, TilePlan
     from .report import RunStats

@@ -8,12 +8,36 @@ and +-Inf, and always True for integers.
 
 from __future__ import annotations
 
+import itertools
 import math
+from typing import Callable, Sequence
 
 import numba
 import numpy as np
 
-__all__ = ["crop_copy", "crop_labels", "crop_probabilities"]
+__all__ = ["crop_copy", "crop_labels", "crop_probabilities", "crop_nd"]
+
+
+def crop_nd(kernel: Callable, out: np.ndarray, crop: Sequence[int], size: Sequence[int],
+            dest: np.ndarray, offset: Sequence[int]) -> bool:
+    """Run a 2-d crop `kernel` over every plane of an N-d tile; return whether all was finite.
+
+    `out` is ``(K, *spatial)``; the window ``crop + [0, size)`` of it goes to
+    ``offset + [0, size)`` of `dest` (``(*spatial)`` or ``(K, *spatial)``).
+    Planes along the axes before the last two go one by one: each is large
+    enough that the loop costs nothing next to the kernel.
+    """
+    *lead_crop, cy, cx = crop
+    *lead_size, h, w = size
+    *lead_offset, dy, dx = offset
+    if not lead_size:
+        return kernel(out, cy, cx, h, w, dest, dy, dx)
+    finite = True
+    for p in itertools.product(*map(range, lead_size)):
+        plane = out[(slice(None), *(c + q for c, q in zip(lead_crop, p)))]
+        target = dest[(Ellipsis, *(o + q for o, q in zip(lead_offset, p)), slice(None), slice(None))]
+        finite &= bool(kernel(plane, cy, cx, h, w, target, dy, dx))
+    return finite
 
 
 @numba.njit(cache=True, nogil=True)

@@ -20,11 +20,12 @@ from .io.remote import is_url
 from .io.sinks import ZarrSink, _store_has_group, check_ngff, is_local_path
 from .io.sources import ImageLike, ReadOptions
 from .models.load import ModelSpec, load_model
+from .models.planes import PlaneWise
 from .pipeline import run_pipeline
 from .report import RunStats, progress_bar
 from .modes import get_mode
 from .stitch import Stitcher
-from .tiler import Tiler
+from .tiler import Tiler, check_axes
 from .tissue import MaskLike, load_mask
 
 __all__ = ["segment", "prepare", "Job", "RunStats", "auto_tile_size"]
@@ -38,29 +39,58 @@ def auto_tile_size(
     in_channels: int = 3,
     memory_budget: Optional[int] = None,
 ) -> Pair:
-    """Default tile size, from the cost model of the halo against memory.
+    """Default tile size per axis, from the cost model of the halo against memory.
 
-    Computed pixels per written pixel fall with the tile size (1.87 at 512,
-    1.40 at 1024, 1.19 at 2048 for a depth-4 U-Net), so a GPU gets the largest
-    of 512, 1024 and 2048 whose activations for a batch of two fit the memory
-    budget (70 % of free device memory; per-tile need from a meta-device
-    probe). On CPU, the measured optimum is 512 (benchmarks.md: larger tiles
-    lose more to cache misses than they save in halo). Never much larger than
-    the image.
+    Images: computed pixels per written pixel fall with the tile size (1.87
+    at 512, 1.40 at 1024, 1.19 at 2048 for a depth-4 U-Net), so a GPU gets
+    the largest of 512, 1024 and 2048 whose activations for a batch of two
+    fit the memory budget (70 % of free device memory; per-tile need from a
+    meta-device probe). On CPU, the measured optimum is 512 (benchmarks.md:
+    larger tiles lose more to cache misses than they save in halo).
+
+    Volumes: each axis gets an edge in proportion to the network's step
+    along it, so an anisotropic network (pooling 1 x 2 x 2 on its first
+    levels: z step 4 against 16 in y and x) gets tiles four times thinner in
+    z, where its voxels are coarser; the largest such tile (y/x edge 256,
+    128, 64 or 32) whose activations for a batch of two fit the budget (70 %
+    of free device memory; on CPU a quarter of RAM, at most 8 GB) is taken.
+
+    Never much larger than the image.
     """
-    target = 512
-    if device.type == "cuda" and model is not None:
-        from .executor import estimate_bytes_per_tile
+    if geometry.ndim == 2:
+        target: tuple[int, ...] = (512, 512)
+        if device.type == "cuda" and model is not None:
+            from .executor import estimate_bytes_per_tile
 
-        if memory_budget is None:
-            memory_budget = int(torch.cuda.mem_get_info(device)[0] * 0.7)
-        for t in (1024, 2048):
-            if 2 * estimate_bytes_per_tile(model, in_channels, geometry.input_size(t)) <= memory_budget:
-                target = t
+            if memory_budget is None:
+                memory_budget = int(torch.cuda.mem_get_info(device)[0] * 0.7)
+            for t in (1024, 2048):
+                if 2 * estimate_bytes_per_tile(model, in_channels, geometry.input_size(t)) <= memory_budget:
+                    target = (t, t)
+    else:
+        target = _auto_volume_tile(shape, geometry, device, model, in_channels, memory_budget)
     return tuple(  # type: ignore[return-value]
-        max(st, min(max(st, target // st * st), math.ceil(n / st) * st))
-        for n, st in zip(shape, geometry.step)
+        max(st, min(max(st, t // st * st), math.ceil(n / st) * st))
+        for n, st, t in zip(shape, geometry.step, target)
     )
+
+
+def _auto_volume_tile(shape, geometry: Geometry, device: torch.device, model, in_channels: int,
+                      budget: Optional[int]) -> tuple[int, ...]:
+    from .executor import estimate_bytes_per_tile
+
+    if budget is None:
+        if device.type == "cuda":
+            budget = int(torch.cuda.mem_get_info(device)[0] * 0.7)
+        else:
+            budget = min(8 << 30, int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 4))
+    widest = max(geometry.step)
+    for edge in (256, 128, 64, 32):
+        tile = tuple(max(st, edge * st // widest // st * st) for st in geometry.step)
+        tile = tuple(min(t, math.ceil(n / st) * st) for t, n, st in zip(tile, shape, geometry.step))
+        if model is None or 2 * estimate_bytes_per_tile(model, in_channels, geometry.input_size(tile)) <= budget:
+            return tile
+    return tile
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
@@ -233,11 +263,19 @@ def prepare(
     geometry = Geometry.of(model)
     devices = resolve_devices(device)
     read = ReadOptions(axes=axes, level=level, series=series, channels=channels, mpp=mpp)
-    source = read.open(image, storage_options)
+    source = read.open(image, storage_options, ndim=geometry.ndim)
+    check_axes(source, geometry)
     if tile_size in ("auto", None):
-        tile_size = auto_tile_size(source.shape, geometry, devices[0], model, source.channels, memory_budget)
+        tile_size = auto_tile_size(source.shape[source.ndim - geometry.ndim:], geometry, devices[0], model,
+                                   source.channels, memory_budget)
     tiler = Tiler(source, geometry, tile_size=tile_size, chunk_size=chunk_size, padding=padding,
                   normalization=getattr(model, "normalization", None), on_error=on_error)
+    identity = model_hash(model)  # of the network itself, however it is run
+    if tiler.plan.geometry.ndim > geometry.ndim:  # a 2-d network over a Z/T stack
+        model = PlaneWise(model, tiler.plan.geometry.ndim - geometry.ndim)
+    if tissue_mask is not None and tiler.plan.geometry.ndim != 2:
+        raise UsageError(f"tissue_mask works on 2-d images; {source.name} has axes {source.plan_axes} "
+                         "(volumes and stacks are computed everywhere)")
     _check_channels(model, tiler)
     _check_tile_fits(model, devices[0], source.channels, tiler.plan, memory_budget)
     if batch_size in ("auto", None):
@@ -246,11 +284,11 @@ def prepare(
         raise UsageError(f"batch_size {batch_size} must be at least 1")
     mask = load_mask(tissue_mask, source)
     compute = None if mask is None else tiler.plan.tiles_touching(mask, margin=0)
-    num_classes = model_out_channels(model, geometry)
+    num_classes = model_out_channels(model, Geometry.of(model))
     record, done = None, None
     if output is not None and (is_local_path(output) or is_url(output)):
         record = {
-            "input": input_identity(image, source), "model": model_hash(model), "mode": mode,
+            "input": input_identity(image, source), "model": identity, "mode": mode,
             "tile_size": list(tiler.plan.tile_size), "chunk_size": list(tiler.plan.chunk_size),
             "padding": padding, **read.to_dict(), "on_error": on_error,
             "precision": precision if precision != "auto" else default_precision(devices[0]),
@@ -457,7 +495,7 @@ def _check_free_space(output: Any, plan, mode: str, classes: int) -> None:
     free = shutil.disk_usage(folder).free
     if need > free:
         raise UsageError(
-            f"output needs about {need / 1e9:.1f} GB ({mode}, {plan.shape[0]} x {plan.shape[1]} px), "
+            f"output needs about {need / 1e9:.1f} GB ({mode}, {' x '.join(map(str, plan.shape))} px), "
             f"but only {free / 1e9:.1f} GB are free in {str(folder)!r}; free space or write elsewhere"
         )
 
@@ -475,11 +513,16 @@ def _check_tile_fits(model, device: torch.device, channels: int, plan, budget: O
     # The estimate sums every layer's output, an upper bound some 2-4x the real peak.
     if need / 4 > budget:
         raise UsageError(
-            f"tile_size {plan.tile_size[0]} needs about {need / 4 / 1e9:.1f} GB for one tile's "
+            f"tile_size {_size_text(plan.tile_size)} needs about {need / 4 / 1e9:.1f} GB for one tile's "
             f"activations, more than the {budget / 1e9:.1f} GB available on {device}; use a smaller "
-            "tile_size (e.g. 512)"
+            f"tile_size (e.g. {'512' if plan.geometry.ndim == 2 else '(32, 128, 128)'})"
         )
 
+
+
+def _size_text(size: Sequence[int]) -> str:
+    """A tile size as the user gave it: ``512`` when every axis agrees, else ``(16, 128, 128)``."""
+    return str(size[0]) if len(set(size)) == 1 else str(tuple(size))
 
 
 def _check_not_input(image: Any, output: Any) -> None:

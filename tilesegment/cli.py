@@ -19,12 +19,24 @@ def _size(text: str):
     try:
         parts = [int(p) for p in text.lower().replace("x", ",").split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size; use N or H,W") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; use N, H,W or D,H,W") from None
     if len(parts) == 1:
         return parts[0]
-    if len(parts) == 2:
+    if len(parts) <= 4:
         return tuple(parts)
-    raise argparse.ArgumentTypeError(f"{text!r} has {len(parts)} numbers; use N or H,W")
+    raise argparse.ArgumentTypeError(f"{text!r} has {len(parts)} numbers; use N, H,W or D,H,W")
+
+
+def _by_axis(sizes, axes: str) -> str:
+    """``2967 x 2220`` for images; ``z 64 x y 512 x x 512`` where a third axis joins."""
+    if len(sizes) == 2:
+        return f"{sizes[0]} x {sizes[1]}"
+    return " x ".join(f"{a} {n}" for a, n in zip(axes, sizes))
+
+
+def _compact(values) -> str:
+    """One number when every axis agrees (``92``), else all of them (``(4, 20, 20)``)."""
+    return str(values[0]) if len(set(values)) == 1 else str(tuple(values))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,7 +58,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="'demo' (bundled H&E model: background, tissue, nuclei; the default), a "
                           "checkpoint (.pt, from ts.save_model), a TorchScript file, or package.module:factory")
     seg.add_argument("--tile-size", type=_size, default="auto", metavar="N",
-                     help="written tile edge, a multiple of the network step (default: auto)")
+                     help="written tile edge, a multiple of the network step; one per axis for "
+                          "volumes, e.g. 32,256,256 (default: auto)")
     seg.add_argument("--batch-size", type=int, default=None, metavar="N", help="tiles per forward pass (default: auto)")
     seg.add_argument("--device", default="auto",
                      help="auto, cpu, cuda (all GPUs), cuda:N, or a list cuda:0,cuda:1 (default: auto)")
@@ -63,7 +76,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="image channels to feed the model, in its order, e.g. 2,0,1")
     seg.add_argument("--tissue-mask", default=None, metavar="auto|PATH",
                      help="compute only tiles with tissue: 'auto' (Otsu on saturation) or a mask image")
-    seg.add_argument("--axes", default=None, help="override the input's axes, e.g. YXS or CYX")
+    seg.add_argument("--axes", default=None,
+                     help="override the input's axes, e.g. YXS, CYX, or ZYX for a Z stack held as a 3-d array")
     seg.add_argument("--padding", default="reflect", choices=("reflect", "symmetric", "edge", "constant"),
                      help="pixels outside the image (default: reflect)")
     seg.add_argument("--chunk-size", type=_size, default=None, metavar="N",
@@ -280,10 +294,10 @@ def _segment_one(args, image: str, output: str, client, resume: Optional[bool] =
                   ngff=args.ngff, storage_options=args.storage_options)
     plan, source, geometry = job.plan, job.tiler.source, job.plan.geometry
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
-    say(f"input    {image}: {source.shape[0]} x {source.shape[1]} px, "
+    say(f"input    {image}: {_by_axis(source.shape, plan.axes)} px, "
         f"{source.channels} channel(s), {source.dtype}")
-    say(f"network  halo {geometry.halo[0]}, step {geometry.step[0]}; tile {plan.tile_size[0]}x"
-        f"{plan.tile_size[1]} -> network input {plan.input_size[0]}x{plan.input_size[1]} "
+    say(f"network  halo {_compact(geometry.halo)}, step {_compact(geometry.step)}; tile "
+        f"{_by_axis(plan.tile_size, plan.axes)} -> network input {_by_axis(plan.input_size, plan.axes)} "
         f"({plan.computed_fraction():.2f} computed px per written px)")
     where = "a dask cluster" if client is not None else ", ".join(str(d) for d in job.devices)
     say(f"plan     {plan.n_tiles} tiles in {plan.n_blocks} blocks, batch {job.batch_size} on {where}")

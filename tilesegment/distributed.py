@@ -55,7 +55,7 @@ def _compute_blocks(spec: BlockSpec, blocks: list[int], model: Any) -> tuple[lis
     from .stitch import Stitcher
     from .tiler import Tiler
 
-    source = spec.read.open(spec.image)
+    source = spec.read.open(spec.image, ndim=spec.geometry.ndim)
     with Tiler(source, spec.geometry, spec.tile_size, chunk_size=spec.chunk_size, padding=spec.padding,
                normalization=getattr(model, "normalization", None), on_error=spec.on_error) as tiler:
         plan = tiler.plan

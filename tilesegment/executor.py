@@ -219,7 +219,8 @@ class Executor:
         self.precision = default_precision(self.device) if precision == "auto" else precision
         cuda = self.device.type == "cuda"
         # NHWC: cuDNN prefers it, and oneDNN on CPU runs this U-Net about 2x faster
-        # (0.055 vs 0.108 s for a 700^2 tile, base 8; docs/benchmarks.md).
+        # (0.055 vs 0.108 s for a 700^2 tile, base 8; docs/benchmarks.md); NDHWC for
+        # 3-d networks (0.55 vs 0.66 s for a 40 x 168^2 input, base 8, depth 2).
         self.channels_last = True if channels_last is None else channels_last
         model = _to_device(model, self.device, self.channels_last)
         self.model = torch.compile(model) if compile else model
@@ -245,7 +246,7 @@ class Executor:
         self._copy_stream = torch.cuda.Stream(self.device) if cuda else None
         self._affine = None
         if input_affine is not None:
-            scale, offset = (torch.as_tensor(np.asarray(v, np.float32), device=self.device).view(1, -1, 1, 1)
+            scale, offset = (torch.as_tensor(np.asarray(v, np.float32), device=self.device)
                              for v in input_affine)
             self._affine = (scale, offset)
 
@@ -292,7 +293,7 @@ class Executor:
         # attempt's activations alive while the halves run.
         if n == 1:
             raise TileSegmentError(
-                f"one tile of input {data.shape[-2:]} does not fit in memory on {self.device}; "
+                f"one tile of input {tuple(data.shape[2:])} does not fit in memory on {self.device}; "
                 "use a smaller tile_size"
             )
         gc.collect()
@@ -337,7 +338,7 @@ class Executor:
         return true_fp32() if self.device.type == "cuda" else contextlib.nullcontext()
 
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:
-        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        fmt = _memory_format(x.ndim) if self.channels_last else torch.contiguous_format
         if self._copy_stream is None:
             x = self._normalize(x)
             return x.contiguous(memory_format=fmt) if self.channels_last else x
@@ -358,12 +359,13 @@ class Executor:
         """Source pixels -> float32 network input, where the batch came unnormalized."""
         if self._affine is None:
             return x
-        scale, offset = self._affine
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        scale, offset = (v.view(shape) for v in self._affine)
         return torch.addcmul(offset, x.to(torch.float32), scale)
 
     def _reduced_to_host(self, y: torch.Tensor) -> Output:
         r = self._reduce
-        y = y[:, :, r.crop[0] : r.crop[0] + r.tile[0], r.crop[1] : r.crop[1] + r.tile[1]].float()
+        y = y[(slice(None), slice(None), *(slice(c, c + t) for c, t in zip(r.crop, r.tile)))].float()
         finite = torch.isfinite(y).flatten(1).all(1)  # reduction would hide NaN/Inf
         y = reduce_logits(y, r.mode)
         if self.device.type != "cuda":
@@ -388,6 +390,11 @@ def reduce_logits(y: torch.Tensor, mode: Union[str, Mode]) -> torch.Tensor:
     return get_mode(mode).reduce(y)
 
 
+def _memory_format(rank: int) -> torch.memory_format:
+    """Channels-last for tensors of `rank` (NHWC, NDHWC), contiguous for others."""
+    return {4: torch.channels_last, 5: torch.channels_last_3d}.get(rank, torch.contiguous_format)
+
+
 def _to_device(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
     """The model in eval mode on `device` (channels-last if asked); the caller's weights
     are copied, never moved or converted in place."""
@@ -397,7 +404,12 @@ def _to_device(model: nn.Module, device: torch.device, channels_last: bool) -> n
     if isinstance(model, torch.jit.ScriptModule):
         return model.to(device)  # cannot be deep-copied; TorchScript keeps NCHW
     model = copy.deepcopy(model).to(device)
-    return model.to(memory_format=torch.channels_last) if channels_last else model
+    if not channels_last:
+        return model
+    # The convolutions' rank decides (a 2-d network run over a stack has 4-d weights
+    # but 5-d inputs); torch converts only the weights of that rank.
+    rank = next((p.ndim for p in model.parameters() if p.ndim >= 4), 4)
+    return model.to(memory_format=_memory_format(rank))
 
 
 def estimate_bytes_per_tile(model: nn.Module, in_channels: int, input_size: Pair) -> int:

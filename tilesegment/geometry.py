@@ -168,6 +168,21 @@ class Geometry:
 
         return probe_geometry(model, in_channels)
 
+    def stacked(self, n: int) -> "Geometry":
+        """This geometry with `n` leading stack axes: a 2-d network run plane by plane
+        over Z or T sees no context across planes (halo 0) and takes any
+        number of them (step 1).
+
+        Examples
+        --------
+        >>> Geometry(halo=4, step=8).stacked(1).halo
+        (0, 4, 4)
+        """
+        if n == 0:
+            return self
+        return Geometry(halo=(0,) * n + self.halo, step=(1,) * n + self.step,
+                        min_input=(1,) * n + self.min_input, shrink=(0,) * n + self.shrink)
+
     # -- arithmetic -----------------------------------------------------------------
 
     @property
@@ -231,17 +246,18 @@ class Geometry:
             multiple of the network step 16; nearest valid: 96 or 112``.
         """
         pair = as_shape(tile_size, self.ndim, "tile_size")
-        for t, st in zip(pair, self.step):
+        for axis, t, st in zip(axis_names(self.ndim), pair, self.step):
+            where = f" along {axis}" if self.ndim > 2 else ""
             if t <= 0:
                 raise InvalidTileSize(
-                    f"tile_size {t} must be positive; use a multiple of the network step {st}, "
+                    f"tile_size {t}{where} must be positive; use a multiple of the network step {st}, "
                     f"e.g. {st * max(1, 512 // st)}"
                 )
             if t % st:
                 low, high = (t // st) * st, (t // st + 1) * st
                 options = " or ".join(str(v) for v in (low, high) if v > 0)
                 raise InvalidTileSize(
-                    f"tile_size {t} is not a multiple of the network step {st}; "
+                    f"tile_size {t}{where} is not a multiple of the network step {st}; "
                     f"nearest valid: {options}"
                 )
         return pair

@@ -8,7 +8,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 from .errors import InvalidTileSize
-from .geometry import Geometry, Pair, PairLike, as_pair, as_shape
+from .geometry import Geometry, Pair, PairLike, as_pair, as_shape, axis_names
 
 __all__ = ["TilePlan", "Tile", "Block"]
 
@@ -60,6 +60,12 @@ class TilePlan:
     origins: np.ndarray  # (n_tiles, ndim) int64
     block_origins: np.ndarray  # (n_blocks, ndim) int64
     block_tiles: np.ndarray  # (n_blocks + 1,) int64: tiles of block b are [bt[b], bt[b+1])
+    #: Names of the plan axes, slowest first: ``"yx"``, ``"zyx"``, ``"tyx"``...
+    axes: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.axes:
+            object.__setattr__(self, "axes", axis_names(len(self.shape)))
 
     @classmethod
     def build(
@@ -68,6 +74,7 @@ class TilePlan:
         geometry: Geometry,
         tile_size: PairLike,
         chunk_size: Optional[PairLike] = None,
+        axes: Optional[str] = None,
     ) -> "TilePlan":
         """Plan the tiles of an image of spatial `shape`.
 
@@ -82,9 +89,21 @@ class TilePlan:
             Written tile edge; a positive multiple of ``geometry.step``.
         chunk_size : int or tuple of int, optional
             Output chunk edge. Must divide the tile size or be a multiple of
-            it, per axis. Default: in y and x the smallest multiple of the
+            it, per axis. Default: for images, the smallest multiple of the
             tile size that is at least 1024 (fewer, larger writes; viewers
-            like ~1024 chunks); along slower axes (z) the tile size.
+            like ~1024 chunks); for volumes the tile size (a block then holds
+            one tile, and memory stays small).
+        axes : str, optional
+            Names of the axes of `shape` (``"zyx"``, ``"tyx"``...), for
+            messages and output metadata; default ``"yx"`` / ``"zyx"``.
+
+        Notes
+        -----
+        A `shape` with more axes than the geometry is a stack of planes (or
+        of volumes) for a network that sees one at a time: the geometry is
+        `Geometry.stacked` over the leading axes, tiles are one plane deep
+        there unless `tile_size` gives every axis, and chunks are as deep as
+        the tiles.
 
         Raises
         ------
@@ -92,13 +111,28 @@ class TilePlan:
             If the tile size is not a multiple of the step or does not align
             with the chunk size.
         """
+        shape = tuple(int(n) for n in shape) if not isinstance(shape, int) else (int(shape),) * geometry.ndim
+        if len(shape) < geometry.ndim:
+            raise InvalidTileSize(
+                f"image shape {shape} has fewer axes than the {geometry.ndim}-d network; "
+                f"a {geometry.ndim}-d network needs {axis_names(geometry.ndim)} axes"
+            )
+        stack = len(shape) - geometry.ndim
+        if stack:  # a 2-d network over a Z/T stack: planes one tile deep unless asked
+            geometry = geometry.stacked(stack)
+            tile_size = _with_stack(tile_size, stack, geometry.ndim, 1)
+            if chunk_size is not None:
+                chunk_size = _with_stack(chunk_size, stack, geometry.ndim, None)
         ndim = geometry.ndim
-        shape = as_shape(shape, ndim, "shape")
         if min(shape) < 1:
             raise InvalidTileSize(f"image shape {shape} has no pixels")
         tile = geometry.check_tile_size(tile_size)
-        if chunk_size is None:
-            # ~1024 px chunks in y and x; one tile deep along any slower axis (z).
+        if isinstance(chunk_size, tuple) and None in chunk_size:
+            chunk_size = tuple(t if c is None else c for t, c in zip(tile, chunk_size))
+        if chunk_size is None and ndim - stack >= 3:
+            chunk = tile
+        elif chunk_size is None:
+            # ~1024 px chunks in y and x; one tile deep along any slower axis (z, t).
             chunk = tuple(t * max(1, -(-1024 // t)) if a >= ndim - 2 else t for a, t in enumerate(tile))
         else:
             chunk = as_shape(chunk_size, ndim, "chunk_size")
@@ -121,8 +155,10 @@ class TilePlan:
         block_tiles = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         block_grid = np.meshgrid(*map(np.arange, n_blocks), indexing="ij")
         block_origins = np.stack([g.ravel() * b for g, b in zip(block_grid, block)], axis=1)
+        if axes is not None and len(axes) != ndim:
+            raise InvalidTileSize(f"axes {axes!r} do not name the {ndim} axes of shape {shape}")
         return cls(shape, geometry, tile, chunk, origins[inside].astype(np.int64),
-                   block_origins.astype(np.int64), block_tiles)
+                   block_origins.astype(np.int64), block_tiles, (axes or "").lower())
 
     # -- sizes -----------------------------------------------------------------------
 
@@ -163,6 +199,12 @@ class TilePlan:
         stop = tuple(min(s + b, n) for s, b, n in zip(start, self.block_size, self.shape))
         tiles = range(int(self.block_tiles[index]), int(self.block_tiles[index + 1]))
         return Block(int(index), start, stop, tiles)
+
+    def position(self, index: int) -> str:
+        """Where tile `index` starts, for messages: ``"(y, x) = (512, 1024)"``."""
+        origin = ", ".join(str(int(v)) for v in self.origins[index])
+        names = ", ".join(self.axes)
+        return f"({names}) = ({origin})"
 
     def tiles(self) -> Iterator[Tile]:
         """All tiles in plan order."""
@@ -213,5 +255,12 @@ class TilePlan:
 
     def computed_fraction(self) -> float:
         """Network input pixels computed per output pixel written (the halo overhead)."""
-        n_in = self.input_size
-        return self.n_tiles * n_in[0] * n_in[1] / (self.shape[0] * self.shape[1])
+        return self.n_tiles * int(np.prod(self.input_size)) / int(np.prod(self.shape))
+
+
+def _with_stack(value: PairLike, stack: int, ndim: int, fill) -> tuple:
+    """`value` over all `ndim` plan axes: as given when it names each, else `fill` on
+    the `stack` leading axes and `value` on the network's."""
+    if not isinstance(value, (int, np.integer)) and len(tuple(value)) == ndim:
+        return tuple(value)
+    return (fill,) * stack + as_shape(value, ndim - stack, "tile size")

@@ -7,7 +7,7 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-from ._kernels import crop_copy
+from ._kernels import crop_copy, crop_nd
 from .errors import ModelOutputError, TileSegmentError, UsageError
 from .modes import Mode, get_mode
 from .io.sinks import MemorySink, Sink, ZarrSink, check_ngff
@@ -127,8 +127,9 @@ class Stitcher:
             self._sink = MemorySink(shape, dtype)
         else:
             chunks = mode.shape(self.plan.chunk_size, num_classes)
+            names = ("c",) * mode.per_class + tuple(self.plan.axes)
             self._sink = ZarrSink(self._output, shape, dtype, chunks, labels=mode.label_count(num_classes),
-                                  **self._options)
+                                  dimension_names=names, **self._options)
 
     # -- adding outputs -------------------------------------------------------------
 
@@ -156,19 +157,18 @@ class Stitcher:
         if self._sink is None:
             self._open(outputs.shape[1])
         kernel = crop_copy if reduced else self.mode.kernel
-        crop = (0, 0) if reduced else self.plan.geometry.crop
+        crop = (0,) * len(self.plan.shape) if reduced else self.plan.geometry.crop
         for index, out in zip(indices, outputs):
-            buffer, dy, dx, h, w = self._target(int(index))
-            dest = buffer[None] if buffer.ndim == 2 and reduced else buffer
-            if not kernel(out, crop[0], crop[1], h, w, dest, dy, dx):
+            buffer, offset, size = self._target(int(index))
+            dest = buffer[None] if reduced and not self.mode.per_class else buffer
+            if not crop_nd(kernel, out, crop, size, dest, offset):
                 self.raise_nonfinite(int(index))
             self._tile_done(int(index))
 
     def raise_nonfinite(self, index: int) -> None:
         """Stop with the position of tile `index`, whose network output has NaN or Inf."""
-        oy, ox = (int(v) for v in self.plan.origins[index])
         raise ModelOutputError(
-            f"model output has NaN or Inf in tile {index} at (y, x) = ({oy}, {ox}); check the model "
+            f"model output has NaN or Inf in tile {index} at {self.plan.position(index)}; check the model "
             "and the input's normalization (integers are scaled to [0, 1], floats pass through)"
         )
 
@@ -191,8 +191,8 @@ class Stitcher:
                 entry = {"tile": int(index), "origin": [int(v) for v in self.plan.origins[index]]}
                 self.failed_tiles.append(entry)
                 self._failed_in.setdefault(int(self._block_of[index]), []).append(entry)
-            buffer, dy, dx, h, w = self._target(int(index))
-            self.mode.fill(buffer[..., dy : dy + h, dx : dx + w])
+            buffer, offset, size = self._target(int(index))
+            self.mode.fill(buffer[(..., *(slice(o, o + n) for o, n in zip(offset, size)))])
             self._tile_done(int(index))
 
     def mark_written(self, blocks: Any) -> None:
@@ -201,7 +201,7 @@ class Stitcher:
         self._seen |= self.plan.tiles_in(blocks)
         self._missing[blocks] = 0
 
-    def _target(self, index: int) -> tuple[np.ndarray, int, int, int, int]:
+    def _target(self, index: int) -> tuple[np.ndarray, tuple[int, ...], tuple[int, ...]]:
         """Buffer, offset in it and clipped size of tile `index`; marks the tile seen."""
         if not 0 <= index < self.plan.n_tiles:
             raise UsageError(f"tile index {index} is not in [0, {self.plan.n_tiles})")
@@ -212,10 +212,9 @@ class Stitcher:
         buffer = self._buffers.get(block)
         if buffer is None:
             buffer = self._buffers[block] = self._sink.buffer(self._region(block))
-        (oy, ox), start = self.plan.origins[index], self.plan.block_origins[block]
-        h = int(min(self.plan.tile_size[0], self.plan.shape[0] - oy))
-        w = int(min(self.plan.tile_size[1], self.plan.shape[1] - ox))
-        return buffer, int(oy - start[0]), int(ox - start[1]), h, w
+        origin, start = self.plan.origins[index], self.plan.block_origins[block]
+        size = tuple(int(min(t, n - o)) for t, n, o in zip(self.plan.tile_size, self.plan.shape, origin))
+        return buffer, tuple(int(o - s) for o, s in zip(origin, start)), size
 
     def _tile_done(self, index: int) -> None:
         block = int(self._block_of[index])
@@ -224,15 +223,17 @@ class Stitcher:
             failed = self._failed_in.pop(block, None)
             self._sink.commit(self._region(block), self._buffers.pop(block), block, failed)
 
-    def _region(self, block: int) -> tuple[slice, slice]:
+    def _region(self, block: int) -> tuple[slice, ...]:
         b = self.plan.block(block)
-        return (slice(b.start[0], b.stop[0]), slice(b.start[1], b.stop[1]))
+        return tuple(slice(a, z) for a, z in zip(b.start, b.stop))
 
     def _check(self, indices: np.ndarray, outputs: np.ndarray, reduced: bool) -> None:
-        if outputs.ndim != 4 or outputs.shape[0] != len(indices):
+        ndim = len(self.plan.shape)
+        if outputs.ndim != 2 + ndim or outputs.shape[0] != len(indices):
+            names = ", ".join(self.plan.axes)
             raise UsageError(
                 f"outputs of shape {outputs.shape} do not match {len(indices)} tiles; "
-                "expected (N, classes, height, width)"
+                f"expected (N, classes, {names})"
             )
         if reduced:
             mode = self.mode
@@ -249,7 +250,7 @@ class Stitcher:
                 )
             return
         need = tuple(c + t for c, t in zip(self.plan.geometry.crop, self.plan.tile_size))
-        if outputs.shape[2] < need[0] or outputs.shape[3] < need[1]:
+        if any(n < m for n, m in zip(outputs.shape[2:], need)):
             raise UsageError(
                 f"network output {outputs.shape[2:]} is smaller than crop + tile_size {need}; "
                 "is the geometry right for this model?"

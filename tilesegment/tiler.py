@@ -11,13 +11,13 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 
 from .errors import TileReadError, UsageError
-from .geometry import Geometry, PairLike
-from .io.chunks import DEFAULT_CACHE_BYTES, ChunkCache
-from .io.mirror import gather, gather_raw, normalization_affine, pad_indices
+from .geometry import Geometry, PairLike, axis_names
+from .io.chunks import DEFAULT_CACHE_BYTES, VOLUME_CACHE_BYTES, ChunkCache
+from .io.mirror import gather_nd, normalization_affine, pad_indices
 from .io.sources import ImageLike, ImageSource, open_image
 from .plan import TilePlan
 
-__all__ = ["Tiler", "Batch"]
+__all__ = ["Tiler", "Batch", "check_axes"]
 
 Allocator = Callable[[tuple, np.dtype], np.ndarray]
 
@@ -54,9 +54,10 @@ class Tiler:
         The image; files are read lazily, region by region.
     geometry : Geometry or torch.nn.Module
         The network's geometry, or the network itself.
-    tile_size : int or (int, int)
-        Written tile edge, a multiple of the network step.
-    chunk_size : int or (int, int), optional
+    tile_size : int or tuple of int
+        Written tile edge, a multiple of the network step; one per plan axis
+        or one for all.
+    chunk_size : int or tuple of int, optional
         Output chunk edge (default: the tile size); see `TilePlan.build`.
     padding : str
         How pixels outside the image are made: ``"reflect"`` (default, as
@@ -75,7 +76,11 @@ class Tiler:
         to come (see `ChunkCache`). Default: 1 GiB, or the band of chunk rows
         that one row of tile inputs spans plus one, if that is more (large
         zarr chunks or shards across a wide image): under a smaller bound a
-        row-by-row scan decodes chunks again and again.
+        row-by-row scan decodes chunks again and again. Volumes (three or
+        more plan axes): 64 MiB, so memory stays bounded by the batch; the
+        chunks that the z halo of the next slab of tiles shares with this one
+        are decoded again rather than held (holding them would take a whole
+        plane of chunks).
 
     Examples
     --------
@@ -109,60 +114,65 @@ class Tiler:
         #: The chunk cache of the latest `batches` call (its ``decoded`` count
         #: shows how much was decoded), or None.
         self.last_cache: Optional[ChunkCache] = None
-        self.source: ImageSource = open_image(image, axes=axes, level=level)
         self.geometry = Geometry.of(geometry)
-        self.plan = TilePlan.build(self.source.shape, self.geometry, tile_size, chunk_size)
+        self.source: ImageSource = open_image(image, axes=axes, level=level, ndim=self.geometry.ndim)
+        check_axes(self.source, self.geometry)
+        self.plan = TilePlan.build(self.source.shape, self.geometry, tile_size, chunk_size,
+                                   axes=self.source.plan_axes)
         pad_indices(0, 1, 1, padding)  # fail now on an unknown mode, not in a thread
         self.padding = padding
         self.scale, self.offset = normalization_affine(
             self.source.dtype, self.source.channels, normalization
         )
+        self._unit = np.zeros(self.source.channels, np.float32)  # no normalization
 
-    def _spans(self, origins: np.ndarray) -> tuple[dict, dict]:
-        """Per origin coordinate, the source indices of the padded input and their span.
+    def _spans(self, origins: np.ndarray) -> list[dict]:
+        """Per axis and origin coordinate, the source indices of the padded input and their span.
 
-        The y and x axes are independent, so each distinct tile row and column
-        is worked out once, however many tiles share it.
+        The axes are independent, so each distinct tile row, column (and
+        plane) is worked out once, however many tiles share it.
         """
-        n_in, halo, shape = self.plan.input_size, self.geometry.halo, self.plan.shape
-        axes = []
-        for axis in range(2):
+        n_in, halo, shape = self.plan.input_size, self.plan.geometry.halo, self.plan.shape
+        tables = []
+        for axis in range(len(shape)):
             table = {}
             for o in np.unique(origins[:, axis]).tolist():
                 idx = pad_indices(int(o) - halo[axis], n_in[axis], shape[axis], self.padding)
                 start, stop = _span(idx)
                 table[o] = (_shift(idx, start), start, stop)
-            axes.append(table)
-        return axes[0], axes[1]
+            tables.append(table)
+        return tables
 
     def read(self, index: int, out: Optional[np.ndarray] = None, *, normalize: bool = True) -> np.ndarray:
-        """Return the network input of tile `index`, shape ``(C, h_in, w_in)``.
+        """Return the network input of tile `index`, shape ``(C, *input_size)``.
 
         float32 and normalized by default; with ``normalize=False`` the source
         pixels themselves (mirrored, in `input_dtype`), for a consumer that
         applies ``pixel * scale + offset`` itself (on the GPU, say).
         """
-        rows, cols = self._spans(self.plan.origins[index : index + 1])
-        return self._read(index, rows, cols, None, out, normalize)
+        tables = self._spans(self.plan.origins[index : index + 1])
+        return self._read(index, tables, None, out, normalize)
 
-    def _read(self, index, rows, cols, cache, out, normalize) -> np.ndarray:
-        oy, ox = (int(v) for v in self.plan.origins[index])
-        (iy, y0, y1), (ix, x0, x1) = rows[oy], cols[ox]
+    def _read(self, index, tables, cache, out, normalize) -> np.ndarray:
+        spans = [table[int(o)] for table, o in zip(tables, self.plan.origins[index])]
+        indices = [s[0] for s in spans]
         # Only the bounding box of the source pixels the (mirrored) input uses.
+        start, stop = [s[1] for s in spans], [s[2] for s in spans]
         if cache is None:
-            region = self.source.read(y0, y1, x0, x1)
+            region = self.source.read_region(start, stop)
         else:
-            buffer = _scratch((y1 - y0, x1 - x0, self.source.channels), self.input_dtype)
+            shape = tuple(b - a for a, b in zip(start, stop))
+            buffer = _scratch((*shape, self.source.channels), self.input_dtype)
             try:
-                region = cache.read(y0, y1, x0, x1, out=buffer)
+                region = cache.read(start, stop, out=buffer)
             finally:
-                cache.release(y0, y1, x0, x1)
+                cache.release(start, stop)
         if out is None:
             shape = (self.source.channels, *self.plan.input_size)
             out = np.empty(shape, np.float32 if normalize else self.input_dtype)
         if normalize:
-            return gather(region, iy, ix, self.scale, self.offset, out)
-        return gather_raw(region, iy, ix, out)
+            return gather_nd(region, indices, self.scale, self.offset, out)
+        return gather_nd(region, indices, self._unit, self._unit, out, normalize=False)
 
     @property
     def input_dtype(self) -> np.dtype:
@@ -172,23 +182,22 @@ class Tiler:
         return np.dtype(np.uint8 if dtype == np.bool_ else np.float32 if dtype == np.float16 else dtype)
 
     def _allocate(self, n: int, allocate: Optional[Allocator], normalize: bool, channels_last: bool):
-        (c, (h, w)) = self.source.channels, self.plan.input_size
+        c, size = self.source.channels, self.plan.input_size
         dtype = np.dtype(np.float32) if normalize else self.input_dtype
         allocate = allocate or np.empty
         if channels_last:
-            return allocate((n, h, w, c), dtype).transpose(0, 3, 1, 2)
-        return allocate((n, c, h, w), dtype)
+            return np.moveaxis(allocate((n, *size, c), dtype), -1, 1)
+        return allocate((n, c, *size), dtype)
 
-    def _read_tile(self, index: int, out: np.ndarray, rows, cols, cache, normalize: bool) -> bool:
+    def _read_tile(self, index: int, out: np.ndarray, tables, cache, normalize: bool) -> bool:
         """Read tile `index` into `out`; False if it could not be read and is skipped."""
         try:
-            self._read(index, rows, cols, cache, out, normalize)
+            self._read(index, tables, cache, out, normalize)
             return True
         except Exception as exc:
-            oy, ox = (int(v) for v in self.plan.origins[index])
             if self.on_error == "raise":
                 raise TileReadError(
-                    f"cannot read tile {index} at (y, x) = ({oy}, {ox}) of {self.source.name}: "
+                    f"cannot read tile {index} at {self.plan.position(index)} of {self.source.name}: "
                     f"{type(exc).__name__}: {exc}; the file may be corrupt there "
                     "(on_error='skip' / --on-error=skip fills such tiles and records them)"
                 ) from exc
@@ -210,29 +219,32 @@ class Tiler:
         `channels_last` as in `batches`.
         """
         indices = np.asarray(indices, dtype=np.int64)
-        rows, cols = self._spans(self.plan.origins[indices])
+        tables = self._spans(self.plan.origins[indices])
         data = self._allocate(len(indices), allocate, normalize, channels_last)
-        ok = [self._read_tile(int(i), data[k], rows, cols, None, normalize) for k, i in enumerate(indices)]
+        ok = [self._read_tile(int(i), data[k], tables, None, normalize) for k, i in enumerate(indices)]
         return Batch(indices, data, indices[~np.asarray(ok, bool)])
 
     def chunk_cache(self, tiles: Optional[Sequence[int]] = None) -> Optional[ChunkCache]:
         """A cache that decodes each stored chunk once for reading `tiles` (default: all),
         or None for sources held in memory."""
         order = np.arange(self.plan.n_tiles) if tiles is None else np.asarray(tiles, np.int64)
-        return self._chunk_cache(order, *self._spans(self.plan.origins[order]))
+        return self._chunk_cache(order, self._spans(self.plan.origins[order]))
 
-    def _chunk_cache(self, order: np.ndarray, rows: dict, cols: dict) -> Optional[ChunkCache]:
+    def _chunk_cache(self, order: np.ndarray, tables: list[dict]) -> Optional[ChunkCache]:
         if self.source.chunk_shape is None:
             return None
-        # Source span of every tile, from the per-row and per-column tables `_spans` made.
+        # Source span of every tile, from the per-axis tables `_spans` made.
         origins = self.plan.origins[order]
         parts = []
-        for axis, table in enumerate((rows, cols)):
+        for axis, table in enumerate(tables):
             unique, inverse = np.unique(origins[:, axis], return_inverse=True)
             parts.append(np.array([table[int(o)][1:] for o in unique], np.int64).reshape(-1, 2)[inverse])
         spans = np.concatenate(parts, axis=1)
         budget = self.cache_bytes
-        if budget is None:
+        if budget is None and len(tables) > 2:
+            budget = VOLUME_CACHE_BYTES
+        elif budget is None:
+            # One band of chunk rows across the image, as deep as a tile input, plus two.
             (cy, cx), (n_in, width) = self.source.chunk_shape, (self.plan.input_size[0], self.source.shape[1])
             row = -(-width // cx) * cy * cx * self.source.channels * self.input_dtype.itemsize
             budget = max(DEFAULT_CACHE_BYTES, (-(-n_in // cy) + 2) * row)
@@ -282,13 +294,13 @@ class Tiler:
         if int(batch_size) < 1:
             raise UsageError(f"batch_size {batch_size} must be at least 1")
         order = np.arange(self.plan.n_tiles) if tiles is None else np.asarray(tiles, np.int64)
-        rows, cols = self._spans(self.plan.origins[order])
-        cache = self.last_cache = self._chunk_cache(order, rows, cols)
+        tables = self._spans(self.plan.origins[order])
+        cache = self.last_cache = self._chunk_cache(order, tables)
         groups = (order[i : i + int(batch_size)] for i in range(0, len(order), int(batch_size)))
 
         def start(group, run):
             data = self._allocate(len(group), allocate, normalize, channels_last)
-            reads = [run(self._read_tile, int(i), data[k], rows, cols, cache, normalize)
+            reads = [run(self._read_tile, int(i), data[k], tables, cache, normalize)
                      for k, i in enumerate(group)]
             return group, data, reads
 
@@ -328,6 +340,16 @@ class Tiler:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def check_axes(source: ImageSource, geometry: Geometry) -> None:
+    """Refuse an image with fewer plan axes than the network has spatial axes."""
+    if source.ndim < geometry.ndim:
+        raise UsageError(
+            f"the network is {geometry.ndim}-d ({', '.join(axis_names(geometry.ndim))}) but "
+            f"{source.name} has axes {source.plan_axes}; pass axes= to name its "
+            f"{axis_names(geometry.ndim).upper()} axes (e.g. axes='ZYX' for a (Z, Y, X) array)"
+        )
 
 
 def _span(indices: np.ndarray) -> tuple[int, int]:

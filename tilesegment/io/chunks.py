@@ -14,18 +14,24 @@ again what it had to drop.
 
 from __future__ import annotations
 
+import itertools
 import threading
 from concurrent.futures import Future
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
-__all__ = ["ChunkCache", "DEFAULT_CACHE_BYTES"]
+__all__ = ["ChunkCache", "DEFAULT_CACHE_BYTES", "VOLUME_CACHE_BYTES"]
 
 #: Default bound on the decoded chunks held at once. The live set of a
 #: row-major plan is about two rows of chunks across the image: 150 MB for a
 #: 100,000-px wide RGB slide stored in 256-px tiles.
 DEFAULT_CACHE_BYTES = 1 << 30
+
+#: Default bound for volumes. Their tile inputs overlap the previous slab of tiles
+#: along z, and holding those chunks would take a whole plane of them; a small
+#: bound decodes them again instead, so memory stays set by the batch.
+VOLUME_CACHE_BYTES = 64 << 20
 
 
 class ChunkCache:
@@ -34,12 +40,13 @@ class ChunkCache:
     Parameters
     ----------
     source : ImageSource
-        Must have a ``chunk_shape`` and ``read_chunk(cy, cx)``.
+        Must have a ``chunk_shape`` and ``read_chunk(*index)`` over its plan axes.
     spans : numpy.ndarray
-        ``(n, 4)`` source regions ``y0, y1, x0, x1`` (stop exclusive) that will
-        be read, one per tile, in any order; each chunk's use count comes from
-        them. A region read that is not in `spans` still works, it just
-        cannot keep its chunks for later.
+        ``(n, 2 * ndim)`` source regions ``start_0, stop_0, start_1, stop_1, ...``
+        (``y0, y1, x0, x1`` for an image; stops exclusive) that will be read,
+        one per tile, in any order; each chunk's use count comes from them. A
+        region read that is not in `spans` still works, it just cannot keep
+        its chunks for later.
     max_bytes : int
         Bound on the decoded bytes held. Past it, the chunks decoded longest
         ago go first (and are decoded again if a later tile needs them).
@@ -54,11 +61,11 @@ class ChunkCache:
     def __init__(self, source, spans: np.ndarray, max_bytes: int = DEFAULT_CACHE_BYTES) -> None:
         self.source = source
         self.chunk_shape = tuple(int(c) for c in source.chunk_shape)
-        ny, nx = source.shape
-        self.grid = (-(-ny // self.chunk_shape[0]), -(-nx // self.chunk_shape[1]))
+        self.ndim = len(self.chunk_shape)
+        self.grid = tuple(-(-n // c) for n, c in zip(source.shape, self.chunk_shape))
         self.max_bytes = int(max_bytes)
-        self._uses = self._count_uses(np.asarray(spans, np.int64).reshape(-1, 4))
-        self._chunks: dict[tuple[int, int], Future] = {}  # insertion order = decode order
+        self._uses = self._count_uses(np.asarray(spans, np.int64).reshape(-1, 2 * self.ndim))
+        self._chunks: dict[tuple[int, ...], Future] = {}  # insertion order = decode order
         self._bytes = 0
         self._lock = threading.Lock()
         #: Chunks decoded so far, counting those decoded again after eviction.
@@ -66,29 +73,29 @@ class ChunkCache:
         #: Largest number of bytes held at once.
         self.peak_bytes = 0
 
-    def _chunk_range(self, y0: int, y1: int, x0: int, x1: int) -> tuple[int, int, int, int]:
-        cy, cx = self.chunk_shape
-        return y0 // cy, -(-y1 // cy), x0 // cx, -(-x1 // cx)
+    def _chunk_range(self, start: Sequence[int], stop: Sequence[int]) -> tuple[slice, ...]:
+        return tuple(slice(a // c, -(-b // c)) for a, b, c in zip(start, stop, self.chunk_shape))
 
     def _count_uses(self, spans: np.ndarray) -> np.ndarray:
-        # 2-D difference array: +1 over each span's chunk rectangle, O(spans + chunks).
-        diff = np.zeros((self.grid[0] + 1, self.grid[1] + 1), np.int64)
-        cy, cx = self.chunk_shape
-        a, b = spans[:, 0] // cy, -(-spans[:, 1] // cy)
-        c, d = spans[:, 2] // cx, -(-spans[:, 3] // cx)
-        np.add.at(diff, (a, c), 1)
-        np.add.at(diff, (a, d), -1)
-        np.add.at(diff, (b, c), -1)
-        np.add.at(diff, (b, d), 1)
-        return diff.cumsum(0).cumsum(1)[:-1, :-1]
+        # N-d difference array: +-1 at the 2^ndim corners of each span's chunk box,
+        # then a cumulative sum per axis; O(spans + chunks).
+        diff = np.zeros(tuple(g + 1 for g in self.grid), np.int64)
+        low = spans[:, 0::2] // np.asarray(self.chunk_shape)
+        high = -(-spans[:, 1::2] // np.asarray(self.chunk_shape))
+        for corner in itertools.product((0, 1), repeat=self.ndim):
+            index = tuple(np.where(bit, high[:, k], low[:, k]) for k, bit in enumerate(corner))
+            np.add.at(diff, index, (-1) ** sum(corner))
+        for axis in range(self.ndim):
+            diff = diff.cumsum(axis)
+        return diff[tuple(slice(0, -1) for _ in range(self.ndim))]
 
     @property
     def decoded_pixels(self) -> int:
         """Pixels decoded so far, counting whole chunks (edge chunks over-count the part
         outside the image)."""
-        return self.decoded * self.chunk_shape[0] * self.chunk_shape[1]
+        return self.decoded * int(np.prod(self.chunk_shape))
 
-    def _get(self, key: tuple[int, int]) -> np.ndarray:
+    def _get(self, key: tuple[int, ...]) -> np.ndarray:
         with self._lock:
             future = self._chunks.get(key)
             owner = future is None
@@ -112,7 +119,7 @@ class ChunkCache:
                 self._evict_over_budget(keep=key)
         return chunk
 
-    def _evict_over_budget(self, keep: tuple[int, int]) -> None:
+    def _evict_over_budget(self, keep: tuple[int, ...]) -> None:
         if self._bytes <= self.max_bytes:
             return
         for key in list(self._chunks):
@@ -123,18 +130,19 @@ class ChunkCache:
                 del self._chunks[key]
                 self._bytes -= future.result().nbytes
 
-    def read(self, y0: int, y1: int, x0: int, x1: int, out: Optional[np.ndarray] = None) -> np.ndarray:
-        """Pixels ``[y0:y1, x0:x1]`` as a ``(Y, X, C)`` array, assembled from decoded chunks."""
-        cy, cx = self.chunk_shape
+    def read(self, start: Sequence[int], stop: Sequence[int], out: Optional[np.ndarray] = None) -> np.ndarray:
+        """Pixels ``[start:stop]`` as a ``(*shape, C)`` array, assembled from decoded chunks."""
         if out is None:
-            out = np.empty((y1 - y0, x1 - x0, self.source.channels), self.source.dtype)
-        a, b, c, d = self._chunk_range(y0, y1, x0, x1)
-        for i in range(a, b):
-            for j in range(c, d):
-                chunk = self._get((i, j))
-                ys, xs = max(y0, i * cy), max(x0, j * cx)
-                ye, xe = min(y1, (i + 1) * cy), min(x1, (j + 1) * cx)
-                out[ys - y0 : ye - y0, xs - x0 : xe - x0] = chunk[ys - i * cy : ye - i * cy, xs - j * cx : xe - j * cx]
+            shape = tuple(b - a for a, b in zip(start, stop))
+            out = np.empty((*shape, self.source.channels), self.source.dtype)
+        for key in itertools.product(*(range(r.start, r.stop) for r in self._chunk_range(start, stop))):
+            chunk = self._get(key)
+            dest, src = [], []
+            for k, a, b, c in zip(key, start, stop, self.chunk_shape):
+                lo, hi = max(a, k * c), min(b, (k + 1) * c)
+                dest.append(slice(lo - a, hi - a))
+                src.append(slice(lo - k * c, hi - k * c))
+            out[tuple(dest)] = chunk[tuple(src)]
         return out
 
     def clear(self) -> None:
@@ -143,13 +151,14 @@ class ChunkCache:
             self._chunks.clear()
             self._bytes = 0
 
-    def release(self, y0: int, y1: int, x0: int, x1: int) -> None:
-        """One reader of region ``[y0:y1, x0:x1]`` is done: drop chunks nobody needs any more."""
-        a, b, c, d = self._chunk_range(y0, y1, x0, x1)
+    def release(self, start: Sequence[int], stop: Sequence[int]) -> None:
+        """One reader of region ``[start:stop]`` is done: drop chunks nobody needs any more."""
+        box = self._chunk_range(start, stop)
         with self._lock:
-            uses = self._uses[a:b, c:d]
+            uses = self._uses[box]
             np.subtract(uses, 1, out=uses, where=uses > 0)
-            for i, j in zip(*np.nonzero(uses == 0)):
-                future = self._chunks.pop((a + int(i), c + int(j)), None)
+            for index in zip(*np.nonzero(uses == 0)):
+                key = tuple(r.start + int(i) for r, i in zip(box, index))
+                future = self._chunks.pop(key, None)
                 if future is not None and future.done() and future.exception() is None:
                     self._bytes -= future.result().nbytes

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Optional, Sequence
 
 import numba
@@ -9,7 +10,7 @@ import numpy as np
 
 from ..errors import UsageError
 
-__all__ = ["PADDING_MODES", "pad_indices", "normalization_affine", "gather", "gather_raw"]
+__all__ = ["PADDING_MODES", "pad_indices", "normalization_affine", "gather", "gather_raw", "gather_nd"]
 
 #: Padding modes, named as in ``numpy.pad``.
 PADDING_MODES = ("reflect", "symmetric", "edge", "constant")
@@ -106,14 +107,43 @@ def _gather_hwc(region, iy, ix, scale, offset, normalize, out):  # pragma: no co
                     out[i, j, c] = region[y, x, c]
 
 
-def _gather(region, iy, ix, scale, offset, normalize, out) -> np.ndarray:
-    if region.dtype == np.bool_:
-        region = region.view(np.uint8)
+def _gather_plane(region, iy, ix, scale, offset, normalize, out) -> None:
     hwc = out.transpose(1, 2, 0)
     if hwc.flags.c_contiguous and out.shape[0] > 1:  # a channels-last batch
         _gather_hwc(region, iy, ix, scale, offset, normalize, hwc)
     else:
         _gather_chw(region, iy, ix, scale, offset, normalize, out)
+
+
+def gather_nd(
+    region: np.ndarray,
+    indices: Sequence[np.ndarray],
+    scale: np.ndarray,
+    offset: np.ndarray,
+    out: np.ndarray,
+    normalize: bool = True,
+) -> np.ndarray:
+    """Fill ``out[c, i, ..., j] = region[indices[0][i], ..., indices[-1][j], c] * scale[c] + offset[c]``.
+
+    The N-d form of `gather` (one index array per spatial axis of `region`,
+    which is ``(*spatial, C)``). Planes along the axes before the last two
+    go one by one through the 2-d kernel: a plane is a few hundred thousand
+    pixels, so the loop costs nothing next to the copy.
+    """
+    if region.dtype == np.bool_:
+        region = region.view(np.uint8)
+    *lead, iy, ix = indices
+    if not lead:
+        _gather_plane(region, iy, ix, scale, offset, normalize, out)
+        return out
+    fill = offset.reshape(-1, 1, 1) if normalize else 0
+    for position in itertools.product(*(range(len(i)) for i in lead)):
+        source = tuple(int(i[p]) for i, p in zip(lead, position))
+        plane = out[(slice(None), *position)]
+        if min(source) < 0:  # a plane outside the image, padding="constant"
+            plane[...] = fill
+        else:
+            _gather_plane(region[source], iy, ix, scale, offset, normalize, plane)
     return out
 
 
@@ -132,7 +162,7 @@ def gather(
     (``hwc.transpose(2, 0, 1)``). Index -1 means "outside" (zero before
     normalization). One pass converts, mirrors and normalizes.
     """
-    return _gather(region, iy, ix, scale, offset, True, out)
+    return gather_nd(region, (iy, ix), scale, offset, out)
 
 
 def gather_raw(region: np.ndarray, iy: np.ndarray, ix: np.ndarray, out: np.ndarray) -> np.ndarray:
@@ -143,4 +173,4 @@ def gather_raw(region: np.ndarray, iy: np.ndarray, ix: np.ndarray, out: np.ndarr
     to fill, pin and copy.
     """
     unit = np.zeros(out.shape[0], np.float32)
-    return _gather(region, iy, ix, unit, unit, False, out)
+    return gather_nd(region, (iy, ix), unit, unit, out, normalize=False)

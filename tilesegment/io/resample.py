@@ -74,6 +74,17 @@ class ResampledSource:
     def levels(self) -> tuple:
         return ()
 
+    @property
+    def plan_axes(self) -> str:
+        return "YX"
+
+    @property
+    def ndim(self) -> int:
+        return 2
+
+    def read_region(self, start, stop, step: int = 1) -> np.ndarray:
+        return self.read(start[0], stop[0], start[1], stop[1], step)
+
     def read(self, y0: int, y1: int, x0: int, x1: int, step: int = 1) -> np.ndarray:
         (fy, fx), (ny, nx) = self.factor, self.base.shape
         iy0, iy1 = int(math.floor(y0 * fy)), min(ny, int(math.ceil(y1 * fy)))
@@ -106,6 +117,9 @@ def at_pixel_size(source, mpp: float):
     """
     if mpp <= 0:
         raise InputError(f"mpp {mpp} must be positive (micrometres per pixel)")
+    if source.ndim != 2:
+        raise InputError(f"mpp= resamples 2-d images; {source.name} has axes {source.plan_axes}: "
+                         "use level= to pick a pyramid level")
     if source.pixel_size is None:
         raise InputError(
             f"mpp={mpp} needs the pixel size of {source.name}, which does not record one; "

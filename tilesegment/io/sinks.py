@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import threading
@@ -14,12 +15,13 @@ import numpy as np
 
 from ..errors import OutputExistsError, UsageError
 from .manifest import Manifest
+from .ngff import downsample, multiscales, pyramid_factors
 from .remote import is_url
 
 __all__ = ["Sink", "MemorySink", "ZarrSink", "BlockSink", "is_local_path", "palette", "NGFF_VERSIONS",
            "check_ngff"]
 
-Region = tuple[slice, slice]
+Region = tuple[slice, ...]
 
 #: OME-Zarr versions we write: 0.5 (zarr v3, the default) and 0.4 (zarr v2, for QuPath and
 #: older napari-ome-zarr / ome-zarr-py readers).
@@ -102,7 +104,7 @@ class BlockSink:
 def _zeros_like_region(array: Any, region: Region) -> np.ndarray:
     """A zero buffer for `region` of `array` (leading channel axes kept)."""
     shape = tuple(s.stop - s.start for s in region)
-    return np.zeros((*array.shape[:-2], *shape), dtype=array.dtype)
+    return np.zeros((*array.shape[: array.ndim - len(shape)], *shape), dtype=array.dtype)
 
 
 def is_local_path(output: Any) -> bool:
@@ -142,7 +144,7 @@ class ZarrSink:
         chunks: tuple[int, ...],
         *,
         overwrite: bool = False,
-        pixel_size: Optional[tuple[float, float]] = None,
+        pixel_size: Optional[tuple[float, ...]] = None,
         writers: int = 2,
         labels: Optional[int] = None,
         record: Optional[dict] = None,
@@ -156,7 +158,7 @@ class ZarrSink:
 
         self.ngff = check_ngff(ngff)
         self._final: Optional[Path] = None
-        self._names = dimension_names or (("y", "x") if len(shape) == 2 else ("c", "y", "x"))
+        self._names = tuple(dimension_names or (("y", "x") if len(shape) == 2 else ("c", "y", "x")))
         self._pixel_size, self._labels = pixel_size, labels
         self._class_names = None if class_names is None else [str(n) for n in class_names]
         self._title = Path(str(output)).stem
@@ -235,9 +237,9 @@ class ZarrSink:
             **options,
         )
 
-    def _metadata(self, n_levels: int) -> dict:
-        """The group's OME attributes for `n_levels` pyramid levels, in this sink's NGFF version."""
-        meta = _multiscales(self._names, self._pixel_size, self._title, n_levels)
+    def _metadata(self, factors: list[tuple[int, ...]]) -> dict:
+        """The group's OME attributes for the pyramid `factors`, in this sink's NGFF version."""
+        meta = multiscales(self._names, self._pixel_size, self._title, factors, self.ngff)
         if self._labels is not None:
             meta["image-label"] = {
                 "version": self.ngff,
@@ -246,54 +248,39 @@ class ZarrSink:
             if self._class_names:
                 meta["image-label"]["properties"] = [
                     {"label-value": k, "class": name} for k, name in enumerate(self._class_names)]
-        if self.ngff == "0.4":
-            # 0.4 keeps the version in each multiscale and the keys at the top of the attributes.
-            meta.pop("version")
-            for ms in meta["multiscales"]:
-                ms["version"] = "0.4"
         return meta
 
-    def _write_metadata(self, n_levels: int) -> None:
-        meta = self._metadata(n_levels)
+    def _write_metadata(self, factors: list[tuple[int, ...]]) -> None:
+        meta = self._metadata(factors)
         if self.ngff == "0.4":
-            self.group.attrs.update(meta)
+            self.group.attrs.update(meta)  # 0.4 keeps its keys at the top of the attributes
         else:
             self.group.attrs["ome"] = meta
 
-    def _build_pyramid(self, smallest: int = 1024) -> int:
-        """Write 2x-downsampled levels until the last fits `smallest` px; return the level count.
+    def _build_pyramid(self) -> list[tuple[int, ...]]:
+        """Write the downsampled levels `pyramid_factors` asks for; return their factors.
 
-        Labels take the top-left pixel of each 2x2 (nearest: labels stay
+        Labels take the first voxel of each group (nearest: labels stay
         labels); probabilities and logits the mean. Each level is written
         chunk by chunk from the previous one, in the writer threads.
         """
-        previous, level = self.array, 0
-        while max(previous.shape[-2:]) > smallest:
-            level += 1
-            shape = (*previous.shape[:-2], *(-(-n // 2) for n in previous.shape[-2:]))
+        factors = pyramid_factors(self.array.shape, self._names, self._pixel_size)
+        previous, last = self.array, (1,) * self.array.ndim
+        for level, factor in enumerate(factors, start=1):
+            step = tuple(f // g for f, g in zip(factor, last))
+            shape = tuple(-(-n // s) for n, s in zip(previous.shape, step))
             current = self._create(str(level), shape, self.array.chunks, self.array.dtype)
-            ch, cw = current.chunks[-2:]
-            jobs = [
-                self._pool.submit(self._downsample, previous, current, y, x)
-                for y in range(0, shape[-2], ch)
-                for x in range(0, shape[-1], cw)
-            ]
+            grid = itertools.product(*(range(0, n, c) for n, c in zip(shape, current.chunks)))
+            jobs = [self._pool.submit(self._downsample, previous, current, start, step) for start in grid]
             for job in jobs:
                 job.result()
-            previous = current
-        return level + 1
+            previous, last = current, factor
+        return factors
 
-    def _downsample(self, source, dest, y: int, x: int) -> None:
-        ch, cw = dest.chunks[-2:]
-        y1, x1 = min(y + ch, dest.shape[-2]), min(x + cw, dest.shape[-1])
-        block = source[..., 2 * y : 2 * y1, 2 * x : 2 * x1]
-        if self._labels is not None:
-            dest[..., y:y1, x:x1] = block[..., ::2, ::2]
-            return
-        pad = [(0, 0)] * (block.ndim - 2) + [(0, 2 * (y1 - y) - block.shape[-2]), (0, 2 * (x1 - x) - block.shape[-1])]
-        block = np.pad(block.astype(np.float32), pad, mode="edge")
-        mean = (block[..., ::2, ::2] + block[..., 1::2, ::2] + block[..., ::2, 1::2] + block[..., 1::2, 1::2]) / 4
-        dest[..., y:y1, x:x1] = np.rint(mean) if dest.dtype.kind == "u" else mean
+    def _downsample(self, source, dest, start: tuple[int, ...], step: tuple[int, ...]) -> None:
+        stop = [min(a + c, n) for a, c, n in zip(start, dest.chunks, dest.shape)]
+        block = source[tuple(slice(a * s, b * s) for a, b, s in zip(start, stop, step))]
+        dest[tuple(slice(a, b) for a, b in zip(start, stop))] = downsample(block, step, self._labels is not None)
 
     @staticmethod
     def check_output(output: Any, overwrite: bool, storage_options: Optional[dict] = None) -> None:
@@ -426,22 +413,3 @@ def palette(n: int) -> list[tuple[int, int, int, int]]:
     colours = [(40, 170, 90), (255, 210, 0), (31, 119, 180), (214, 39, 40), (148, 103, 189),
                (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
     return [(0, 0, 0, 0)] + [(*colours[(k - 1) % len(colours)], 255) for k in range(1, n)]
-
-
-def _multiscales(names: tuple[str, ...], pixel_size, name: str, n_levels: int = 1) -> dict:
-    axes = [
-        {"name": n, "type": "channel"} if n == "c" else {"name": n, "type": "space", "unit": "micrometer"}
-        for n in names
-    ]
-    if pixel_size is None:
-        for axis in axes:
-            axis.pop("unit", None)
-        pixel_size = (1.0, 1.0)
-    datasets = []
-    for level in range(n_levels):  # the pyramid halves the last two axes only
-        *lead, py, px = (float(p) for p in pixel_size)
-        scale = [1.0] * (len(names) - 2 - len(lead)) + lead + [py * 2**level, px * 2**level]
-        datasets.append(
-            {"path": str(level), "coordinateTransformations": [{"type": "scale", "scale": scale}]}
-        )
-    return {"version": "0.5", "multiscales": [{"name": name, "axes": axes, "datasets": datasets}]}

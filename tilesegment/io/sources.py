@@ -16,7 +16,9 @@ from .remote import is_url, open_remote_file, url_name
 __all__ = ["ImageSource", "Level", "ReadOptions", "open_image", "ImageLike"]
 
 ImageLike = Union[str, os.PathLike, np.ndarray, Any]
-_SPATIAL = "YX"
+#: Axes a plan runs over, in the order plans (and outputs) keep them: T and Z are
+#: stack axes of a 2-D network, Z is also the third axis of a volume network.
+_SPATIAL = "TZYX"
 _CHANNEL = "CS"
 
 
@@ -24,13 +26,19 @@ _CHANNEL = "CS"
 class Level:
     """One level of an image pyramid: spatial shape and pixel size (um), if known."""
 
-    shape: tuple[int, int]
-    pixel_size: Optional[tuple[float, float]] = None
+    shape: tuple[int, ...]
+    pixel_size: Optional[tuple[float, ...]] = None
 
 
 @dataclass(frozen=True, eq=False)
 class ImageSource:
-    """A 2-D image with channels, read region by region in its native layout.
+    """An image or volume with channels, read region by region in its native layout.
+
+    The axes a plan runs over (`plan_axes`) are those of ``T``, ``Z``, ``Y``,
+    ``X`` that the image has with more than one element (``Y`` and ``X``
+    always), in that order, whatever the order in the file: ``"YX"`` for a
+    slide, ``"ZYX"`` for a volume or a Z stack, ``"TYX"``, ``"TZYX"``. Regions
+    are read in that order, channels last.
 
     Attributes
     ----------
@@ -38,10 +46,12 @@ class ImageSource:
         Anything with ``shape``, ``dtype`` and numpy slicing (numpy, zarr,
         dask, tifffile's zarr store).
     axes : str
-        One letter per axis of `array`: ``Y``, ``X``, at most one channel axis
-        ``C`` or ``S``, and other axes of size 1 (squeezed).
-    pixel_size : (float, float) or None
-        Physical pixel size ``(y, x)`` in micrometres, when the file says.
+        One letter per axis of `array`: ``Y``, ``X``, optionally ``Z`` and
+        ``T``, at most one channel axis ``C`` or ``S``, and other axes of size
+        1 (squeezed).
+    pixel_size : tuple of float or None
+        Physical size of a pixel (voxel) along each plan axis, in micrometres
+        (``(y, x)``, ``(z, y, x)``; a ``T`` axis gets 1.0), when the file says.
     name : str
         What to call the image in messages.
     format : str
@@ -64,6 +74,8 @@ class ImageSource:
     _decode_chunk: Optional[Callable[[int, int], np.ndarray]] = field(default=None, repr=False)
     #: Other small pictures of the whole image (an SVS thumbnail): ((Y, X), open) pairs.
     _thumbnails: tuple = field(default=(), repr=False)
+    #: Stack axes kept even with one element (Z for a 3-d network: a one-plane volume).
+    keep_axes: str = ""
 
     def __post_init__(self) -> None:
         axes = self.axes.upper()
@@ -74,16 +86,17 @@ class ImageSource:
                 f"axes {axes!r} do not match the {len(shape)}-d shape {shape} of {self.name}; "
                 "pass axes= with one letter per axis, e.g. 'YXS' or 'CYX'"
             )
-        if "Y" not in axes or "X" not in axes or sum(a in _CHANNEL for a in axes) > 1:
+        if (any(axes.count(a) != 1 for a in "YX") or any(axes.count(a) > 1 for a in "TZ")
+                or sum(a in _CHANNEL for a in axes) > 1):
             raise InputError(
-                f"axes {axes!r} of {self.name} need exactly one Y, one X and at most one "
-                "channel axis (C or S); pass axes= to say which is which"
+                f"axes {axes!r} of {self.name} need exactly one Y, one X, at most one Z and T and at "
+                "most one channel axis (C or S); pass axes= to say which is which"
             )
         extra = [(a, n) for a, n in zip(axes, shape) if a not in _SPATIAL + _CHANNEL and n != 1]
         if extra:
             raise InputError(
                 f"{self.name} has non-spatial axes {extra} larger than 1 (axes {axes}); "
-                "pass axes= to name them (Y, X, C) or select one plane first (e.g. image[0])"
+                "pass axes= to name them (T, Z, Y, X, C) or select one plane first (e.g. image[0])"
             )
         if 0 in shape:
             raise InputError(f"{self.name} is empty (shape {shape})")
@@ -100,10 +113,22 @@ class ImageSource:
                 )
 
     @property
-    def shape(self) -> tuple[int, int]:
-        """Spatial shape ``(Y, X)``."""
+    def plan_axes(self) -> str:
+        """The axes plans run over, in plan order: ``"YX"``, ``"ZYX"``, ``"TYX"``, ``"TZYX"``."""
+        shape = self.array.shape
+        return "".join(a for a in _SPATIAL if a in "YX" + self.keep_axes
+                       or (a in self.axes and shape[self.axes.index(a)] > 1))
+
+    @property
+    def ndim(self) -> int:
+        """Number of plan axes (2 for a slide, 3 for a volume or a stack)."""
+        return len(self.plan_axes)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape over the plan axes: ``(Y, X)``, ``(Z, Y, X)``..."""
         s = self.array.shape
-        return (int(s[self.axes.index("Y")]), int(s[self.axes.index("X")]))
+        return tuple(int(s[self.axes.index(a)]) for a in self.plan_axes)
 
     @property
     def _native_channels(self) -> int:
@@ -122,9 +147,9 @@ class ImageSource:
         return np.dtype(self.array.dtype)
 
     @property
-    def chunk_shape(self) -> Optional[tuple[int, int]]:
-        """``(Y, X)`` edge of the units the image is stored and decoded in (TIFF tiles,
-        zarr or dask chunks); None for arrays in memory, which need no decoding."""
+    def chunk_shape(self) -> Optional[tuple[int, ...]]:
+        """Edges, over the plan axes, of the units the image is stored and decoded in
+        (TIFF tiles, zarr or dask chunks); None for arrays in memory, which need no decoding."""
         if isinstance(self.array, np.ndarray):
             return None
         # A zarr shard is read in one request; its inner chunks are the smaller unit.
@@ -132,23 +157,26 @@ class ImageSource:
                   or getattr(self.array, "chunks", None))
         if not chunks or not all(isinstance(c, (int, np.integer)) for c in chunks):
             return None
-        return (int(chunks[self.axes.index("Y")]), int(chunks[self.axes.index("X")]))
+        return tuple(int(chunks[self.axes.index(a)]) for a in self.plan_axes)
 
-    def read_chunk(self, cy: int, cx: int) -> np.ndarray:
-        """Decode stored chunk ``(cy, cx)`` as a ``(Y, X, C)`` array, clipped to the image."""
+    def read_chunk(self, *index: int) -> np.ndarray:
+        """Decode the stored chunk at grid position `index` (one int per plan axis) as a
+        ``(*plan_axes, C)`` array, clipped to the image."""
         if self._decode_chunk is not None:
-            return self._pick_channels(self._decode_chunk(cy, cx))
-        (hy, hx), (ny, nx) = self.chunk_shape, self.shape
-        return self.read(cy * hy, min(ny, (cy + 1) * hy), cx * hx, min(nx, (cx + 1) * hx))
+            return self._pick_channels(self._decode_chunk(*index))
+        edges, shape = self.chunk_shape, self.shape
+        return self.read_region(tuple(i * e for i, e in zip(index, edges)),
+                                tuple(min(n, (i + 1) * e) for i, e, n in zip(index, edges, shape)))
 
-    def read(self, y0: int, y1: int, x0: int, x1: int, step: int = 1) -> np.ndarray:
-        """Return pixels ``[y0:y1:step, x0:x1:step]`` as a ``(Y, X, C)`` array (a view where possible)."""
+    def read_region(self, start: Sequence[int], stop: Sequence[int], step: int = 1) -> np.ndarray:
+        """Return pixels ``[start:stop:step]`` (one bound per plan axis) as a
+        ``(*plan_axes, C)`` array, a view where possible."""
+        plan = self.plan_axes
         index, order = [], []
         for axis in self.axes:
-            if axis == "Y":
-                index.append(slice(y0, y1, step))
-            elif axis == "X":
-                index.append(slice(x0, x1, step))
+            if axis in plan:
+                k = plan.index(axis)
+                index.append(slice(int(start[k]), int(stop[k]), step))
             elif axis in _CHANNEL:
                 index.append(slice(None))
             else:
@@ -161,11 +189,20 @@ class ImageSource:
         region = np.asarray(region)
         if region.dtype == np.float16:  # the gather kernel has no float16
             region = region.astype(np.float32)
-        if len(order) == 2:
+        if len(order) == len(plan):
             region = region[..., None]
             order.append("C")
-        perm = [order.index("Y"), order.index("X"), 3 - order.index("Y") - order.index("X")]
-        return self._pick_channels(region.transpose(perm))
+        channel = next(a for a in order if a not in plan)
+        return self._pick_channels(region.transpose([order.index(a) for a in plan + channel]))
+
+    def read(self, y0: int, y1: int, x0: int, x1: int, step: int = 1) -> np.ndarray:
+        """Return pixels ``[y0:y1:step, x0:x1:step]`` of a 2-D image as a ``(Y, X, C)`` array.
+
+        The 2-D shorthand of `read_region`.
+        """
+        if self.ndim != 2:
+            raise InputError(f"{self.name} has axes {self.plan_axes}; read it with read_region")
+        return self.read_region((y0, x0), (y1, x1), step)
 
     def _pick_channels(self, region: np.ndarray) -> np.ndarray:
         if self.channel_order is not None:
@@ -180,6 +217,8 @@ class ImageSource:
         has them; no larger than this image), then keeps every n-th pixel.
         The cost is that of the picture read, not of the image.
         """
+        if self.ndim != 2:
+            raise InputError(f"{self.name} has axes {self.plan_axes}: only 2-d images have an overview")
         candidates = [(self.shape, lambda: self.array)]
         if self._open_level is not None:
             candidates += [(lv.shape, lambda i=i: self._open_level(i)) for i, lv in enumerate(self.levels)]
@@ -223,19 +262,23 @@ class ReadOptions:
         return {"axes": self.axes, "level": self.level, "series": self.series,
                 "channels": None if self.channels is None else list(self.channels), "mpp": self.mpp}
 
-    def open(self, image: "ImageLike", storage_options: Optional[dict] = None) -> "ImageSource":
-        """`open_image` of `image` with these options."""
-        return open_image(image, **self.to_dict(), storage_options=storage_options)
+    def open(self, image: "ImageLike", storage_options: Optional[dict] = None, ndim: int = 2) -> "ImageSource":
+        """`open_image` of `image` with these options, for a network of `ndim` spatial axes."""
+        return open_image(image, **self.to_dict(), storage_options=storage_options, ndim=ndim)
 
 
-def _default_axes(shape: tuple[int, ...]) -> str:
+def _default_axes(shape: tuple[int, ...], spatial: int = 2) -> str:
+    """Axes of an array that does not say: images by default, volumes for a 3-d network
+    (`spatial` = 3): (Z, Y, X) and (C, Z, Y, X)."""
+    if spatial == 3 and len(shape) in (3, 4):
+        return "ZYX" if len(shape) == 3 else "CZYX"
     if len(shape) == 2:
         return "YX"
     if len(shape) == 3:
         return "YXS" if shape[-1] in (3, 4) else "CYX"
     raise InputError(
         f"cannot tell the axes of a {len(shape)}-d array of shape {shape}; "
-        "pass axes=, e.g. 'YX', 'YXS' or 'CYX'"
+        "pass axes=, e.g. 'YX', 'YXS', 'CYX', 'ZYX' or 'CZYX'"
     )
 
 
@@ -248,6 +291,7 @@ def open_image(
     channels: Optional[Sequence[int]] = None,
     mpp: Optional[float] = None,
     storage_options: Optional[dict] = None,
+    ndim: int = 2,
 ) -> ImageSource:
     """Open `image` for region reads without loading it.
 
@@ -256,10 +300,12 @@ def open_image(
     image : path, numpy array, zarr array or dask array
         A TIFF-family file (SVS, OME-TIFF, NDPI, QPTIFF, generic tiled
         TIFF), an OME-Zarr (NGFF 0.4 or 0.5) or zarr array path, or an array
-        of shape (Y, X), (Y, X, S) with S in {3, 4}, or (C, Y, X).
+        of shape (Y, X), (Y, X, S) with S in {3, 4}, or (C, Y, X); with
+        ``ndim=3``, (Z, Y, X) or (C, Z, Y, X). Files say their own axes.
     axes : str, optional
-        Override the axes, one letter per dimension (``Y``, ``X``, ``C``/``S``;
-        other letters must have size 1).
+        Override the axes, one letter per dimension (``T``, ``Z``, ``Y``,
+        ``X``, ``C``/``S``; other letters must have size 1), e.g. ``"ZYX"``
+        for a Z stack held as a 3-d array.
     level : int
         Pyramid level to read (0 is full resolution).
     series : int
@@ -277,6 +323,9 @@ def open_image(
         Credentials and endpoints otherwise come from the usual environment
         (``AWS_ENDPOINT_URL``, ``AWS_PROFILE``...). A remote TIFF is read in
         ranges, only the tiles a region needs; a remote zarr chunk by chunk.
+    ndim : int
+        Spatial axes of the network that will read the image: how arrays
+        that do not name their axes are read (3: volumes).
 
     Raises
     ------
@@ -287,17 +336,19 @@ def open_image(
     if hasattr(image, "read") and hasattr(image, "channels"):  # already a source
         return image
     if is_url(image):
-        source = _open_url(image, axes, level if mpp is None else 0, series, storage_options)
+        source = _open_url(image, axes, level if mpp is None else 0, series, storage_options, ndim)
     elif isinstance(image, (str, os.PathLike)):
         path = Path(image)
         if not path.exists():
             raise InputError(f"input {str(path)!r} does not exist; check the path")
         opener = _open_zarr if path.is_dir() or path.suffix == ".zarr" else _open_tiff
-        source = opener(path, axes, level if mpp is None else 0, series)
+        source = opener(path, axes, level if mpp is None else 0, series, ndim=ndim)
     else:
-        source = _open_array(image, axes, level)
+        source = _open_array(image, axes, level, ndim)
     if channels is not None:
         source = replace(source, channel_order=tuple(int(c) for c in channels))
+    if ndim >= 3 and "Z" in source.axes:
+        source = replace(source, keep_axes="Z")
     _check_readable(source)
     if mpp is not None:
         from .resample import at_pixel_size
@@ -308,9 +359,9 @@ def open_image(
 
 def _check_readable(source: ImageSource) -> None:
     """Decode the last pixel: a truncated or corrupt file fails here, before any work."""
-    ny, nx = source.shape
+    shape = source.shape
     try:
-        source.read(ny - 1, ny, nx - 1, nx)
+        source.read_region([n - 1 for n in shape], shape)
     except Exception as exc:
         source.close()
         raise InputError(
@@ -319,7 +370,7 @@ def _check_readable(source: ImageSource) -> None:
         ) from None
 
 
-def _open_array(image: Any, axes: Optional[str], level: int) -> ImageSource:
+def _open_array(image: Any, axes: Optional[str], level: int, ndim: int = 2) -> ImageSource:
     if not hasattr(image, "shape") or not hasattr(image, "dtype"):
         try:
             image = np.asarray(image)
@@ -328,7 +379,7 @@ def _open_array(image: Any, axes: Optional[str], level: int) -> ImageSource:
     if level != 0:
         raise InputError(f"level {level} is out of range: an array has only level 0")
     shape = tuple(image.shape)
-    return ImageSource(image, axes or _default_axes(shape), name=f"array {shape}")
+    return ImageSource(image, axes or _default_axes(shape, ndim), name=f"array {shape}")
 
 
 def _check_level(level: int, count: int, name: str) -> None:
@@ -346,11 +397,11 @@ def _tiff_format(tif) -> str:
 
 
 def _open_url(url: str, axes: Optional[str], level: int, series: int,
-              storage_options: Optional[dict]) -> ImageSource:
+              storage_options: Optional[dict], ndim: int = 2) -> ImageSource:
     """A remote TIFF through a range-reading file object, or a remote zarr store."""
     name = url_name(url)
     if name.lower().endswith(".zarr") or url.split("?", 1)[0].endswith("/"):
-        return _open_zarr(url, axes, level, series, storage_options)
+        return _open_zarr(url, axes, level, series, storage_options, ndim)
     handle = open_remote_file(url, storage_options)
     try:
         source = _open_tiff(handle, axes, level, series, name=name)
@@ -362,7 +413,7 @@ def _open_url(url: str, axes: Optional[str], level: int, series: int,
 
 
 def _open_tiff(path: Any, axes: Optional[str], level: int, series: int,
-               name: Optional[str] = None) -> ImageSource:
+               name: Optional[str] = None, ndim: int = 2) -> ImageSource:
     """A TIFF-family file from a path or a seekable binary file object (named `name`)."""
     import tifffile
     import zarr
@@ -387,12 +438,6 @@ def _open_tiff(path: Any, axes: Optional[str], level: int, series: int,
         chosen = all_series[series]
         _check_level(level, len(chosen.levels), name)
         native = chosen.levels[0].axes
-        base = _tiff_pixel_size(tif)
-        levels = []
-        for lv in chosen.levels:
-            shape = (int(lv.shape[native.index("Y")]), int(lv.shape[native.index("X")]))
-            scale = chosen.levels[0].shape[native.index("X")] / shape[1]
-            levels.append(Level(shape, None if base is None else (base[0] * scale, base[1] * scale)))
 
         def open_level(index: int):
             return zarr.open_array(chosen.aszarr(level=index), mode="r")
@@ -401,6 +446,14 @@ def _open_tiff(path: Any, axes: Optional[str], level: int, series: int,
             array = open_level(level)
         except Exception as exc:
             raise InputError(f"cannot read {name} (level {level}): {exc}") from None
+        plan = ImageSource(array, axes or chosen.levels[level].axes, name=name).plan_axes
+        base, z = _tiff_pixel_size(tif), _tiff_z_spacing(tif)
+        levels = []
+        for lv in chosen.levels:  # TIFF pyramids shrink y and x only
+            scale = chosen.levels[0].shape[native.index("X")] / lv.shape[native.index("X")]
+            size = None if base is None else {"Y": base[0] * scale, "X": base[1] * scale, "Z": z or 1.0}
+            levels.append(Level(tuple(int(lv.shape[native.index(a)]) for a in plan),
+                                None if size is None else tuple(size.get(a, 1.0) for a in plan)))
         # Remote files (file objects) are read through tifffile's own range requests.
         local = isinstance(path, (str, os.PathLike))
         decoder = _TileDecoder.of(path, chosen.levels[level]) if local and not axes else None
@@ -482,6 +535,16 @@ class _TileDecoder:
         os.close(self._fd)
 
 
+def _tiff_z_spacing(tif) -> Optional[float]:
+    """Micrometres between Z planes from OME (PhysicalSizeZ) or ImageJ (spacing); None if unknown."""
+    if tif.is_ome and tif.ome_metadata:
+        z = re.search(r'PhysicalSizeZ="([0-9.eE+-]+)"', tif.ome_metadata)
+        if z:
+            return float(z.group(1))
+    spacing = (getattr(tif, "imagej_metadata", None) or {}).get("spacing")
+    return float(spacing) if spacing else None
+
+
 def _tiff_pixel_size(tif) -> Optional[tuple[float, float]]:
     """Micrometres per pixel from OME, Aperio or resolution tags; None if unknown."""
     if tif.is_ome and tif.ome_metadata:
@@ -505,7 +568,7 @@ def _tiff_pixel_size(tif) -> Optional[tuple[float, float]]:
 
 
 def _open_zarr(path: Union[Path, str], axes: Optional[str], level: int, series: int = 0,
-               storage_options: Optional[dict] = None) -> ImageSource:
+               storage_options: Optional[dict] = None, ndim: int = 2) -> ImageSource:
     import zarr
 
     remote = is_url(path)
@@ -519,7 +582,7 @@ def _open_zarr(path: Union[Path, str], axes: Optional[str], level: int, series: 
         raise InputError(f"input {str(path)!r} is not a zarr store ({exc})") from None
     if not isinstance(node, zarr.Group):
         _check_level(level, 1, name)
-        return ImageSource(node, axes or _default_axes(tuple(node.shape)), name=name, format="zarr")
+        return ImageSource(node, axes or _default_axes(tuple(node.shape), ndim), name=name, format="zarr")
     attrs = node.attrs.asdict()
     multiscales = attrs.get("ome", attrs).get("multiscales")  # NGFF 0.5 nests under "ome"
     if not multiscales:
@@ -532,17 +595,19 @@ def _open_zarr(path: Union[Path, str], axes: Optional[str], level: int, series: 
     names = [a["name"] if isinstance(a, dict) else a for a in ms.get("axes", [])]
     if axes is None and names:
         axes = "".join({"c": "C"}.get(n.lower(), n.upper()) for n in names)
+    chosen = node[datasets[level]["path"]]
+    axes = axes or _default_axes(tuple(chosen.shape), ndim)
+    plan = ImageSource(chosen, axes, name=name).plan_axes
     levels = []
     for ds in datasets:
         array = node[ds["path"]]
         pixel_size = None
         for t in ds.get("coordinateTransformations", []):
-            if t.get("type") == "scale" and names and len(t["scale"]) == len(names) and "y" in names:
-                pixel_size = (float(t["scale"][names.index("y")]), float(t["scale"][names.index("x")]))
-        ax = axes or _default_axes(tuple(array.shape))
-        levels.append(Level((int(array.shape[ax.index("Y")]), int(array.shape[ax.index("X")])), pixel_size))
+            if t.get("type") == "scale" and names and len(t["scale"]) == len(names):
+                by_name = {n.lower(): float(v) for n, v in zip(names, t["scale"])}
+                pixel_size = tuple(by_name.get(a.lower(), 1.0) for a in plan)
+        levels.append(Level(tuple(int(array.shape[axes.index(a)]) for a in plan), pixel_size))
     return ImageSource(
-        node[datasets[level]["path"]], axes or _default_axes(tuple(node[datasets[level]["path"]].shape)),
-        levels[level].pixel_size, name=name, format="ome-zarr", levels=tuple(levels),
+        chosen, axes, levels[level].pixel_size, name=name, format="ome-zarr", levels=tuple(levels),
         _open_level=lambda i: node[datasets[i]["path"]],
     )

@@ -1,0 +1,242 @@
+"""Volumes and stacks: 3-d networks and 2-d networks over Z/T stacks, exact, into OME-Zarr."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import tilesegment as ts
+from tilesegment.io.ngff import downsample, pyramid_factors
+from tilesegment.testing import planewise_logits, whole_image_logits
+
+from conftest import small_unet
+
+POOLINGS = {"isotropic": [(2, 2, 2), (2, 2, 2)], "anisotropic": [(1, 2, 2), (2, 2, 2)]}
+
+
+def net3d(in_channels: int = 1, num_classes: int = 2, depth: int = 2, pooling: str = "anisotropic", seed: int = 0):
+    torch.manual_seed(seed)
+    net = ts.UNet(in_channels, num_classes, base_channels=2, depth=depth, ndim=3,
+                  pooling=POOLINGS[pooling][:depth])
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.5)
+    return net.eval()
+
+
+NETS = {(c, d, p): net3d(c, 3, d, p, seed=c + 3 * d) for c in (1, 2) for d in (1, 2) for p in POOLINGS}
+
+
+def _relative_error(a, b):
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    channels=st.integers(1, 2),
+    depth=st.integers(1, 2),
+    pooling=st.sampled_from(sorted(POOLINGS)),
+    shape=st.tuples(st.integers(1, 12), st.integers(1, 30), st.integers(1, 30)),
+    tile_steps=st.tuples(st.integers(1, 3), st.integers(1, 3), st.integers(1, 3)),
+    dtype=st.sampled_from(["uint8", "float32"]),
+    seed=st.integers(0, 2**16),
+)
+def test_tiled_volume_equals_whole_volume_inference(channels, depth, pooling, shape, tile_steps, dtype, seed):
+    net = NETS[(channels, depth, pooling)]
+    rng = np.random.default_rng(seed)
+    volume = rng.integers(0, 256, (channels, *shape)).astype(dtype)
+    tile = tuple(k * s for k, s in zip(tile_steps, net.geometry.step))
+    expected = whole_image_logits(volume, net, axes="CZYX")
+    tiled = ts.segment(volume, net, tile_size=tile, mode="logits", axes="CZYX", progress=False)
+    assert tiled.shape == expected.shape == (3, *shape)
+    assert _relative_error(tiled, expected) <= 1e-5
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    axes=st.sampled_from(["ZYX", "TYX", "YXZ", "CZYX"]),
+    planes=st.integers(2, 5),
+    size=st.tuples(st.integers(1, 40), st.integers(1, 40)),
+    tile=st.tuples(st.integers(1, 3), st.integers(1, 4), st.integers(1, 4)),
+    seed=st.integers(0, 2**16),
+)
+def test_2d_network_over_a_stack_equals_inference_plane_by_plane(axes, planes, size, tile, seed):
+    net = small_unet(1, 3, base=4, depth=2, seed=seed % 5)
+    rng = np.random.default_rng(seed)
+    sizes = {"Z": planes, "T": planes, "Y": size[0], "X": size[1], "C": 1}
+    stack = rng.random([sizes[a] for a in axes]).astype(np.float32)
+    stack_axis = "T" if "T" in axes else "Z"
+    expected = planewise_logits(stack, net, axes=axes)
+    # A tile depth along the stack axis batches planes; it must not change anything.
+    tiled = ts.segment(stack, net, tile_size=(tile[0], 4 * tile[1], 4 * tile[2]), mode="logits", axes=axes,
+                       progress=False)
+    assert tiled.shape == (3, planes, *size)
+    assert _relative_error(tiled, expected) <= 1e-5
+    labels = ts.segment(stack, net, tile_size=8, axes=axes, progress=False)
+    np.testing.assert_array_equal(labels, expected.argmax(0))
+    assert ts.Tiler(stack, net, tile_size=8, axes=axes).plan.axes == stack_axis.lower() + "yx"
+
+
+def test_a_3d_network_over_a_time_series_runs_volume_by_volume():
+    net = NETS[(1, 1, "anisotropic")]
+    series = np.random.default_rng(3).random((3, 5, 18, 14)).astype(np.float32)
+    tiled = ts.segment(series, net, tile_size=(2, 8, 8), mode="logits", axes="TZYX", progress=False)
+    expected = np.stack([whole_image_logits(v, net, axes="ZYX") for v in series], axis=1)
+    assert tiled.shape == (3, 3, 5, 18, 14)
+    assert _relative_error(tiled, expected) <= 1e-5
+
+
+def test_tiler_and_stitcher_take_volumes(tmp_path):
+    net = NETS[(1, 2, "isotropic")]
+    volume = np.random.default_rng(4).random((9, 21, 17)).astype(np.float32)
+    tiler = ts.Tiler(volume, net, tile_size=(4, 8, 8))
+    assert tiler.plan.axes == "zyx" and tiler.plan.input_size == net.geometry.input_size((4, 8, 8))
+    with ts.Stitcher(tiler.plan, tmp_path / "v.zarr", mode="probabilities") as stitcher:
+        for batch in tiler.batches(3):
+            assert batch.data.shape[1:] == (1, *tiler.plan.input_size)
+            with torch.no_grad():
+                stitcher.add(batch, net(torch.from_numpy(np.ascontiguousarray(batch.data))))
+    expected = ts.segment(volume, net, tile_size=(8, 16, 16), mode="probabilities", progress=False)
+    np.testing.assert_array_equal(stitcher.result[:], expected)
+
+
+def test_decoded_chunks_of_a_zarr_volume_are_read_once_and_equal_per_tile_reads():
+    volume = zarr.create_array(store={}, shape=(13, 40, 37), chunks=(4, 16, 16), dtype="uint8")
+    volume[:] = np.random.default_rng(5).integers(0, 256, (13, 40, 37), dtype=np.uint8)
+    tiler = ts.Tiler(volume, ts.Geometry(halo=(2, 5, 5), step=(1, 4, 4), ndim=3), tile_size=(3, 8, 12))
+    batches = list(tiler.batches(4, workers=2))
+    for batch in batches:
+        for k, index in enumerate(batch.indices):
+            np.testing.assert_array_equal(batch.data[k], tiler.read(int(index)))
+    grid = [-(-n // c) for n, c in zip(volume.shape, volume.chunks)]
+    assert tiler.last_cache.decoded == np.prod(grid)  # every chunk touched, each once
+
+
+def test_ome_tiff_volume_keeps_its_voxel_size_and_validates_as_ngff(tmp_path):
+    import tifffile
+    from ome_zarr_models.v04 import ImageLabel as ImageLabel04
+    from ome_zarr_models.v05 import ImageLabel
+
+    volume = np.random.default_rng(6).integers(0, 256, (6, 40, 52), dtype=np.uint8)
+    path = tmp_path / "vol.ome.tif"
+    tifffile.imwrite(path, volume, ome=True, tile=(16, 16),
+                     metadata={"axes": "ZYX", "PhysicalSizeZ": 2.0, "PhysicalSizeY": 0.5, "PhysicalSizeX": 0.5})
+    source = ts.open_image(path)
+    assert (source.plan_axes, source.shape, source.pixel_size) == ("ZYX", (6, 40, 52), (2.0, 0.5, 0.5))
+    net = NETS[(1, 1, "anisotropic")]
+    for ngff, model in (("0.5", ImageLabel), ("0.4", ImageLabel04)):
+        out = tmp_path / f"seg{ngff}.zarr"
+        result = ts.segment(path, net, out, tile_size=(2, 16, 16), ngff=ngff, progress=False)
+        np.testing.assert_array_equal(result[:], ts.segment(volume, net, tile_size=(4, 32, 32), progress=False))
+        group = zarr.open_group(out, mode="r")
+        model.from_zarr(group)
+        meta = group.attrs.asdict()
+        ms = meta.get("ome", meta)["multiscales"][0]
+        assert [a["name"] for a in ms["axes"]] == ["z", "y", "x"]
+        assert ms["datasets"][0]["coordinateTransformations"][0]["scale"] == [2.0, 0.5, 0.5]
+    # Our output reads back as a volume, voxel size included.
+    again = ts.open_image(tmp_path / "seg0.5.zarr")
+    assert (again.plan_axes, again.pixel_size) == ("ZYX", (2.0, 0.5, 0.5))
+
+
+def test_volume_pyramid_opens_in_the_ome_zarr_reader_as_a_multiscale(tmp_path):
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Multiscales, Reader
+
+    volume = zarr.create_array(store=str(tmp_path / "in.zarr"), shape=(8, 600, 520), chunks=(8, 128, 128),
+                               dtype="uint8")
+    volume[:] = np.random.default_rng(7).integers(0, 256, volume.shape, dtype=np.uint8)
+    geometry = ts.Geometry(halo=(1, 2, 2), step=(1, 2, 2), shrink=(2, 4, 4))
+
+    class Crop(torch.nn.Module):  # the geometry's valid network that costs nothing
+        geometry = ts.Geometry(halo=(1, 2, 2), step=(1, 2, 2), shrink=(2, 4, 4))
+
+        def forward(self, x):
+            core = x[:, :, 1:-1, 2:-2, 2:-2]
+            return torch.cat([core, 1 - core], 1)
+
+    assert Crop.geometry == geometry
+    out = tmp_path / "seg.zarr"
+    ts.segment(str(tmp_path / "in.zarr"), Crop(), out, tile_size=(4, 128, 128), mode="probabilities",
+               progress=False)
+    nodes = list(Reader(parse_url(str(out)))())
+    (multiscale,) = [s for n in nodes for s in n.specs if isinstance(s, Multiscales)]
+    shapes = [tuple(level.shape) for level in nodes[0].data]
+    # Isotropic voxels: every spatial axis halves each level, channels never.
+    assert shapes == [(2, 8, 600, 520), (2, 4, 300, 260), (2, 2, 150, 130)]
+    assert multiscale is not None
+
+
+@given(
+    shape=st.tuples(st.integers(1, 300), st.integers(1, 5000), st.integers(1, 5000)),
+    size=st.tuples(st.floats(0.1, 10), st.floats(0.1, 2)),
+)
+def test_pyramid_halves_y_and_x_and_z_only_once_it_is_no_coarser(shape, size):
+    z_size, xy_size = size
+    factors = pyramid_factors((2, *shape), "czyx", (z_size, xy_size, xy_size))
+    previous = (1, 1, 1, 1)
+    for f in factors:
+        assert f[0] == 1  # channels are never downsampled
+        assert all(a in (b, 2 * b) for a, b in zip(f, previous))
+        assert f[2:] == tuple(2 * p if -(-n // p) > 1 else p for p, n in zip(previous[2:], shape[1:]))
+        if f[1] > previous[1]:  # z halves only when not coarser than 1.5x the new y/x voxel
+            assert z_size * f[1] <= 1.5 * 2 * xy_size * f[2] + 1e-9
+        previous = f
+    final = factors[-1] if factors else (1, 1, 1, 1)
+    assert max(-(-shape[1] // final[2]), -(-shape[2] // final[3])) <= 256
+
+
+def test_downsample_keeps_labels_and_averages_values():
+    block = np.arange(2 * 3 * 5, dtype=np.uint8).reshape(2, 3, 5)
+    np.testing.assert_array_equal(downsample(block, (2, 2, 2), labels=True), block[::2, ::2, ::2])
+    mean = downsample(block.astype(np.float32), (1, 2, 2), labels=False)
+    padded = np.pad(block.astype(np.float32), [(0, 0), (0, 1), (0, 1)], mode="edge")
+    expected = (padded[:, ::2, ::2] + padded[:, 1::2, ::2] + padded[:, ::2, 1::2] + padded[:, 1::2, 1::2]) / 4
+    np.testing.assert_allclose(mean, expected)
+
+
+def test_volume_inputs_are_refused_where_only_images_make_sense(tmp_path):
+    net = NETS[(1, 1, "anisotropic")]
+    with pytest.raises(ts.UsageError, match="axes"):
+        ts.segment(np.zeros((30, 30), np.float32), net, progress=False)
+    stack = np.zeros((3, 30, 30), np.uint8)
+    with pytest.raises(ts.UsageError, match="2-d images"):
+        ts.segment(stack, small_unet(1, 2), axes="ZYX", tissue_mask=np.ones((30, 30), bool), progress=False)
+    with pytest.raises(ts.InputError, match="level="):
+        ts.open_image(stack, axes="ZYX", mpp=1.0)
+    with pytest.raises(ts.InvalidTileSize, match="tile_size 3 along z .* step 2; nearest valid: 2 or 4"):
+        ts.segment(stack, NETS[(1, 2, "anisotropic")], tile_size=(3, 8, 8), axes="ZYX", progress=False)
+
+
+def test_auto_tile_size_keeps_z_thin_for_an_anisotropic_network():
+    net = ts.UNet(1, 2, base_channels=4, depth=3, ndim=3, pooling=[(1, 2, 2), (1, 2, 2), (2, 2, 2)])
+    tile = ts.Tiler(np.zeros((200, 2000, 2000), np.uint8), net,
+                    tile_size=ts.api.auto_tile_size((200, 2000, 2000), net.geometry, torch.device("cpu"), net, 1)
+                    ).plan.tile_size
+    assert tile[1] == tile[2] and tile[0] < tile[1] and tile[0] % net.geometry.step[0] == 0
+    small = ts.api.auto_tile_size((3, 20, 20), net.geometry, torch.device("cpu"), net, 1)
+    assert small == (4, 24, 24)  # never much larger than the volume (z step 2, y/x step 8)
+    tight = ts.api.auto_tile_size((200, 2000, 2000), net.geometry, torch.device("cpu"), net, 1,
+                                  memory_budget=60 << 20)
+    assert tight[1] < tile[1]  # a smaller budget gives a smaller tile
+
+
+def test_cli_segments_a_volume_with_a_tile_size_per_axis(tmp_path, capsys):
+    import tifffile
+
+    from tilesegment.cli import main
+
+    volume = np.random.default_rng(8).integers(0, 256, (5, 30, 40), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "v.ome.tif", volume, ome=True, metadata={"axes": "ZYX"})
+    net = NETS[(1, 1, "anisotropic")]
+    ts.save_model(net, tmp_path / "net3d.pt")
+    out = tmp_path / "seg.zarr"
+    assert main(["segment", str(tmp_path / "v.ome.tif"), str(out), "--model", str(tmp_path / "net3d.pt"),
+                 "--tile-size", "2,16,16", "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert "z 5 x y 30 x x 40" in err and "tile z 2 x y 16 x x 16" in err
+    np.testing.assert_array_equal(zarr.open_array(out / "0", mode="r")[:],
+                                  ts.segment(volume, net, tile_size=(4, 32, 32), progress=False))

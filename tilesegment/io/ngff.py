@@ -1,0 +1,131 @@
+"""OME-Zarr (NGFF) metadata and pyramid arithmetic, as pure functions.
+
+Nothing here touches a store: the sinks call these to know what to write.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+
+__all__ = ["axes_metadata", "pyramid_factors", "multiscales", "downsample"]
+
+#: NGFF axis type of each axis name we write.
+_TYPES = {"c": "channel", "t": "time"}
+
+
+def _sizes(names: Sequence[str], pixel_size: Optional[Sequence[float]]) -> dict[str, float]:
+    """Physical size per spatial axis name; 1.0 where unknown. A 2-d pixel size over a
+    stack leaves its leading axes at 1.0."""
+    spatial = [n for n in names if n not in _TYPES]
+    given = [] if pixel_size is None else [float(p) for p in pixel_size][-len(spatial):]
+    return dict(zip(spatial, [1.0] * (len(spatial) - len(given)) + given))
+
+
+def axes_metadata(names: Sequence[str], units: bool = True) -> list[dict]:
+    """NGFF ``axes`` for `names` (``"c"``, ``"t"``, ``"z"``, ``"y"``, ``"x"``): space axes in
+    micrometres when `units`."""
+    axes = []
+    for name in names:
+        kind = _TYPES.get(name, "space")
+        axis = {"name": name, "type": kind}
+        if kind == "space" and units:
+            axis["unit"] = "micrometer"
+        axes.append(axis)
+    return axes
+
+
+def pyramid_factors(
+    shape: Sequence[int],
+    names: Sequence[str],
+    pixel_size: Optional[Sequence[float]] = None,
+    smallest: Optional[int] = None,
+) -> list[tuple[int, ...]]:
+    """Per pyramid level below the full resolution, the downsampling factor of each axis.
+
+    Every level halves y and x. A z axis is halved too once it is no coarser
+    than 1.5 times the y/x pixel size of the new level, so an anisotropic
+    volume (z 2 um, x 0.5 um) keeps its z until y/x catch up and the pyramid
+    tends to isotropic voxels; channel and time axes are never downsampled,
+    nor an axis already down to one element. Levels are added until y and x
+    fit `smallest` (default: 1024 px for images, 256 for volumes, whose
+    levels are read whole by 3-d viewers).
+
+    Parameters
+    ----------
+    shape : sequence of int
+        Full-resolution shape, one entry per name.
+    names : sequence of str
+        Axis names, e.g. ``("c", "z", "y", "x")``.
+    pixel_size : sequence of float, optional
+        Physical size per spatial axis (the names other than c/t, in order);
+        unknown means isotropic.
+
+    Examples
+    --------
+    >>> pyramid_factors((40, 3000, 3000), "zyx", (2.0, 0.5, 0.5))
+    [(1, 2, 2), (1, 4, 4), (2, 8, 8), (4, 16, 16)]
+    """
+    names = list(names)
+    size = [_sizes(names, pixel_size).get(n, 1.0) for n in names]
+    y, x = names.index("y"), names.index("x")
+    if smallest is None:
+        smallest = 256 if "z" in names else 1024
+    factors, current = [], [1] * len(names)
+    while max(-(-shape[y] // current[y]), -(-shape[x] // current[x])) > smallest:
+        new = list(current)
+        for axis in (y, x):
+            if -(-shape[axis] // current[axis]) > 1:
+                new[axis] = current[axis] * 2
+        plane = min(size[y] * new[y], size[x] * new[x])
+        if "z" in names:
+            z = names.index("z")
+            if -(-shape[z] // current[z]) > 1 and size[z] * current[z] * 2 <= 1.5 * plane:
+                new[z] = current[z] * 2
+        factors.append(tuple(new))
+        current = new
+    return factors
+
+
+def multiscales(
+    names: Sequence[str],
+    pixel_size: Optional[Sequence[float]],
+    name: str,
+    factors: Sequence[Sequence[int]] = (),
+    version: str = "0.5",
+) -> dict:
+    """The OME attributes of an image with levels ``0, 1, ...`` downsampled by `factors`
+    (from `pyramid_factors`; the full resolution is not listed).
+
+    `pixel_size` gives one physical size per spatial axis (names other than
+    c/t); unknown (None) writes scales of 1 and no units.
+    """
+    names = list(names)
+    base = _sizes(names, pixel_size)
+    datasets = []
+    for level, factor in enumerate([(1,) * len(names), *factors]):
+        scale = [base.get(n, 1.0) * f for n, f in zip(names, factor)]
+        datasets.append({"path": str(level), "coordinateTransformations": [{"type": "scale", "scale": scale}]})
+    ms = {"name": name, "axes": axes_metadata(names, units=pixel_size is not None), "datasets": datasets}
+    if version == "0.4":
+        return {"multiscales": [{**ms, "version": "0.4"}]}
+    return {"version": "0.5", "multiscales": [ms]}
+
+
+def downsample(block: np.ndarray, factor: Sequence[int], labels: bool) -> np.ndarray:
+    """`block` reduced by `factor` (1 or 2 per axis): labels keep the first element of each
+    group (nearest: labels stay labels), other values the mean (rounded for integers),
+    with the far edge repeated where a group is incomplete."""
+    keep = tuple(slice(None, None, f) for f in factor)
+    if labels:
+        return block[keep]
+    pad = [(0, (-n) % f) for n, f in zip(block.shape, factor)]
+    data = np.pad(block.astype(np.float32), pad, mode="edge")
+    shape, axes = [], []
+    for k, (n, f) in enumerate(zip(data.shape, factor)):
+        shape += [n // f, f] if f > 1 else [n]
+        if f > 1:
+            axes.append(len(shape) - 1)
+    mean = data.reshape(shape).mean(axis=tuple(axes)) if axes else data
+    return np.rint(mean).astype(block.dtype) if block.dtype.kind in "ui" else mean.astype(block.dtype)
