@@ -5,10 +5,11 @@ whole in memory: 128 x 512 x 512 (34 Mvox) and 512 x 2048 x 2048 (2.1 Gvox,
 about 2 GB on disk). Each is segmented in a fresh process, OME-Zarr on disk to
 an OME-Zarr of labels on disk, and the process's peak RSS (ru_maxrss, imports
 included) is recorded with the wall time. Output:
-results/memory_scaling_3d.{csv,json,png}.
+results/memory_scaling_3d.{csv,json,png} (``--name`` changes the name).
 
     python benchmarks/memory_scaling_3d.py [--sizes 128x512x512,512x2048x2048]
-                                           [--tile 32,256,256] [--chunks 64,256,256] [--quick]
+                                           [--tile auto] [--chunks 64,256,256] [--env NAME=VALUE]
+                                           [--quick]
 
 The network is a stand-in that costs nothing but has a real anisotropic 3-D
 geometry (halo 2/8/8, step 1/4/4, valid: it returns its input cropped by the
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -115,16 +117,21 @@ print("RESULT", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, secon
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="128x512x512,512x2048x2048", help="Z x Y x X, comma-separated")
-    parser.add_argument("--tile", default="32,256,256")
+    parser.add_argument("--tile", default="auto", help='Z,Y,X or "auto" (the default rule)')
     parser.add_argument("--chunks", default="64,256,256", help="input chunk shape Z,Y,X")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tmp", default=None, help="folder for the volumes (default: the system's)")
+    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                        help="environment variable for the segmenting processes only (repeatable), "
+                        "e.g. MALLOC_MMAP_THRESHOLD_=1048576 to see what glibc's heap keeps")
+    parser.add_argument("--name", default="memory_scaling_3d", help="results/<name>.{csv,json,png}")
     parser.add_argument("--quick", action="store_true", help="32x128x128 and 128x512x512")
     args = parser.parse_args()
     if args.quick:
         args.sizes = "32x128x128,128x512x512"
-    tile = tuple(int(v) for v in args.tile.split(","))
+    tile = args.tile if args.tile == "auto" else tuple(int(v) for v in args.tile.split(","))
     chunks = tuple(int(v) for v in args.chunks.split(","))
+    child_env = dict(os.environ, **dict(e.split("=", 1) for e in args.env))
     rows = []
     with tempfile.TemporaryDirectory(dir=args.tmp, prefix="tilesegment-vol-") as tmp:
         for size in args.sizes.split(","):
@@ -135,7 +142,8 @@ def main() -> None:
             print(f"{size}: wrote {disk / 1e9:.2f} GB in {write_seconds:.0f} s", flush=True)
             code = CHILD.format(here=str(Path(__file__).resolve().parent), threads=args.threads,
                                 volume=str(volume), output=str(output), tile=tile)
-            done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+            done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                  env=child_env)
             line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT")), None)
             if done.returncode or line is None:
                 sys.exit(f"segment failed on {size}:\n{done.stderr[-3000:]}")
@@ -143,22 +151,24 @@ def main() -> None:
             voxels = int(np.prod(shape))
             rows.append({"shape": size, "gvox": round(voxels / 1e9, 4), "peak_rss_mb": round(peak, 1),
                          "seconds": round(seconds, 2), "mvox_per_s": round(voxels / 1e6 / seconds, 2),
-                         "input_gb_on_disk": round(disk / 1e9, 3), "tile": "x".join(map(str, tile)),
+                         "input_gb_on_disk": round(disk / 1e9, 3),
+                         "tile": tile if tile == "auto" else "x".join(map(str, tile)),
                          "input_chunks": "x".join(map(str, chunks)),
-                         "wrong_voxels_in_sample": check_sample(volume, output)})
+                         "wrong_voxels_in_sample": check_sample(volume, output),
+                         "child_env": " ".join(args.env), "load_avg_1min": round(os.getloadavg()[0], 2)})
             print(rows[-1], flush=True)
             shutil.rmtree(volume)
             shutil.rmtree(output)
-    _, json_path = write_rows("memory_scaling_3d", rows)
+    _, json_path = write_rows(args.name, rows)
     ratio = rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"]
     data = json.loads(json_path.read_text())
     data.update(peak_rss_ratio=round(ratio, 3), torch=torch.__version__)
     json_path.write_text(json.dumps(data, indent=2))
-    _plot(rows, RESULTS)
+    _plot(rows, RESULTS / f"{args.name}.png")
     print(f"peak RSS ratio {rows[-1]['shape']} / {rows[0]['shape']}: {ratio:.3f}")
 
 
-def _plot(rows, results: Path) -> None:
+def _plot(rows, path: Path) -> None:
     import matplotlib
     import matplotlib.ticker
 
@@ -177,7 +187,7 @@ def _plot(rows, results: Path) -> None:
     ax.set_ylabel("peak RSS (MB)")
     ax.set_title("tilesegment peak memory vs volume size")
     fig.tight_layout()
-    fig.savefig(results / "memory_scaling_3d.png", dpi=120)
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
     pip install -e ".[bench]"                      # bioimage-cpp (torch-em's blocking) and matplotlib
     pip install --no-deps torch-em==0.10.9         # its other dependencies (torchvision...) are not needed
-    python benchmarks/volume_vs_torch_em.py [--shape 64,256,256] [--threads 2] [--repeats 2] [--quick]
+    python benchmarks/volume_vs_torch_em.py [--shape 64,256,256] [--threads 2] [--repeats 3] [--quick]
 
 Two anisotropic valid 3-D U-Nets (base 8, random weights, first pooling
 (1, 2, 2), then (2, 2, 2)): depth 2 (halo 12/20/20, step 2/4/4) and depth 3
@@ -35,6 +35,7 @@ import argparse
 import importlib
 import importlib.util
 import json
+import os
 import sys
 import time
 import types
@@ -150,7 +151,7 @@ def main() -> None:
     parser.add_argument("--nets", default="depth2,depth3")
     parser.add_argument("--base", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="32x128x128 volume, tile 16,64,64, 1 repeat")
     args = parser.parse_args()
     if args.quick:
@@ -192,7 +193,7 @@ def main() -> None:
                 "block": "x".join(map(str, tile if method == "tilesegment" else geom.output_size(n_in))),
                 "threads": args.threads, "batch": 1, "seconds": round(best, 2),
                 "all_seconds": " ".join(f"{t:.2f}" for t in times[method]),
-                "mvox_s": round(np.prod(shape) / 1e6 / best, 3),
+                "mvox_s": round(float(np.prod(shape)) / 1e6 / best, 3),
                 "time_vs_tilesegment": round(best / best_ts, 3),
                 "max_abs_diff": float(f"{errors[method][0]:.3g}"),
                 "max_rel_diff": float(f"{errors[method][1]:.3g}"),
@@ -200,8 +201,8 @@ def main() -> None:
             print(rows[-1], flush=True)
     csv_path, json_path = write_rows("volume_vs_torch_em", rows)
     data = json.loads(json_path.read_text())
-    data.update(notes=notes, torch_em=_version("torch-em"), bioimage_cpp=_version("bioimage-cpp"),
-                torch=torch.__version__)
+    data.update(notes=notes, load_avg_1min=round(os.getloadavg()[0], 2), torch=torch.__version__,
+                torch_em=_version("torch-em"), bioimage_cpp=_version("bioimage-cpp"))
     json_path.write_text(json.dumps(data, indent=2))
     _plot(rows)
 
