@@ -2,7 +2,8 @@
 
     pip install -e ".[bench]"                      # bioimage-cpp (torch-em's blocking) and matplotlib
     pip install --no-deps torch-em==0.10.9         # its other dependencies (torchvision...) are not needed
-    python benchmarks/volume_vs_torch_em.py [--shape 64,256,256] [--threads 2] [--repeats 3] [--quick]
+    python benchmarks/volume_vs_torch_em.py [--shape 64,256,256] [--threads 2] [--repeats 3]
+                                            [--pipelined] [--quick]
 
 Two anisotropic valid 3-D U-Nets (base 8, random weights, first pooling
 (1, 2, 2), then (2, 2, 2)): depth 2 (halo 12/20/20, step 2/4/4) and depth 3
@@ -15,8 +16,11 @@ memory -> float32 logits in memory, with
   as tilesegment's tile (so both make the same number of calls of the same
   size), the same normalisation (uint8 / 255) as ``preprocess``, and a
   ``prediction_function`` that zero-pads the network output by the halo;
-- torch-em's ``predict_with_halo_pipelined`` (prefetching loader threads),
-  same arguments, batch size 1.
+- the same torch-em call with the network and each block in channels-last
+  (NDHWC) layout, as tilesegment's CPU executor runs it (oneDNN's faster
+  layout), set up by hand;
+- with ``--pipelined``, torch-em's ``predict_with_halo_pipelined`` (four
+  loader threads), same arguments, batch size 1.
 
 torch-em crops ``halo`` from each side of the network output, i.e. it
 assumes the network returns as many voxels as it is given; a valid network
@@ -52,7 +56,8 @@ NETS = {
     "depth2": dict(depth=2, pooling=[(1, 2, 2), (2, 2, 2)]),
     "depth3": dict(depth=3, pooling=[(1, 2, 2), (2, 2, 2), (2, 2, 2)]),
 }
-METHODS = ["tilesegment", "torch-em predict_with_halo", "torch-em predict_with_halo_pipelined"]
+METHODS = ["tilesegment", "torch-em predict_with_halo", "torch-em predict_with_halo, channels-last"]
+PIPELINED = "torch-em predict_with_halo_pipelined"
 
 
 def torch_em_prediction():
@@ -124,11 +129,29 @@ def run(method: str, volume: np.ndarray, net, tile: tuple[int, ...], pred) -> np
                   prediction_function=lambda n, x: F.pad(n(x), pad_back), disable_tqdm=True)
     if method == "torch-em predict_with_halo":
         pred.predict_with_halo(volume, net, ["cpu"], block, geom.halo, **kwargs)
-    elif method == "torch-em predict_with_halo_pipelined":
+    elif method == "torch-em predict_with_halo, channels-last":
+        # What tilesegment's CPU executor does (oneDNN is faster on NDHWC), done by hand.
+        layout = torch.channels_last_3d
+        kwargs["prediction_function"] = lambda n, x: F.pad(n(x.contiguous(memory_format=layout)),
+                                                           pad_back)
+        pred.predict_with_halo(volume, channels_last(net), ["cpu"], block, geom.halo, **kwargs)
+    elif method == PIPELINED:
         pred.predict_with_halo_pipelined(volume, net, ["cpu"], block, geom.halo, batch_size=1, **kwargs)
     else:
         raise ValueError(method)
     return out
+
+
+_CHANNELS_LAST: dict[int, torch.nn.Module] = {}
+
+
+def channels_last(net: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `net` with its weights in channels-last (NDHWC) layout, made once."""
+    import copy
+
+    if id(net) not in _CHANNELS_LAST:
+        _CHANNELS_LAST[id(net)] = copy.deepcopy(net).to(memory_format=torch.channels_last_3d)
+    return _CHANNELS_LAST[id(net)]
 
 
 def without_padding_hook(volume: np.ndarray, net, tile, pred) -> str:
@@ -152,6 +175,8 @@ def main() -> None:
     parser.add_argument("--base", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--pipelined", action="store_true",
+                        help="also run torch-em's predict_with_halo_pipelined (4 loader threads)")
     parser.add_argument("--quick", action="store_true", help="32x128x128 volume, tile 16,64,64, 1 repeat")
     args = parser.parse_args()
     if args.quick:
@@ -160,6 +185,7 @@ def main() -> None:
     tile = tuple(int(v) for v in args.tile.split(","))
     torch.set_num_threads(args.threads)
     pred = torch_em_prediction()
+    methods = METHODS + [PIPELINED] * args.pipelined
     volume = smooth_volume(shape)
     rows, notes = [], {}
     for name in args.nets.split(","):
@@ -171,12 +197,12 @@ def main() -> None:
         notes[name] = {"geometry": {"halo": geom.halo, "step": geom.step, "min_input": geom.min_input},
                        "torch_em_without_padding_hook": without_padding_hook(volume, net, tile, pred)}
         warm = tuple(min(s, t) for s, t in zip(shape, tile))
-        for method in METHODS:  # compile numba kernels, warm oneDNN
+        for method in methods:  # compile numba kernels, warm oneDNN
             run(method, volume[: warm[0], : warm[1], : warm[2]].copy(), net, tile, pred)
-        times: dict[str, list[float]] = {m: [] for m in METHODS}
+        times: dict[str, list[float]] = {m: [] for m in methods}
         errors: dict[str, tuple[float, float]] = {}
         for _ in range(args.repeats):
-            for method in METHODS:
+            for method in methods:
                 start = time.perf_counter()
                 out = run(method, volume, net, tile, pred)
                 times[method].append(time.perf_counter() - start)
@@ -185,7 +211,7 @@ def main() -> None:
                 print(f"  {method}: {times[method][-1]:.2f} s, max abs diff {diff:.3g}", flush=True)
         best_ts = min(times["tilesegment"])
         n_in = geom.input_size(tile)
-        for method in METHODS:
+        for method in methods:
             best = min(times[method])
             rows.append({
                 "net": name, "method": method, "volume": "x".join(map(str, shape)),
@@ -229,7 +255,7 @@ def _plot(rows) -> None:
     a.invert_yaxis()
     b.barh(names, [max(r["max_rel_diff"], 1e-9) for r in rows], color="tab:red")
     b.set_xscale("log")
-    b.set_xlabel("max relative logit error vs whole volume (lower is better)")
+    b.set_xlabel("max rel. logit error vs whole volume (lower is better)")
     b.set_yticklabels([])
     b.invert_yaxis()
     fig.tight_layout()
