@@ -73,10 +73,12 @@ def test_2d_network_over_a_stack_equals_inference_plane_by_plane(axes, planes, s
     # A tile depth along the stack axis batches planes; it must not change anything.
     tiled = ts.segment(stack, net, tile_size=(tile[0], 4 * tile[1], 4 * tile[2]), mode="logits", axes=axes,
                        progress=False)
-    assert tiled.shape == (3, planes, *size)
+    if stack_axis == "T":  # NGFF puts time before channels
+        expected = expected.swapaxes(0, 1)
+    assert tiled.shape == expected.shape == (((3, planes) if stack_axis == "Z" else (planes, 3)) + size)
     assert _relative_error(tiled, expected) <= 1e-5
     labels = ts.segment(stack, net, tile_size=8, axes=axes, progress=False)
-    np.testing.assert_array_equal(labels, expected.argmax(0))
+    np.testing.assert_array_equal(labels, expected.argmax(0 if stack_axis == "Z" else 1))
     assert ts.Tiler(stack, net, tile_size=8, axes=axes).plan.axes == stack_axis.lower() + "yx"
 
 
@@ -84,8 +86,8 @@ def test_a_3d_network_over_a_time_series_runs_volume_by_volume():
     net = NETS[(1, 1, "anisotropic")]
     series = np.random.default_rng(3).random((3, 5, 18, 14)).astype(np.float32)
     tiled = ts.segment(series, net, tile_size=(2, 8, 8), mode="logits", axes="TZYX", progress=False)
-    expected = np.stack([whole_image_logits(v, net, axes="ZYX") for v in series], axis=1)
-    assert tiled.shape == (3, 3, 5, 18, 14)
+    expected = np.stack([whole_image_logits(v, net, axes="ZYX") for v in series])
+    assert tiled.shape == (3, 3, 5, 18, 14)  # (t, c, z, y, x), as NGFF orders them
     assert _relative_error(tiled, expected) <= 1e-5
 
 
@@ -240,3 +242,89 @@ def test_cli_segments_a_volume_with_a_tile_size_per_axis(tmp_path, capsys):
     assert "z 5 x y 30 x x 40" in err and "tile z 2 x y 16 x x 16" in err
     np.testing.assert_array_equal(zarr.open_array(out / "0", mode="r")[:],
                                   ts.segment(volume, net, tile_size=(4, 32, 32), progress=False))
+
+
+def test_time_lapse_probabilities_are_stored_time_first_and_validate(tmp_path):
+    from ome_zarr_models.v05 import Image
+
+    net = small_unet(1, 3, base=4, depth=2)
+    series = np.random.default_rng(9).random((3, 30, 26)).astype(np.float32)
+    out = ts.segment(series, net, tmp_path / "t.zarr", mode="probabilities", axes="TYX", tile_size=16,
+                     progress=False)
+    assert out.metadata.dimension_names == ("t", "c", "y", "x") and out.shape == (3, 3, 30, 26)
+    Image.from_zarr(zarr.open_group(tmp_path / "t.zarr", mode="r"))
+    in_memory = ts.segment(series, net, mode="probabilities", axes="TYX", tile_size=16, progress=False)
+    np.testing.assert_array_equal(out[:], in_memory)
+
+
+@settings(max_examples=4, deadline=None)
+@given(pooling=st.lists(st.sampled_from([(1, 2, 2), (2, 2, 2), (2, 1, 1)]), min_size=1, max_size=3))
+def test_probe_finds_the_geometry_of_any_3d_unet_per_axis(pooling):
+    from tilesegment._probe import probe_geometry
+
+    net = ts.UNet(1, 2, base_channels=2, depth=len(pooling), ndim=3, pooling=pooling)
+    assert probe_geometry(net) == net.geometry
+    scripted = torch.jit.script(net)
+    assert ts.Geometry.of(scripted) == net.geometry  # no analytic geometry: probed
+
+
+def test_a_stopped_volume_run_resumes_to_the_same_output(tmp_path, monkeypatch):
+    from tilesegment.io.manifest import Manifest
+
+    net = NETS[(1, 2, "anisotropic")]
+    volume = np.random.default_rng(10).integers(0, 256, (8, 40, 40), dtype=np.uint8)
+    zarr.save_array(str(tmp_path / "in.zarr"), volume)
+    out, calls = tmp_path / "out.zarr", {"n": 0}
+    original_add = ts.Stitcher.add
+
+    def interrupting_add(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise KeyboardInterrupt
+        return original_add(self, *args, **kwargs)
+
+    monkeypatch.setattr(ts.Stitcher, "add", interrupting_add)
+    with pytest.raises(KeyboardInterrupt):
+        ts.segment(tmp_path / "in.zarr", net, out, tile_size=(2, 16, 16), progress=False)
+    done = Manifest(out).done_blocks()
+    assert 0 < len(done) < 12
+    monkeypatch.setattr(ts.Stitcher, "add", original_add)
+    job = ts.prepare(tmp_path / "in.zarr", net, out, tile_size=(2, 16, 16), resume=True)
+    assert job.resume and set(job.done_blocks) == set(done)
+    job.run(progress=False)
+    np.testing.assert_array_equal(zarr.open_array(out / "0", mode="r")[:],
+                                  ts.segment(volume, net, tile_size=(4, 32, 32), progress=False))
+
+
+def test_distributed_volume_equals_the_local_run(tmp_path):
+    distributed = pytest.importorskip("distributed")
+
+    net = NETS[(2, 1, "isotropic")]
+    volume = np.random.default_rng(11).random((2, 6, 40, 36)).astype(np.float32)
+    zarr.save_array(str(tmp_path / "in.zarr"), volume)
+    local = ts.segment(volume, net, tile_size=(2, 16, 16), mode="probabilities", axes="CZYX", progress=False)
+    with distributed.Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=":0") as client:
+        remote = ts.segment(str(tmp_path / "in.zarr"), net, tmp_path / "out.zarr", tile_size=(2, 16, 16),
+                            mode="probabilities", axes="CZYX", client=client, progress=False)
+    np.testing.assert_array_equal(remote[:], local)
+    assert remote.metadata.dimension_names == ("c", "z", "y", "x")
+
+
+@pytest.mark.parametrize("kind", ["volume", "stack"])
+def test_gpu_style_path_for_volumes_matches_the_host_kernels(kind):
+    """uint8 batches normalized on the device, channels-last (NDHWC), cropped and reduced
+    there: the CUDA path, exercised on the CPU."""
+    from tilesegment.executor import Executor
+    from tilesegment.pipeline import run_pipeline
+
+    volume = np.random.default_rng(12).integers(0, 256, (5, 37, 29), dtype=np.uint8)
+    net = NETS[(1, 2, "anisotropic")] if kind == "volume" else small_unet(1, 3, base=4, depth=2)
+    tiler = ts.Tiler(volume, net, tile_size=(2, 16, 16) if kind == "volume" else 16, axes="ZYX")
+    model = net if kind == "volume" else ts.PlaneWise(net, 1)
+    for mode in ("labels", "probabilities"):
+        ex = Executor(model, "cpu", mode=mode, geometry=tiler.plan.geometry, tile_size=tiler.plan.tile_size,
+                      reduce_on_device=True, input_affine=(tiler.scale, tiler.offset))
+        with ts.Stitcher(tiler.plan, mode=mode) as stitcher:
+            run_pipeline(tiler.batches(3, normalize=False, channels_last=True), [ex], stitcher)
+        host = ts.segment(volume, net, tile_size=tiler.plan.tile_size[-3:], mode=mode, axes="ZYX", progress=False)
+        assert np.abs(stitcher.result.astype(int) - host).max() <= (0 if mode == "labels" else 1)

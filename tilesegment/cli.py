@@ -467,13 +467,14 @@ def _info(args: argparse.Namespace) -> int:
 
     source = ts.open_image(args.input, storage_options=args.storage_options)
     print(f"image      {args.input} ({source.format})")
-    print(f"shape      {source.shape[0]} x {source.shape[1]} px (Y x X), axes {source.axes}, "
+    letters = " x ".join(source.plan_axes)
+    print(f"shape      {' x '.join(map(str, source.shape))} px ({letters}), axes {source.axes}, "
           f"{source.channels} channel(s), {source.dtype}")
     if source.pixel_size is not None:
-        print(f"pixel size {source.pixel_size[0]:.4g} x {source.pixel_size[1]:.4g} um")
+        print(f"pixel size {' x '.join(f'{p:.4g}' for p in source.pixel_size)} um")
     for i, lv in enumerate(source.levels):
-        size = "" if lv.pixel_size is None else f", {lv.pixel_size[1]:.4g} um/px"
-        print(f"level {i:<4} {lv.shape[0]} x {lv.shape[1]} px{size}")
+        size = "" if lv.pixel_size is None else f", {lv.pixel_size[-1]:.4g} um/px"
+        print(f"level {i:<4} {' x '.join(map(str, lv.shape))} px{size}")
     if args.model:
         model = ts.load_model(args.model)
         geometry = ts.Geometry.of(model)

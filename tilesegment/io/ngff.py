@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-__all__ = ["axes_metadata", "pyramid_factors", "multiscales", "downsample"]
+__all__ = ["axes_metadata", "storage_order", "pyramid_factors", "multiscales", "downsample"]
 
 #: NGFF axis type of each axis name we write.
 _TYPES = {"c": "channel", "t": "time"}
@@ -34,6 +34,16 @@ def axes_metadata(names: Sequence[str], units: bool = True) -> list[dict]:
             axis["unit"] = "micrometer"
         axes.append(axis)
     return axes
+
+
+def storage_order(names: Sequence[str]) -> tuple[int, ...]:
+    """Axis order NGFF requires (time, then channel, then space) as a permutation of `names`.
+
+    >>> storage_order(("c", "t", "y", "x"))
+    (1, 0, 2, 3)
+    """
+    rank = {"t": 0, "c": 1}
+    return tuple(sorted(range(len(names)), key=lambda i: (rank.get(names[i], 2), i)))
 
 
 def pyramid_factors(
