@@ -27,10 +27,11 @@ def _size(text: str):
     raise argparse.ArgumentTypeError(f"{text!r} has {len(parts)} numbers; use N, H,W or D,H,W")
 
 
-def _by_axis(sizes, axes: str) -> str:
-    """``2967 x 2220`` for images; ``z 64 x y 512 x x 512`` where a third axis joins."""
+def _by_axis(sizes, axes: str, sep: str = " x ") -> str:
+    """``2967 x 2220`` for images (joined by `sep`); ``z 64 x y 512 x x 512`` where a third
+    axis joins."""
     if len(sizes) == 2:
-        return f"{sizes[0]} x {sizes[1]}"
+        return sep.join(map(str, sizes))
     return " x ".join(f"{a} {n}" for a, n in zip(axes, sizes))
 
 
@@ -297,7 +298,7 @@ def _segment_one(args, image: str, output: str, client, resume: Optional[bool] =
     say(f"input    {image}: {_by_axis(source.shape, plan.axes)} px, "
         f"{source.channels} channel(s), {source.dtype}")
     say(f"network  halo {_compact(geometry.halo)}, step {_compact(geometry.step)}; tile "
-        f"{_by_axis(plan.tile_size, plan.axes)} -> network input {_by_axis(plan.input_size, plan.axes)} "
+        f"{_by_axis(plan.tile_size, plan.axes, 'x')} -> network input {_by_axis(plan.input_size, plan.axes, 'x')} "
         f"({plan.computed_fraction():.2f} computed px per written px)")
     where = "a dask cluster" if client is not None else ", ".join(str(d) for d in job.devices)
     say(f"plan     {plan.n_tiles} tiles in {plan.n_blocks} blocks, batch {job.batch_size} on {where}")
