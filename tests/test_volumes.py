@@ -328,3 +328,19 @@ def test_gpu_style_path_for_volumes_matches_the_host_kernels(kind):
             run_pipeline(tiler.batches(3, normalize=False, channels_last=True), [ex], stitcher)
         host = ts.segment(volume, net, tile_size=tiler.plan.tile_size[-3:], mode=mode, axes="ZYX", progress=False)
         assert np.abs(stitcher.result.astype(int) - host).max() <= (0 if mode == "labels" else 1)
+
+
+def test_bench_sweeps_volume_tiles_per_axis(tmp_path, capsys):
+    import csv
+
+    from tilesegment.cli import main
+
+    ts.save_model(NETS[(1, 2, "anisotropic")], tmp_path / "net3d.pt")
+    out = tmp_path / "bench"
+    assert main(["bench", "--model", str(tmp_path / "net3d.pt"), "--tile-sizes", "8,16", "--batch-sizes", "1",
+                 "--size", "256", "--device", "cpu", "--out", str(out)]) == 0
+    rows = list(csv.DictReader((out / "bench.csv").open()))
+    # z in proportion to the step: (2, 4, 4) -> a tile half as deep as it is wide
+    assert [r["tile"] for r in rows] == ["4x8x8", "8x16x16"]
+    assert all(float(r["end_to_end_mpx_s"]) > 0 and float(r["gflop_per_px"]) > 0 for r in rows)
+    assert "recommended: --tile-size " in capsys.readouterr().out

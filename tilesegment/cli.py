@@ -139,7 +139,8 @@ def _parser() -> argparse.ArgumentParser:
                                          "write bench.csv, bench.json and bench.png; recommend a setting.")
     bench.add_argument("input", nargs="?", default=None, help="image to use (default: random RGB of --size)")
     bench.add_argument("--model", "-m", default="demo", help="model spec (default: demo)")
-    bench.add_argument("--tile-sizes", default="auto", help="comma-separated, or auto (128..2048)")
+    bench.add_argument("--tile-sizes", default="auto",
+                       help="comma-separated, or auto (128..2048; for a 3-d network y/x edges 32..256)")
     bench.add_argument("--batch-sizes", default="1,2", help="comma-separated (default: 1,2)")
     bench.add_argument("--device", default="auto")
     bench.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
@@ -426,7 +427,8 @@ def _bench(args: argparse.Namespace) -> int:
     rows = bench(args.input, args.model, tiles, _ints(args.batch_sizes, "--batch-sizes"),
                  device=args.device, precision=args.precision, size=args.size, repeats=args.repeats)
     paths = write_results(rows, args.out)
-    columns = [("tile_size", "tile"), ("input_size", "input"), ("batch_size", "batch"),
+    columns = [("tile", "tile")] if "tile" in rows[0] else [("tile_size", "tile")]
+    columns += [("input_size", "input"), ("batch_size", "batch"),
                ("end_to_end_mpx_s", "e2e Mpx/s"), ("model_only_mpx_s", "model Mpx/s"),
                ("halo_overhead", "halo x"), ("batch_latency_ms", "ms/batch"), ("peak_host_mb", "host MB"),
                ("peak_device_mb", "dev MB")]
@@ -434,7 +436,8 @@ def _bench(args: argparse.Namespace) -> int:
     for row in rows:
         print("  ".join(f"{'-' if row[key] is None else row[key]:>11}" for key, _ in columns))
     best = recommend(rows)
-    print(f"recommended: --tile-size {best['tile_size']} --batch-size {best['batch_size']} "
+    tile = best["tile"].replace("x", ",") if "tile" in best else best["tile_size"]
+    print(f"recommended: --tile-size {tile} --batch-size {best['batch_size']} "
           f"({best['end_to_end_mpx_s']:.2f} Mpx/s end to end on {best['device']})")
     print("wrote " + ", ".join(str(p) for p in paths))
     if not any(p.suffix == ".png" for p in paths):
