@@ -344,3 +344,16 @@ def test_bench_sweeps_volume_tiles_per_axis(tmp_path, capsys):
     assert [r["tile"] for r in rows] == ["4x8x8", "8x16x16"]
     assert all(float(r["end_to_end_mpx_s"]) > 0 and float(r["gflop_per_px"]) > 0 for r in rows)
     assert "recommended: --tile-size " in capsys.readouterr().out
+
+
+def test_objects_of_a_stack_are_3d_and_a_time_series_is_refused(tmp_path):
+    net = small_unet(1, 2, base=4, depth=2, seed=1)
+    stack = np.random.default_rng(13).random((3, 30, 26)).astype(np.float32)
+    z = ts.segment(stack, net, tmp_path / "z.zarr", axes="ZYX", tile_size=16, progress=False)
+    objs = ts.label_objects(tmp_path / "z.zarr", classes=[1], progress=False)
+    from scipy import ndimage
+
+    assert objs.table.shape[0] == ndimage.label(z[:] == 1)[1]  # connected through z
+    ts.segment(stack, net, tmp_path / "t.zarr", axes="TYX", tile_size=16, progress=False)
+    with pytest.raises(ts.InputError, match="time axis"):
+        ts.label_objects(tmp_path / "t.zarr")
