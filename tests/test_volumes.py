@@ -357,3 +357,15 @@ def test_objects_of_a_stack_are_3d_and_a_time_series_is_refused(tmp_path):
     ts.segment(stack, net, tmp_path / "t.zarr", axes="TYX", tile_size=16, progress=False)
     with pytest.raises(ts.InputError, match="time axis"):
         ts.label_objects(tmp_path / "t.zarr")
+
+
+def test_imagej_hyperstack_axes_and_voxel_size(tmp_path):
+    import tifffile
+
+    data = np.random.default_rng(14).integers(0, 256, (2, 4, 2, 20, 30), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "h.tif", data, imagej=True, resolution=(2.0, 2.0),
+                     metadata={"axes": "TZCYX", "spacing": 2.5, "unit": "micron"})
+    source = ts.open_image(tmp_path / "h.tif")
+    assert (source.plan_axes, source.shape, source.channels) == ("TZYX", (2, 4, 20, 30), 2)
+    assert source.pixel_size == (1.0, 2.5, 0.5, 0.5)
+    np.testing.assert_array_equal(source.read_region((0, 0, 0, 0), source.shape), np.moveaxis(data, 2, -1))

@@ -559,8 +559,12 @@ def _tiff_pixel_size(tif) -> Optional[tuple[float, float]]:
             return (float(mpp.group(1)),) * 2  # type: ignore[return-value]
     tags = page.tags
     unit = tags.get("ResolutionUnit")
-    if "XResolution" in tags and "YResolution" in tags and unit is not None:
-        per_unit = {2: 25400.0, 3: 10000.0}.get(int(unit.value))
+    # ImageJ says its unit in the description (unit=micron) and leaves the tag at NONE.
+    imagej_unit = (getattr(tif, "imagej_metadata", None) or {}).get("unit")
+    if "XResolution" in tags and "YResolution" in tags and (unit is not None or imagej_unit):
+        per_unit = {2: 25400.0, 3: 10000.0}.get(int(unit.value)) if unit is not None else None
+        if imagej_unit in ("micron", "um", "µm", "\\u00B5m"):
+            per_unit = 1.0
         xres, yres = tags["XResolution"].value, tags["YResolution"].value
         if per_unit and xres[0] and yres[0] and (xres[0], xres[1]) != (1, 1):
             return (per_unit * yres[1] / yres[0], per_unit * xres[1] / xres[0])
