@@ -189,10 +189,8 @@ def bench(
     import numpy as np
 
     from ._probe import model_in_channels
-    from .api import prepare
+    from .api import prepare, segment, volume_tile
     from .models.load import load_model
-
-    from .api import segment, volume_tile
 
     net = load_model(model)
     geometry = Geometry.of(net)

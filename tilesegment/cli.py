@@ -152,6 +152,7 @@ def _parser() -> argparse.ArgumentParser:
     info = verbs.add_parser("info", help="describe an image (and a model's geometry)")
     info.add_argument("input", help="image file or zarr store")
     info.add_argument("--model", "-m", default=None, help="also show this model's geometry")
+    info.add_argument("--axes", default=None, help="override the input's axes, e.g. ZYX")
     info.add_argument("--storage-options", type=_json_object, default=None, metavar="JSON",
                       help="fsspec options for a remote INPUT (s3://, gs://, https://)")
     info.set_defaults(run=_info)
@@ -469,7 +470,11 @@ def _channels(text):
 def _info(args: argparse.Namespace) -> int:
     import tilesegment as ts
 
-    source = ts.open_image(args.input, storage_options=args.storage_options)
+    model = ts.load_model(args.model) if args.model else None
+    geometry = ts.Geometry.of(model) if model is not None else None
+    # Opened as segment would open it for this model (a 3-d network reads arrays as volumes).
+    source = ts.open_image(args.input, axes=args.axes, storage_options=args.storage_options,
+                           ndim=geometry.ndim if geometry is not None else 2)
     print(f"image      {args.input} ({source.format})")
     letters = " x ".join(source.plan_axes)
     print(f"shape      {' x '.join(map(str, source.shape))} px ({letters}), axes {source.axes}, "
@@ -479,9 +484,7 @@ def _info(args: argparse.Namespace) -> int:
     for i, lv in enumerate(source.levels):
         size = "" if lv.pixel_size is None else f", {lv.pixel_size[-1]:.4g} um/px"
         print(f"level {i:<4} {' x '.join(map(str, lv.shape))} px{size}")
-    if args.model:
-        model = ts.load_model(args.model)
-        geometry = ts.Geometry.of(model)
+    if model is not None:
         if hasattr(model, "test_tensors"):  # a bioimage.io package
             from .models.bioimageio import check_test_tensors
 
@@ -489,10 +492,19 @@ def _info(args: argparse.Namespace) -> int:
                   "loading a package runs its code (architecture), after checking its SHA-256s")
             print(f"test       its test input reproduces its test output (max abs difference "
                   f"{check_test_tensors(model):.2g})")
-        step = geometry.step[0]
-        tiles = [t for t in (256, 512, 1024, 2048) if t % step == 0] or [step * 32]
-        print(f"network    halo {geometry.halo[0]}, step {step}, smallest input {geometry.min_input[0]}")
-        print("tiles      " + ", ".join(f"{t} (input {geometry.input_size(t)[0]})" for t in tiles))
+        print(f"network    halo {_compact(geometry.halo)}, step {_compact(geometry.step)}, "
+              f"smallest input {_compact(geometry.min_input)}")
+        if geometry.ndim == 2:
+            step = geometry.step[0]
+            tiles = [t for t in (256, 512, 1024, 2048) if t % step == 0] or [step * 32]
+            print("tiles      " + ", ".join(f"{t} (input {geometry.input_size(t)[0]})" for t in tiles))
+        else:
+            from .api import volume_tile
+
+            shape = source.shape[-geometry.ndim:]
+            tiles = sorted({volume_tile(edge, geometry, shape) for edge in (32, 64, 128, 256)})
+            print("tiles      " + ", ".join(f"{_by_axis(t, 'zyx', 'x')} (input "
+                                            f"{_by_axis(geometry.input_size(t), 'zyx', 'x')})" for t in tiles))
     source.close()
     return 0
 
