@@ -408,7 +408,7 @@ def test_a_tiff_axes_override_may_name_z_and_plans_of_four_axes_name_them(tmp_pa
 
     data = np.random.default_rng(17).integers(0, 256, (3, 40, 36), dtype=np.uint8)
     path = tmp_path / "plain.tif"
-    tifffile.imwrite(path, data, tile=(16, 16))
+    tifffile.imwrite(path, data, tile=(16, 16), photometric="minisblack")
     source = ts.open_image(path, axes="ZYX", ndim=3)
     assert source.plan_axes == "ZYX" and source.shape == (3, 40, 36)
     plan = ts.TilePlan.build((2, 3, 40, 40), ts.Geometry(halo=0, step=1).stacked(2), 8)
