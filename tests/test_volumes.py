@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,7 @@ import zarr
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import tilesegment as ts
+from tilesegment.api import auto_tile_size
 from tilesegment.io.ngff import downsample, pyramid_factors
 from tilesegment.testing import planewise_logits, whole_image_logits
 
@@ -222,12 +225,12 @@ def test_volume_inputs_are_refused_where_only_images_make_sense(tmp_path):
 def test_auto_tile_size_keeps_z_thin_for_an_anisotropic_network():
     net = ts.UNet(1, 2, base_channels=4, depth=3, ndim=3, pooling=[(1, 2, 2), (1, 2, 2), (2, 2, 2)])
     tile = ts.Tiler(np.zeros((200, 2000, 2000), np.uint8), net,
-                    tile_size=ts.api.auto_tile_size((200, 2000, 2000), net.geometry, torch.device("cpu"), net, 1)
+                    tile_size=auto_tile_size((200, 2000, 2000), net.geometry, torch.device("cpu"), net, 1)
                     ).plan.tile_size
     assert tile[1] == tile[2] and tile[0] < tile[1] and tile[0] % net.geometry.step[0] == 0
-    small = ts.api.auto_tile_size((3, 20, 20), net.geometry, torch.device("cpu"), net, 1)
+    small = auto_tile_size((3, 20, 20), net.geometry, torch.device("cpu"), net, 1)
     assert small == (4, 24, 24)  # never much larger than the volume (z step 2, y/x step 8)
-    tight = ts.api.auto_tile_size((200, 2000, 2000), net.geometry, torch.device("cpu"), net, 1,
+    tight = auto_tile_size((200, 2000, 2000), net.geometry, torch.device("cpu"), net, 1,
                                   memory_budget=60 << 20)
     assert tight[1] < tile[1]  # a smaller budget gives a smaller tile
 
@@ -417,3 +420,17 @@ def test_a_tiff_axes_override_may_name_z_and_plans_of_four_axes_name_them(tmp_pa
         for i in range(plan.n_tiles):
             stitcher.add([i], np.ones((1, 1, 1, 1, 8, 8), np.float32))
     assert stitcher.result.shape == (2, 1, 3, 40, 40)  # (t, c, z, y, x)
+
+
+def test_volume_runs_turn_off_glibcs_growing_mmap_threshold(monkeypatch):
+    import tilesegment._heap as heap
+    import tilesegment.api as api
+
+    calls = []
+    monkeypatch.setattr(api, "return_large_buffers", lambda: calls.append(1) or True)
+    ts.segment(np.zeros((20, 20), np.float32), small_unet(1, 2), tile_size=8, progress=False)
+    assert calls == []  # slides keep the allocator as it is
+    ts.segment(np.zeros((2, 20, 20), np.float32), NETS[(1, 1, "anisotropic")], tile_size=(2, 8, 8), progress=False)
+    assert calls == [1]
+    if sys.platform.startswith("linux") and heap.return_large_buffers():  # glibc: set once, stays set
+        assert heap.return_large_buffers() is True

@@ -13,6 +13,7 @@ import torch
 
 from ._probe import model_in_channels, model_out_channels
 from .errors import ModelError, UsageError
+from ._heap import return_large_buffers
 from .executor import PRECISIONS, Executor, auto_batch_size, default_precision, resolve_devices
 from .geometry import Geometry, Pair
 from .io.manifest import Manifest, input_identity, model_hash
@@ -195,6 +196,8 @@ class Job:
             from .distributed import run_on_cluster
 
             return run_on_cluster(self, client, progress)
+        if self.plan.geometry.ndim > 2:
+            return_large_buffers()  # else freed tile buffers stay in the heap (see _heap)
         with self.tiler as tiler:
             executors = self.executors()
             start = time.perf_counter()

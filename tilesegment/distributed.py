@@ -57,6 +57,10 @@ def _compute_blocks(spec: BlockSpec, blocks: list[int], model: Any) -> tuple[lis
     from .stitch import Stitcher
     from .tiler import Tiler
 
+    if spec.geometry.ndim > 2:
+        from ._heap import return_large_buffers
+
+        return_large_buffers()
     source = spec.read.open(spec.image, ndim=spec.network_ndim)
     if source.plan_axes.lower() != spec.axes:
         raise UsageError(f"{spec.image} has axes {source.plan_axes} on this worker but "
