@@ -11,9 +11,9 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from ._heap import return_large_buffers
 from ._probe import model_in_channels, model_out_channels
 from .errors import ModelError, UsageError
-from ._heap import return_large_buffers
 from .executor import PRECISIONS, Executor, auto_batch_size, default_precision, resolve_devices
 from .geometry import Geometry, Pair
 from .io.manifest import Manifest, input_identity, model_hash
