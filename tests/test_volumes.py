@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,7 @@ import zarr
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import tilesegment as ts
+from tilesegment.api import auto_tile_size
 from tilesegment.io.ngff import downsample, pyramid_factors
 from tilesegment.testing import planewise_logits, whole_image_logits
 
@@ -73,10 +76,12 @@ def test_2d_network_over_a_stack_equals_inference_plane_by_plane(axes, planes, s
     # A tile depth along the stack axis batches planes; it must not change anything.
     tiled = ts.segment(stack, net, tile_size=(tile[0], 4 * tile[1], 4 * tile[2]), mode="logits", axes=axes,
                        progress=False)
-    assert tiled.shape == (3, planes, *size)
+    if stack_axis == "T":  # NGFF puts time before channels
+        expected = expected.swapaxes(0, 1)
+    assert tiled.shape == expected.shape == (((3, planes) if stack_axis == "Z" else (planes, 3)) + size)
     assert _relative_error(tiled, expected) <= 1e-5
     labels = ts.segment(stack, net, tile_size=8, axes=axes, progress=False)
-    np.testing.assert_array_equal(labels, expected.argmax(0))
+    np.testing.assert_array_equal(labels, expected.argmax(0 if stack_axis == "Z" else 1))
     assert ts.Tiler(stack, net, tile_size=8, axes=axes).plan.axes == stack_axis.lower() + "yx"
 
 
@@ -84,8 +89,8 @@ def test_a_3d_network_over_a_time_series_runs_volume_by_volume():
     net = NETS[(1, 1, "anisotropic")]
     series = np.random.default_rng(3).random((3, 5, 18, 14)).astype(np.float32)
     tiled = ts.segment(series, net, tile_size=(2, 8, 8), mode="logits", axes="TZYX", progress=False)
-    expected = np.stack([whole_image_logits(v, net, axes="ZYX") for v in series], axis=1)
-    assert tiled.shape == (3, 3, 5, 18, 14)
+    expected = np.stack([whole_image_logits(v, net, axes="ZYX") for v in series])
+    assert tiled.shape == (3, 3, 5, 18, 14)  # (t, c, z, y, x), as NGFF orders them
     assert _relative_error(tiled, expected) <= 1e-5
 
 
@@ -192,16 +197,22 @@ def test_pyramid_halves_y_and_x_and_z_only_once_it_is_no_coarser(shape, size):
 def test_downsample_keeps_labels_and_averages_values():
     block = np.arange(2 * 3 * 5, dtype=np.uint8).reshape(2, 3, 5)
     np.testing.assert_array_equal(downsample(block, (2, 2, 2), labels=True), block[::2, ::2, ::2])
-    mean = downsample(block.astype(np.float32), (1, 2, 2), labels=False)
-    padded = np.pad(block.astype(np.float32), [(0, 0), (0, 1), (0, 1)], mode="edge")
+    values = np.random.default_rng(0).random((2, 3, 5)).astype(np.float32)
+    mean = downsample(values, (1, 2, 2), labels=False)
+    padded = np.pad(values, [(0, 0), (0, 1), (0, 1)], mode="edge")
     expected = (padded[:, ::2, ::2] + padded[:, 1::2, ::2] + padded[:, ::2, 1::2] + padded[:, 1::2, 1::2]) / 4
-    np.testing.assert_allclose(mean, expected)
+    np.testing.assert_array_equal(mean, expected)  # bit for bit what 2-d pyramids always had
+    cube = downsample(values, (2, 2, 2), labels=False)
+    np.testing.assert_allclose(cube, np.pad(values, [(0, 0), (0, 1), (0, 1)], mode="edge")
+                               .reshape(1, 2, 2, 2, 3, 2).mean((1, 3, 5)), rtol=1e-6)
 
 
 def test_volume_inputs_are_refused_where_only_images_make_sense(tmp_path):
     net = NETS[(1, 1, "anisotropic")]
     with pytest.raises(ts.UsageError, match="axes"):
         ts.segment(np.zeros((30, 30), np.float32), net, progress=False)
+    with pytest.raises(ts.UsageError, match="axes TYX"):  # time is not depth
+        ts.segment(np.zeros((4, 30, 30), np.float32), net, axes="TYX", progress=False)
     stack = np.zeros((3, 30, 30), np.uint8)
     with pytest.raises(ts.UsageError, match="2-d images"):
         ts.segment(stack, small_unet(1, 2), axes="ZYX", tissue_mask=np.ones((30, 30), bool), progress=False)
@@ -214,12 +225,12 @@ def test_volume_inputs_are_refused_where_only_images_make_sense(tmp_path):
 def test_auto_tile_size_keeps_z_thin_for_an_anisotropic_network():
     net = ts.UNet(1, 2, base_channels=4, depth=3, ndim=3, pooling=[(1, 2, 2), (1, 2, 2), (2, 2, 2)])
     tile = ts.Tiler(np.zeros((200, 2000, 2000), np.uint8), net,
-                    tile_size=ts.api.auto_tile_size((200, 2000, 2000), net.geometry, torch.device("cpu"), net, 1)
+                    tile_size=auto_tile_size((200, 2000, 2000), net.geometry, torch.device("cpu"), net, 1)
                     ).plan.tile_size
     assert tile[1] == tile[2] and tile[0] < tile[1] and tile[0] % net.geometry.step[0] == 0
-    small = ts.api.auto_tile_size((3, 20, 20), net.geometry, torch.device("cpu"), net, 1)
+    small = auto_tile_size((3, 20, 20), net.geometry, torch.device("cpu"), net, 1)
     assert small == (4, 24, 24)  # never much larger than the volume (z step 2, y/x step 8)
-    tight = ts.api.auto_tile_size((200, 2000, 2000), net.geometry, torch.device("cpu"), net, 1,
+    tight = auto_tile_size((200, 2000, 2000), net.geometry, torch.device("cpu"), net, 1,
                                   memory_budget=60 << 20)
     assert tight[1] < tile[1]  # a smaller budget gives a smaller tile
 
@@ -240,3 +251,186 @@ def test_cli_segments_a_volume_with_a_tile_size_per_axis(tmp_path, capsys):
     assert "z 5 x y 30 x x 40" in err and "tile z 2 x y 16 x x 16" in err
     np.testing.assert_array_equal(zarr.open_array(out / "0", mode="r")[:],
                                   ts.segment(volume, net, tile_size=(4, 32, 32), progress=False))
+
+
+def test_time_lapse_probabilities_are_stored_time_first_and_validate(tmp_path):
+    from ome_zarr_models.v05 import Image
+
+    net = small_unet(1, 3, base=4, depth=2)
+    series = np.random.default_rng(9).random((3, 30, 26)).astype(np.float32)
+    out = ts.segment(series, net, tmp_path / "t.zarr", mode="probabilities", axes="TYX", tile_size=16,
+                     progress=False)
+    assert out.metadata.dimension_names == ("t", "c", "y", "x") and out.shape == (3, 3, 30, 26)
+    Image.from_zarr(zarr.open_group(tmp_path / "t.zarr", mode="r"))
+    in_memory = ts.segment(series, net, mode="probabilities", axes="TYX", tile_size=16, progress=False)
+    np.testing.assert_array_equal(out[:], in_memory)
+
+
+@settings(max_examples=4, deadline=None)
+@given(pooling=st.lists(st.sampled_from([(1, 2, 2), (2, 2, 2), (2, 1, 1)]), min_size=1, max_size=3))
+def test_probe_finds_the_geometry_of_any_3d_unet_per_axis(pooling):
+    from tilesegment._probe import probe_geometry
+
+    net = ts.UNet(1, 2, base_channels=2, depth=len(pooling), ndim=3, pooling=pooling)
+    assert probe_geometry(net) == net.geometry
+    scripted = torch.jit.script(net)
+    assert ts.Geometry.of(scripted) == net.geometry  # no analytic geometry: probed
+
+
+def test_a_stopped_volume_run_resumes_to_the_same_output(tmp_path, monkeypatch):
+    from tilesegment.io.manifest import Manifest
+
+    net = NETS[(1, 2, "anisotropic")]
+    volume = np.random.default_rng(10).integers(0, 256, (8, 40, 40), dtype=np.uint8)
+    zarr.save_array(str(tmp_path / "in.zarr"), volume)
+    out, calls = tmp_path / "out.zarr", {"n": 0}
+    original_add = ts.Stitcher.add
+
+    def interrupting_add(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise KeyboardInterrupt
+        return original_add(self, *args, **kwargs)
+
+    monkeypatch.setattr(ts.Stitcher, "add", interrupting_add)
+    with pytest.raises(KeyboardInterrupt):
+        ts.segment(tmp_path / "in.zarr", net, out, tile_size=(2, 16, 16), progress=False)
+    done = Manifest(out).done_blocks()
+    assert 0 < len(done) < 12
+    monkeypatch.setattr(ts.Stitcher, "add", original_add)
+    job = ts.prepare(tmp_path / "in.zarr", net, out, tile_size=(2, 16, 16), resume=True)
+    assert job.resume and set(job.done_blocks) == set(done)
+    job.run(progress=False)
+    np.testing.assert_array_equal(zarr.open_array(out / "0", mode="r")[:],
+                                  ts.segment(volume, net, tile_size=(4, 32, 32), progress=False))
+
+
+def test_distributed_volume_and_stack_equal_the_local_run(tmp_path):
+    distributed = pytest.importorskip("distributed")
+
+    net = NETS[(2, 1, "isotropic")]
+    volume = np.random.default_rng(11).random((2, 6, 40, 36)).astype(np.float32)
+    zarr.save_array(str(tmp_path / "in.zarr"), volume)
+    local = ts.segment(volume, net, tile_size=(2, 16, 16), mode="probabilities", axes="CZYX", progress=False)
+    # A time-lapse with a named one-plane Z, as 5-d OME-Zarr files have, under a 2-d network.
+    series = np.random.default_rng(15).random((3, 1, 40, 36)).astype(np.float32)
+    zarr.save_array(str(tmp_path / "series.zarr"), series)
+    net2d = small_unet(1, 2, base=4, depth=2)
+    local_series = ts.segment(series, net2d, tile_size=16, axes="TZYX", progress=False)
+    with distributed.Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=":0") as client:
+        remote = ts.segment(str(tmp_path / "in.zarr"), net, tmp_path / "out.zarr", tile_size=(2, 16, 16),
+                            mode="probabilities", axes="CZYX", client=client, progress=False)
+        remote_series = ts.segment(str(tmp_path / "series.zarr"), net2d, tmp_path / "series_out.zarr",
+                                   tile_size=16, axes="TZYX", client=client, progress=False)
+    np.testing.assert_array_equal(remote[:], local)
+    assert remote.metadata.dimension_names == ("c", "z", "y", "x")
+    np.testing.assert_array_equal(remote_series[:], local_series)
+    assert remote_series.metadata.dimension_names == ("t", "y", "x")
+
+
+@pytest.mark.parametrize("kind", ["volume", "stack"])
+def test_gpu_style_path_for_volumes_matches_the_host_kernels(kind):
+    """uint8 batches normalized on the device, channels-last (NDHWC), cropped and reduced
+    there: the CUDA path, exercised on the CPU."""
+    from tilesegment.executor import Executor
+    from tilesegment.pipeline import run_pipeline
+
+    volume = np.random.default_rng(12).integers(0, 256, (5, 37, 29), dtype=np.uint8)
+    net = NETS[(1, 2, "anisotropic")] if kind == "volume" else small_unet(1, 3, base=4, depth=2)
+    tiler = ts.Tiler(volume, net, tile_size=(2, 16, 16) if kind == "volume" else 16, axes="ZYX")
+    model = net if kind == "volume" else ts.PlaneWise(net, 1)
+    for mode in ("labels", "probabilities"):
+        ex = Executor(model, "cpu", mode=mode, geometry=tiler.plan.geometry, tile_size=tiler.plan.tile_size,
+                      reduce_on_device=True, input_affine=(tiler.scale, tiler.offset))
+        with ts.Stitcher(tiler.plan, mode=mode) as stitcher:
+            run_pipeline(tiler.batches(3, normalize=False, channels_last=True), [ex], stitcher)
+        host = ts.segment(volume, net, tile_size=tiler.plan.tile_size[-3:], mode=mode, axes="ZYX", progress=False)
+        assert np.abs(stitcher.result.astype(int) - host).max() <= (0 if mode == "labels" else 1)
+
+
+def test_bench_sweeps_volume_tiles_per_axis(tmp_path, capsys):
+    import csv
+
+    from tilesegment.cli import main
+
+    ts.save_model(NETS[(1, 2, "anisotropic")], tmp_path / "net3d.pt")
+    out = tmp_path / "bench"
+    assert main(["bench", "--model", str(tmp_path / "net3d.pt"), "--tile-sizes", "8,16", "--batch-sizes", "1",
+                 "--size", "256", "--device", "cpu", "--out", str(out)]) == 0
+    rows = list(csv.DictReader((out / "bench.csv").open()))
+    # z in proportion to the step: (2, 4, 4) -> a tile half as deep as it is wide
+    assert [r["tile"] for r in rows] == ["4x8x8", "8x16x16"]
+    assert all(float(r["end_to_end_mpx_s"]) > 0 and float(r["gflop_per_px"]) > 0 for r in rows)
+    assert "recommended: --tile-size " in capsys.readouterr().out
+
+
+def test_objects_of_a_stack_are_3d_and_a_time_series_is_refused(tmp_path):
+    net = small_unet(1, 2, base=4, depth=2, seed=1)
+    stack = np.random.default_rng(13).random((3, 30, 26)).astype(np.float32)
+    z = ts.segment(stack, net, tmp_path / "z.zarr", axes="ZYX", tile_size=16, progress=False)
+    objs = ts.label_objects(tmp_path / "z.zarr", classes=[1], progress=False)
+    from scipy import ndimage
+
+    assert objs.table.shape[0] == ndimage.label(z[:] == 1)[1]  # connected through z
+    ts.segment(stack, net, tmp_path / "t.zarr", axes="TYX", tile_size=16, progress=False)
+    with pytest.raises(ts.InputError, match="time axis"):
+        ts.label_objects(tmp_path / "t.zarr")
+
+
+def test_imagej_hyperstack_axes_and_voxel_size(tmp_path):
+    import tifffile
+
+    data = np.random.default_rng(14).integers(0, 256, (2, 4, 2, 20, 30), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "h.tif", data, imagej=True, resolution=(2.0, 2.0),
+                     metadata={"axes": "TZCYX", "spacing": 2.5, "unit": "micron"})
+    source = ts.open_image(tmp_path / "h.tif")
+    assert (source.plan_axes, source.shape, source.channels) == ("TZYX", (2, 4, 20, 30), 2)
+    assert source.pixel_size == (1.0, 2.5, 0.5, 0.5)
+    np.testing.assert_array_equal(source.read_region((0, 0, 0, 0), source.shape), np.moveaxis(data, 2, -1))
+
+
+def test_stack_planes_and_large_chunks_are_decoded_once():
+    stack = zarr.create_array(store={}, shape=(8, 300, 280), chunks=(8, 64, 64), dtype="uint8")
+    stack[:] = np.random.default_rng(16).integers(0, 256, stack.shape, dtype=np.uint8)
+    tiler = ts.Tiler(stack, ts.Geometry(halo=6, step=4), tile_size=64, axes="ZYX")
+    blocks = tiler.plan.block_origins[: tiler.plan.shape[0]]
+    assert (blocks[:, 1:] == blocks[0, 1:]).all()  # the planes of one column come one after another
+    for _ in tiler.batches(2, workers=2):
+        pass
+    assert tiler.last_cache.decoded == 5 * 5  # each 8-plane chunk once, not once per plane
+    volume = zarr.create_array(store={}, shape=(16, 128, 128), chunks=(16, 128, 128), dtype="uint16")
+    volume[:] = 1
+    tiler = ts.Tiler(volume, ts.Geometry(halo=(2, 4, 4), step=(2, 4, 4), ndim=3), tile_size=(4, 32, 32))
+    for _ in tiler.batches(1):
+        pass
+    assert tiler.last_cache.decoded == 1  # a chunk larger than the default budget stays while needed
+
+
+def test_a_tiff_axes_override_may_name_z_and_plans_of_four_axes_name_them(tmp_path):
+    import tifffile
+
+    data = np.random.default_rng(17).integers(0, 256, (3, 40, 36), dtype=np.uint8)
+    path = tmp_path / "plain.tif"
+    tifffile.imwrite(path, data, tile=(16, 16), photometric="minisblack")
+    source = ts.open_image(path, axes="ZYX", ndim=3)
+    assert source.plan_axes == "ZYX" and source.shape == (3, 40, 36)
+    plan = ts.TilePlan.build((2, 3, 40, 40), ts.Geometry(halo=0, step=1).stacked(2), 8)
+    assert plan.axes == "tzyx" and plan.position(1).startswith("(t, z, y, x) = ")
+    with ts.Stitcher(plan, mode="logits") as stitcher:
+        for i in range(plan.n_tiles):
+            stitcher.add([i], np.ones((1, 1, 1, 1, 8, 8), np.float32))
+    assert stitcher.result.shape == (2, 1, 3, 40, 40)  # (t, c, z, y, x)
+
+
+def test_volume_runs_turn_off_glibcs_growing_mmap_threshold(monkeypatch):
+    import tilesegment._heap as heap
+    import tilesegment.api as api
+
+    calls = []
+    monkeypatch.setattr(api, "return_large_buffers", lambda: calls.append(1) or True)
+    ts.segment(np.zeros((20, 20), np.float32), small_unet(1, 2), tile_size=8, progress=False)
+    assert calls == []  # slides keep the allocator as it is
+    ts.segment(np.zeros((2, 20, 20), np.float32), NETS[(1, 1, "anisotropic")], tile_size=(2, 8, 8), progress=False)
+    assert calls == [1]
+    if sys.platform.startswith("linux") and heap.return_large_buffers():  # glibc: set once, stays set
+        assert heap.return_large_buffers() is True

@@ -81,13 +81,46 @@ def model_out_channels(model: object, geometry: Geometry) -> int:
     return int(shape[1])
 
 
-def probe_geometry(model: object, in_channels: Optional[int] = None) -> Geometry:
-    """Probe `model` with meta tensors of growing square size and derive its geometry.
+def model_ndim(model: object) -> int:
+    """Spatial axes of `model`: 3 if it has a 3-d convolution or pooling, else 2."""
+    for module in model.modules():  # type: ignore[attr-defined]
+        kind = getattr(module, "original_name", type(module).__name__)
+        if kind.endswith("3d"):
+            return 3
+    return 2
 
-    Valid inputs are those where the output is largest relative to the input
-    (floor-pooling networks accept other sizes silently but shift the pooling
-    grid); they must be evenly spaced. The result is checked against a second
-    probe at a large, non-square valid size.
+
+def _scan_axis(run, in_channels: int, sizes: list, axis: int) -> tuple[int, list]:
+    """Grow the input along `axis` (the others fixed at `sizes`) and return the largest
+    output-minus-input gain and the first sizes reaching it, three of them when evenly spaced."""
+    best, valid, n = None, [], 1
+    while n < _LIMIT:
+        trial = list(sizes)
+        trial[axis] = n
+        shape = _output_shape(run, in_channels, *trial)
+        if shape is not None:
+            gain = shape[2 + axis] - n
+            if best is None or gain > best:
+                best, valid = gain, [n]
+            elif gain == best:
+                valid.append(n)
+            if len(valid) >= 3 and valid[2] - valid[1] == valid[1] - valid[0]:
+                break
+        n += 1
+    return best, valid
+
+
+def probe_geometry(model: object, in_channels: Optional[int] = None) -> Geometry:
+    """Probe `model` with meta tensors and derive its geometry, axis by axis.
+
+    A cube of growing edge finds a size the model runs at; then each axis
+    grows alone while the others stay there. Valid inputs are those where
+    the output is largest relative to the input (floor-pooling networks
+    accept other sizes silently but shift the pooling grid); they must be
+    evenly spaced. Convolutions, pooling and centre crops act on each axis
+    on its own, so the axes can be probed one at a time, and anisotropic
+    networks get a halo and step per axis. The result is checked against a
+    second probe at a large, non-cubic valid size.
     """
     import torch
 
@@ -99,43 +132,35 @@ def probe_geometry(model: object, in_channels: Optional[int] = None) -> Geometry
     in_channels = in_channels or model_in_channels(model)
     if in_channels is None:
         raise ModelError("model has no convolution to take in_channels from; pass in_channels=")
+    ndim = model_ndim(model)
     run = _meta_runner(model)
     was_training = model.training
     model.eval()
     try:
-        best, valid, n = None, [], 1
-        while n < _LIMIT:
-            shape = _output_shape(run, in_channels, n, n)
-            if shape is not None and shape[-1] == shape[-2]:
-                gain = shape[-1] - n
-                if best is None or gain > best:
-                    best, valid = gain, [n]
-                elif gain == best:
-                    valid.append(n)
-                if len(valid) >= 3 and valid[2] - valid[1] == valid[1] - valid[0]:
-                    break
-            n += 1
-        if best is None or len(valid) < 3:
+        start = next((n for n in range(1, _LIMIT) if _output_shape(run, in_channels, *(n,) * ndim)), None)
+        found = [_scan_axis(run, in_channels, [start] * ndim, a) for a in range(ndim)] if start else []
+        if not found or any(best is None or len(valid) < 3 for best, valid in found):
             raise ModelError(
                 f"model output does not grow with its input for sizes up to {_LIMIT}; "
                 "declare its geometry with ts.Geometry(halo=..., step=...)"
             )
-        step = valid[1] - valid[0]
-        shrink = -best
-        if shrink == 0 and _has_spatial_kernel(model):
+        step = tuple(valid[1] - valid[0] for _, valid in found)
+        shrink = tuple(-best for best, _ in found)
+        if max(shrink) == 0 and _has_spatial_kernel(model):
             raise ModelError(
                 f"{type(model).__name__} pads internally (its output is as large as its input), "
                 "so tiles would see zero padding at their borders; declare a context margin: "
-                f"model.geometry = ts.Geometry(halo=..., step={step}) (see docs/exactness.md)"
+                f"model.geometry = ts.Geometry(halo=..., step={step[-1]}) (see docs/exactness.md)"
             )
-        geom = Geometry(halo=(shrink + 1) // 2, step=step, min_input=valid[0], shrink=shrink)
-        # Second probe: a large, non-square valid size must follow the same arithmetic.
-        ny, nx = valid[0] + 37 * step, valid[0] + 5 * step
-        shape = _output_shape(run, in_channels, ny, nx)
-        if shape is None or shape[-2:] != geom.output_size((ny, nx)):
+        geom = Geometry(halo=tuple((s + 1) // 2 for s in shrink), step=step,
+                        min_input=tuple(valid[0] for _, valid in found), shrink=shrink)
+        # Second probe: a large, non-cubic valid size must follow the same arithmetic.
+        big = tuple(m + k * st for m, st, k in zip(geom.min_input, step, (37, 5, 11)[-ndim:]))
+        shape = _output_shape(run, in_channels, *big)
+        if shape is None or shape[2:] != geom.output_size(big):
             raise ModelError(
-                f"model geometry is inconsistent: input {(ny, nx)} gave output "
-                f"{None if shape is None else shape[-2:]}, expected {geom.output_size((ny, nx))}; "
+                f"model geometry is inconsistent: input {big} gave output "
+                f"{None if shape is None else shape[2:]}, expected {geom.output_size(big)}; "
                 "declare it with ts.Geometry(halo=..., step=...)"
             )
         return geom

@@ -11,6 +11,7 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from ._heap import return_large_buffers
 from ._probe import model_in_channels, model_out_channels
 from .errors import ModelError, UsageError
 from .executor import PRECISIONS, Executor, auto_batch_size, default_precision, resolve_devices
@@ -75,6 +76,14 @@ def auto_tile_size(
     )
 
 
+def volume_tile(edge: int, geometry: Geometry, shape: Sequence[int]) -> tuple[int, ...]:
+    """A volume tile whose y/x edge is about `edge`, each axis in proportion to the network's
+    step along it (multiples of it), never much larger than the volume `shape`."""
+    widest = max(geometry.step)
+    tile = tuple(max(st, edge * st // widest // st * st) for st in geometry.step)
+    return tuple(min(t, math.ceil(n / st) * st) for t, n, st in zip(tile, shape, geometry.step))
+
+
 def _auto_volume_tile(shape, geometry: Geometry, device: torch.device, model, in_channels: int,
                       budget: Optional[int]) -> tuple[int, ...]:
     from .executor import estimate_bytes_per_tile
@@ -84,10 +93,8 @@ def _auto_volume_tile(shape, geometry: Geometry, device: torch.device, model, in
             budget = int(torch.cuda.mem_get_info(device)[0] * 0.7)
         else:
             budget = min(8 << 30, int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 4))
-    widest = max(geometry.step)
     for edge in (256, 128, 64, 32):
-        tile = tuple(max(st, edge * st // widest // st * st) for st in geometry.step)
-        tile = tuple(min(t, math.ceil(n / st) * st) for t, n, st in zip(tile, shape, geometry.step))
+        tile = volume_tile(edge, geometry, shape)
         if model is None or 2 * estimate_bytes_per_tile(model, in_channels, geometry.input_size(tile)) <= budget:
             return tile
     return tile
@@ -189,6 +196,8 @@ class Job:
             from .distributed import run_on_cluster
 
             return run_on_cluster(self, client, progress)
+        if self.plan.geometry.ndim > 2:
+            return_large_buffers()  # else freed tile buffers stay in the heap (see _heap)
         with self.tiler as tiler:
             executors = self.executors()
             start = time.perf_counter()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -35,11 +37,11 @@ def count_flops(model: nn.Module, in_channels: int, input_size: Pair) -> int:
 
     def hook(module, inputs, output):
         nonlocal total
-        if isinstance(module, nn.Conv2d):
-            k = module.kernel_size[0] * module.kernel_size[1]
+        if isinstance(module, (nn.Conv2d, nn.Conv3d)):
+            k = math.prod(module.kernel_size)
             total += 2 * output.numel() * (module.in_channels // module.groups) * k
-        elif isinstance(module, nn.ConvTranspose2d):
-            k = module.kernel_size[0] * module.kernel_size[1]
+        elif isinstance(module, (nn.ConvTranspose2d, nn.ConvTranspose3d)):
+            k = math.prod(module.kernel_size)
             total += 2 * inputs[0].numel() * module.out_channels * k
         elif isinstance(module, nn.Linear):
             total += 2 * output.numel() * module.in_features
@@ -57,7 +59,7 @@ def count_flops(model: nn.Module, in_channels: int, input_size: Pair) -> int:
 def flops_per_pixel(model: nn.Module, in_channels: int, geometry: Geometry, tile_size: Pair) -> float:
     """FLOPs per *written* output pixel at `tile_size` (halo overhead included)."""
     n_in = geometry.input_size(tile_size)
-    return count_flops(model, in_channels, n_in) / (tile_size[0] * tile_size[1])
+    return count_flops(model, in_channels, n_in) / math.prod(tile_size)
 
 
 # -- tile size x batch size sweeps ------------------------------------------------------
@@ -71,7 +73,9 @@ def bare_model_seconds(executor, batches: int, shape: tuple[int, ...]) -> float:
     """
     import time
 
-    fmt = torch.channels_last if executor.channels_last else torch.contiguous_format
+    from .executor import memory_format
+
+    fmt = memory_format(len(shape)) if executor.channels_last else torch.contiguous_format
     inputs = [torch.rand(shape, device=executor.device).contiguous(memory_format=fmt)
               for _ in range(min(batches, 8))]
     with torch.inference_mode(), executor.precision_context():
@@ -123,10 +127,12 @@ def _rss_mb() -> float:
 
 
 def auto_tile_sizes(geometry: Geometry, shape: Pair) -> list[int]:
-    """Tile sizes worth trying for an image: 128 to 2048 (multiples of the step), not past the image."""
-    step = geometry.step[0]
-    top = max(shape)
-    sizes = sorted({max(step, t // step * step) for t in (128, 256, 512, 1024, 2048)})
+    """Tile sizes worth trying for an image: 128 to 2048 (multiples of the step), not past the
+    image; for a volume, y/x edges of 32 to 256 (see `bench`)."""
+    step = geometry.step[-1]
+    top = max(shape[-2:])
+    edges = (128, 256, 512, 1024, 2048) if geometry.ndim == 2 else (32, 64, 128, 256)
+    sizes = sorted({max(step, t // step * step) for t in edges})
     return [t for t in sizes if t <= max(top, sizes[0])] or sizes[:1]
 
 
@@ -154,11 +160,16 @@ def bench(
     ----------
     image : path or array, optional
         What to segment; default a random uint8 RGB image of `size` x `size`
-        (throughput does not depend on the content).
+        (throughput does not depend on the content), or for a 3-d network a
+        one-channel volume of ``size / 32 x size / 8 x size / 8`` (64 x 256 x
+        256 at the default size).
     model : module or spec
         Anything `load_model` accepts (default: the demo model).
     tile_sizes : sequence of int or "auto"
-        "auto": 128 to 2048 as the image allows (`auto_tile_sizes`).
+        "auto": 128 to 2048 as the image allows (`auto_tile_sizes`). For a
+        volume each is the y/x edge, and z follows in proportion to the
+        network's step (`tilesegment.api.volume_tile`); rows then also say
+        the whole tile (``tile``, e.g. ``"16x64x64"``).
     batch_sizes : sequence of int
     device, precision
         As for `segment`.
@@ -178,30 +189,35 @@ def bench(
     import numpy as np
 
     from ._probe import model_in_channels
-    from .api import prepare
+    from .api import prepare, segment, volume_tile
     from .models.load import load_model
 
     net = load_model(model)
     geometry = Geometry.of(net)
+    volume = geometry.ndim == 3
     if image is None:
-        image = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
+        shape = (max(8, size // 32), size // 8, size // 8, 1) if volume else (size, size, 3)
+        image = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+        axes = "ZYXC" if volume else None
+    else:
+        axes = None
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        first = prepare(image, net, device=device, precision=precision, tile_size=geometry.step[0] * 8)
+        first = prepare(image, net, device=device, precision=precision, axes=axes,
+                        tile_size=tuple(st * 8 for st in geometry.step))
         if tile_sizes in ("auto", None):
             tile_sizes = auto_tile_sizes(geometry, first.plan.shape)
         in_channels = model_in_channels(net) or first.tiler.source.channels
         # Warm up (numba compilation, oneDNN/cuDNN set-up) outside the measurements.
-        from .api import segment
-
-        warm = np.zeros((geometry.step[0] * 4, geometry.step[1] * 4, in_channels), np.float32)
-        segment(warm, net, tile_size=geometry.step[0] * 2, device=first.devices[0], axes="YXC",
-                precision=precision, progress=False)
-        for tile in tile_sizes:
+        warm = np.zeros((*(st * 4 for st in geometry.step), in_channels), np.float32)
+        segment(warm, net, tile_size=tuple(st * 2 for st in geometry.step), device=first.devices[0],
+                axes="ZYXC" if volume else "YXC", precision=precision, progress=False)
+        for edge in tile_sizes:
+            tile = volume_tile(edge, geometry, first.plan.shape) if volume else edge
             for batch in batch_sizes:
                 best = None
                 for r in range(repeats):
-                    job = prepare(image, net, Path(tmp) / f"t{tile}b{batch}r{r}.zarr", tile_size=tile,
+                    job = prepare(image, net, Path(tmp) / f"t{edge}b{batch}r{r}.zarr", tile_size=tile, axes=axes,
                                   batch_size=batch, device=device, precision=precision)
                     dev = job.devices[0]
                     if dev.type == "cuda":
@@ -217,7 +233,8 @@ def bench(
                 stats, model_s, peak, job, dev = best
                 mpx = stats.pixels / 1e6
                 rows.append({
-                    "tile_size": tile, "input_size": job.plan.input_size[0], "batch_size": job.batch_size,
+                    "tile_size": edge, **({"tile": "x".join(map(str, tile))} if volume else {}),
+                    "input_size": job.plan.input_size[-1], "batch_size": job.batch_size,
                     "tiles": job.plan.n_tiles, "device": str(dev), "precision": executor.precision,
                     "end_to_end_mpx_s": round(mpx / stats.seconds, 4),
                     "model_only_mpx_s": round(mpx / model_s, 4),

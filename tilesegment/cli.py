@@ -27,10 +27,11 @@ def _size(text: str):
     raise argparse.ArgumentTypeError(f"{text!r} has {len(parts)} numbers; use N, H,W or D,H,W")
 
 
-def _by_axis(sizes, axes: str) -> str:
-    """``2967 x 2220`` for images; ``z 64 x y 512 x x 512`` where a third axis joins."""
+def _by_axis(sizes, axes: str, sep: str = " x ") -> str:
+    """``2967 x 2220`` for images (joined by `sep`); ``z 64 x y 512 x x 512`` where a third
+    axis joins."""
     if len(sizes) == 2:
-        return f"{sizes[0]} x {sizes[1]}"
+        return sep.join(map(str, sizes))
     return " x ".join(f"{a} {n}" for a, n in zip(axes, sizes))
 
 
@@ -138,7 +139,8 @@ def _parser() -> argparse.ArgumentParser:
                                          "write bench.csv, bench.json and bench.png; recommend a setting.")
     bench.add_argument("input", nargs="?", default=None, help="image to use (default: random RGB of --size)")
     bench.add_argument("--model", "-m", default="demo", help="model spec (default: demo)")
-    bench.add_argument("--tile-sizes", default="auto", help="comma-separated, or auto (128..2048)")
+    bench.add_argument("--tile-sizes", default="auto",
+                       help="comma-separated, or auto (128..2048; for a 3-d network y/x edges 32..256)")
     bench.add_argument("--batch-sizes", default="1,2", help="comma-separated (default: 1,2)")
     bench.add_argument("--device", default="auto")
     bench.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
@@ -150,6 +152,7 @@ def _parser() -> argparse.ArgumentParser:
     info = verbs.add_parser("info", help="describe an image (and a model's geometry)")
     info.add_argument("input", help="image file or zarr store")
     info.add_argument("--model", "-m", default=None, help="also show this model's geometry")
+    info.add_argument("--axes", default=None, help="override the input's axes, e.g. ZYX")
     info.add_argument("--storage-options", type=_json_object, default=None, metavar="JSON",
                       help="fsspec options for a remote INPUT (s3://, gs://, https://)")
     info.set_defaults(run=_info)
@@ -297,7 +300,7 @@ def _segment_one(args, image: str, output: str, client, resume: Optional[bool] =
     say(f"input    {image}: {_by_axis(source.shape, plan.axes)} px, "
         f"{source.channels} channel(s), {source.dtype}")
     say(f"network  halo {_compact(geometry.halo)}, step {_compact(geometry.step)}; tile "
-        f"{_by_axis(plan.tile_size, plan.axes)} -> network input {_by_axis(plan.input_size, plan.axes)} "
+        f"{_by_axis(plan.tile_size, plan.axes, 'x')} -> network input {_by_axis(plan.input_size, plan.axes, 'x')} "
         f"({plan.computed_fraction():.2f} computed px per written px)")
     where = "a dask cluster" if client is not None else ", ".join(str(d) for d in job.devices)
     say(f"plan     {plan.n_tiles} tiles in {plan.n_blocks} blocks, batch {job.batch_size} on {where}")
@@ -425,7 +428,8 @@ def _bench(args: argparse.Namespace) -> int:
     rows = bench(args.input, args.model, tiles, _ints(args.batch_sizes, "--batch-sizes"),
                  device=args.device, precision=args.precision, size=args.size, repeats=args.repeats)
     paths = write_results(rows, args.out)
-    columns = [("tile_size", "tile"), ("input_size", "input"), ("batch_size", "batch"),
+    columns = [("tile", "tile")] if "tile" in rows[0] else [("tile_size", "tile")]
+    columns += [("input_size", "input"), ("batch_size", "batch"),
                ("end_to_end_mpx_s", "e2e Mpx/s"), ("model_only_mpx_s", "model Mpx/s"),
                ("halo_overhead", "halo x"), ("batch_latency_ms", "ms/batch"), ("peak_host_mb", "host MB"),
                ("peak_device_mb", "dev MB")]
@@ -433,7 +437,8 @@ def _bench(args: argparse.Namespace) -> int:
     for row in rows:
         print("  ".join(f"{'-' if row[key] is None else row[key]:>11}" for key, _ in columns))
     best = recommend(rows)
-    print(f"recommended: --tile-size {best['tile_size']} --batch-size {best['batch_size']} "
+    tile = best["tile"].replace("x", ",") if "tile" in best else best["tile_size"]
+    print(f"recommended: --tile-size {tile} --batch-size {best['batch_size']} "
           f"({best['end_to_end_mpx_s']:.2f} Mpx/s end to end on {best['device']})")
     print("wrote " + ", ".join(str(p) for p in paths))
     if not any(p.suffix == ".png" for p in paths):
@@ -465,18 +470,21 @@ def _channels(text):
 def _info(args: argparse.Namespace) -> int:
     import tilesegment as ts
 
-    source = ts.open_image(args.input, storage_options=args.storage_options)
+    model = ts.load_model(args.model) if args.model else None
+    geometry = ts.Geometry.of(model) if model is not None else None
+    # Opened as segment would open it for this model (a 3-d network reads arrays as volumes).
+    source = ts.open_image(args.input, axes=args.axes, storage_options=args.storage_options,
+                           ndim=geometry.ndim if geometry is not None else 2)
     print(f"image      {args.input} ({source.format})")
-    print(f"shape      {source.shape[0]} x {source.shape[1]} px (Y x X), axes {source.axes}, "
+    letters = " x ".join(source.plan_axes)
+    print(f"shape      {' x '.join(map(str, source.shape))} px ({letters}), axes {source.axes}, "
           f"{source.channels} channel(s), {source.dtype}")
     if source.pixel_size is not None:
-        print(f"pixel size {source.pixel_size[0]:.4g} x {source.pixel_size[1]:.4g} um")
+        print(f"pixel size {' x '.join(f'{p:.4g}' for p in source.pixel_size)} um")
     for i, lv in enumerate(source.levels):
-        size = "" if lv.pixel_size is None else f", {lv.pixel_size[1]:.4g} um/px"
-        print(f"level {i:<4} {lv.shape[0]} x {lv.shape[1]} px{size}")
-    if args.model:
-        model = ts.load_model(args.model)
-        geometry = ts.Geometry.of(model)
+        size = "" if lv.pixel_size is None else f", {lv.pixel_size[-1]:.4g} um/px"
+        print(f"level {i:<4} {' x '.join(map(str, lv.shape))} px{size}")
+    if model is not None:
         if hasattr(model, "test_tensors"):  # a bioimage.io package
             from .models.bioimageio import check_test_tensors
 
@@ -484,10 +492,19 @@ def _info(args: argparse.Namespace) -> int:
                   "loading a package runs its code (architecture), after checking its SHA-256s")
             print(f"test       its test input reproduces its test output (max abs difference "
                   f"{check_test_tensors(model):.2g})")
-        step = geometry.step[0]
-        tiles = [t for t in (256, 512, 1024, 2048) if t % step == 0] or [step * 32]
-        print(f"network    halo {geometry.halo[0]}, step {step}, smallest input {geometry.min_input[0]}")
-        print("tiles      " + ", ".join(f"{t} (input {geometry.input_size(t)[0]})" for t in tiles))
+        print(f"network    halo {_compact(geometry.halo)}, step {_compact(geometry.step)}, "
+              f"smallest input {_compact(geometry.min_input)}")
+        if geometry.ndim == 2:
+            step = geometry.step[0]
+            tiles = [t for t in (256, 512, 1024, 2048) if t % step == 0] or [step * 32]
+            print("tiles      " + ", ".join(f"{t} (input {geometry.input_size(t)[0]})" for t in tiles))
+        else:
+            from .api import volume_tile
+
+            shape = source.shape[-geometry.ndim:]
+            tiles = sorted({volume_tile(edge, geometry, shape) for edge in (32, 64, 128, 256)})
+            print("tiles      " + ", ".join(f"{_by_axis(t, 'zyx', 'x')} (input "
+                                            f"{_by_axis(geometry.input_size(t), 'zyx', 'x')})" for t in tiles))
     source.close()
     return 0
 

@@ -43,6 +43,8 @@ class BlockSpec:
     compute: Optional[np.ndarray]  # per tile, or None for all
     on_error: str
     run_id: str  # names this run's tasks and its executor on each worker
+    axes: str  # the plan's axes, as the client opened the image
+    network_ndim: int  # spatial axes of the network itself: how the image is opened
 
 
 def _compute_blocks(spec: BlockSpec, blocks: list[int], model: Any) -> tuple[list[int], list[dict]]:
@@ -55,7 +57,14 @@ def _compute_blocks(spec: BlockSpec, blocks: list[int], model: Any) -> tuple[lis
     from .stitch import Stitcher
     from .tiler import Tiler
 
-    source = spec.read.open(spec.image, ndim=spec.geometry.ndim)
+    if spec.geometry.ndim > 2:
+        from ._heap import return_large_buffers
+
+        return_large_buffers()
+    source = spec.read.open(spec.image, ndim=spec.network_ndim)
+    if source.plan_axes.lower() != spec.axes:
+        raise UsageError(f"{spec.image} has axes {source.plan_axes} on this worker but "
+                         f"{spec.axes.upper()} on the client; is it the same file?")
     with Tiler(source, spec.geometry, spec.tile_size, chunk_size=spec.chunk_size, padding=spec.padding,
                normalization=getattr(model, "normalization", None), on_error=spec.on_error) as tiler:
         plan = tiler.plan
@@ -146,6 +155,7 @@ def run_on_cluster(job, client, progress: bool = True):
             precision=job.precision, array_path=os.fspath(sink.path / "0"),
             manifest_root=os.fspath(sink.path) if sink.manifest is not None else None,
             compute=job.compute, on_error=job.tiler.on_error, run_id=uuid.uuid4().hex,
+            axes=plan.axes, network_ndim=plan.geometry.ndim - getattr(job.model, "stack_axes", 0),
         )
         pending = np.setdiff1d(np.arange(plan.n_blocks), job.done_blocks)
         groups = _groups(plan, pending, min_tiles=4 * job.batch_size)

@@ -338,7 +338,7 @@ class Executor:
         return true_fp32() if self.device.type == "cuda" else contextlib.nullcontext()
 
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:
-        fmt = _memory_format(x.ndim) if self.channels_last else torch.contiguous_format
+        fmt = memory_format(x.ndim) if self.channels_last else torch.contiguous_format
         if self._copy_stream is None:
             x = self._normalize(x)
             return x.contiguous(memory_format=fmt) if self.channels_last else x
@@ -390,7 +390,7 @@ def reduce_logits(y: torch.Tensor, mode: Union[str, Mode]) -> torch.Tensor:
     return get_mode(mode).reduce(y)
 
 
-def _memory_format(rank: int) -> torch.memory_format:
+def memory_format(rank: int) -> torch.memory_format:
     """Channels-last for tensors of `rank` (NHWC, NDHWC), contiguous for others."""
     return {4: torch.channels_last, 5: torch.channels_last_3d}.get(rank, torch.contiguous_format)
 
@@ -409,7 +409,7 @@ def _to_device(model: nn.Module, device: torch.device, channels_last: bool) -> n
     # The convolutions' rank decides (a 2-d network run over a stack has 4-d weights
     # but 5-d inputs); torch converts only the weights of that rank.
     rank = next((p.ndim for p in model.parameters() if p.ndim >= 4), 4)
-    return model.to(memory_format=_memory_format(rank))
+    return model.to(memory_format=memory_format(rank))
 
 
 def estimate_bytes_per_tile(model: nn.Module, in_channels: int, input_size: Pair) -> int:

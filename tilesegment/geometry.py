@@ -23,8 +23,10 @@ ShapeLike = PairLike
 
 
 def axis_names(ndim: int) -> str:
-    """Letters of `ndim` spatial axes, slowest first: ``"yx"`` or ``"zyx"``."""
-    return "zyx"[-ndim:] if ndim <= 3 else "".join(f"d{i}" for i in range(ndim))
+    """Letters of `ndim` axes, slowest first: ``"yx"``, ``"zyx"`` or ``"tzyx"``."""
+    if not 1 <= ndim <= 4:
+        raise ModelError(f"{ndim} spatial axes are not supported; images and volumes have 2 to 4 (t, z, y, x)")
+    return "tzyx"[-ndim:]
 
 
 def as_shape(value: ShapeLike, ndim: int, name: str = "value") -> Shape:
@@ -167,6 +169,16 @@ class Geometry:
         from ._probe import probe_geometry
 
         return probe_geometry(model, in_channels)
+
+    @property
+    def stack_axes(self) -> int:
+        """Leading axes along which the network sees one plane at a time (halo 0, step 1,
+        no shrink): those `stacked` added, at most all but the last two."""
+        n = 0
+        while (n < self.ndim - 2 and self.halo[n] == 0 and self.step[n] == 1
+               and self.min_input[n] == 1 and self.shrink[n] == 0):
+            n += 1
+        return n
 
     def stacked(self, n: int) -> "Geometry":
         """This geometry with `n` leading stack axes: a 2-d network run plane by plane

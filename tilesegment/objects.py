@@ -147,6 +147,10 @@ def _open_group(group: Any, path: Optional[Path], chunks: Any, probabilities: An
     ome = _ome(group)
     multiscales = ome.get("multiscales") or [{}]
     axes = multiscales[0].get("axes", [])
+    if any(a.get("type") == "time" for a in axes):
+        raise InputError(f"{where!r} has a time axis: objects do not continue from one time point to "
+                         "the next; label each time point on its own, e.g. "
+                         "ts.label_objects(zarr.open_array(path + '/0')[t])")
     channel = any(a.get("type") == "channel" for a in axes)
     mode = dict(group.attrs.get("tilesegment", {})).get("mode")
     kind = mode if mode in ("probabilities", "logits") else "labels"

@@ -48,7 +48,8 @@ class TilePlan:
     ``origin - halo``; the tile keeps the first ``tile_size`` output pixels,
     clipped at the far image edge. Tiles are ordered block by block (row-major
     blocks, row-major tiles inside), so a consumer that goes in plan order
-    finishes one block before the next.
+    finishes one block before the next; the stack axes of a 2-d network over
+    a stack (`Geometry.stack_axes`) go fastest among the blocks.
 
     Build with `TilePlan.build`.
     """
@@ -117,19 +118,19 @@ class TilePlan:
                 f"image shape {shape} has fewer axes than the {geometry.ndim}-d network; "
                 f"a {geometry.ndim}-d network needs {axis_names(geometry.ndim)} axes"
             )
-        stack = len(shape) - geometry.ndim
-        if stack:  # a 2-d network over a Z/T stack: planes one tile deep unless asked
-            geometry = geometry.stacked(stack)
-            tile_size = _with_stack(tile_size, stack, geometry.ndim, 1)
+        if len(shape) > geometry.ndim:  # a 2-d network over a Z/T stack
+            geometry = geometry.stacked(len(shape) - geometry.ndim)
+        ndim, stacked = geometry.ndim, geometry.stack_axes
+        if stacked:  # tiles one plane deep along the stack unless asked
+            tile_size = _with_stack(tile_size, stacked, ndim, 1)
             if chunk_size is not None:
-                chunk_size = _with_stack(chunk_size, stack, geometry.ndim, None)
-        ndim = geometry.ndim
+                chunk_size = _with_stack(chunk_size, stacked, ndim, None)
         if min(shape) < 1:
             raise InvalidTileSize(f"image shape {shape} has no pixels")
         tile = geometry.check_tile_size(tile_size)
         if isinstance(chunk_size, tuple) and None in chunk_size:
             chunk_size = tuple(t if c is None else c for t, c in zip(tile, chunk_size))
-        if chunk_size is None and ndim - stack >= 3:
+        if chunk_size is None and ndim - stacked >= 3:
             chunk = tile
         elif chunk_size is None:
             # ~1024 px chunks in y and x; one tile deep along any slower axis (z, t).
@@ -145,20 +146,26 @@ class TilePlan:
         block = tuple(max(t, c) for t, c in zip(tile, chunk))
         n_blocks = tuple(-(-n // b) for n, b in zip(shape, block))
         per_block = tuple(b // t for b, t in zip(block, tile))
-        # Blocks in row-major order, tiles row-major inside each block.
+        # Blocks in row-major order, except that stack axes (planes a network sees one at a
+        # time) go fastest: the planes of one (y, x) column follow each other, so a source
+        # chunk many planes deep is decoded once for all of them. Tiles row-major inside.
+        order = list(range(stacked, ndim)) + list(range(stacked))
         grid = np.meshgrid(*map(np.arange, n_blocks + per_block), indexing="ij")
         blocks, within = [g.ravel() for g in grid[:ndim]], [g.ravel() for g in grid[ndim:]]
         origins = np.stack([b * bs + w * t for b, w, bs, t in zip(blocks, within, block, tile)], axis=1)
         inside = (origins < np.asarray(shape)).all(axis=1)
-        block_id = np.ravel_multi_index(blocks, n_blocks)[inside]
+        block_id = np.ravel_multi_index([blocks[a] for a in order], [n_blocks[a] for a in order])[inside]
+        sort = np.argsort(block_id, kind="stable")
         counts = np.bincount(block_id, minlength=int(np.prod(n_blocks)))
         block_tiles = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        block_grid = np.meshgrid(*map(np.arange, n_blocks), indexing="ij")
-        block_origins = np.stack([g.ravel() * b for g, b in zip(block_grid, block)], axis=1)
+        block_grid = np.meshgrid(*(np.arange(n_blocks[a]) for a in order), indexing="ij")
+        block_origins = np.empty((block_grid[0].size, ndim), np.int64)
+        for k, a in enumerate(order):
+            block_origins[:, a] = block_grid[k].ravel() * block[a]
         if axes is not None and len(axes) != ndim:
             raise InvalidTileSize(f"axes {axes!r} do not name the {ndim} axes of shape {shape}")
-        return cls(shape, geometry, tile, chunk, origins[inside].astype(np.int64),
-                   block_origins.astype(np.int64), block_tiles, (axes or "").lower())
+        return cls(shape, geometry, tile, chunk, origins[inside][sort].astype(np.int64),
+                   block_origins, block_tiles, (axes or "").lower())
 
     # -- sizes -----------------------------------------------------------------------
 

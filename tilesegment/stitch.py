@@ -10,6 +10,7 @@ import numpy as np
 from ._kernels import crop_copy, crop_nd
 from .errors import ModelOutputError, TileSegmentError, UsageError
 from .modes import Mode, get_mode
+from .io.ngff import storage_order
 from .io.sinks import MemorySink, Sink, ZarrSink, check_ngff
 from .plan import TilePlan
 
@@ -103,7 +104,12 @@ class Stitcher:
             ZarrSink.check_output(output, overwrite, storage_options)
         self._sink: Optional[Sink] = sink
         self._num_classes = num_classes
-        self._buffers: dict[int, np.ndarray] = {}
+        # Blocks are cropped into in (class, *plan axes) order; the output stores its axes
+        # in NGFF order (time before the class axis), and buffers are views between the two.
+        names = ("c",) * self.mode.per_class + tuple(plan.axes)
+        self._order = storage_order(names)
+        self._names = tuple(names[i] for i in self._order)
+        self._buffers: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._block_of = plan.tile_blocks()
         self._missing = np.diff(plan.block_tiles).astype(np.int64)
         self._seen = np.zeros(plan.n_tiles, dtype=bool)
@@ -122,14 +128,17 @@ class Stitcher:
     def _open(self, num_classes: int) -> None:
         self._num_classes = num_classes
         mode = self.mode
-        shape, dtype = mode.shape(self.plan.shape, num_classes), mode.dtype
+        shape, dtype = self._stored(mode.shape(self.plan.shape, num_classes)), mode.dtype
         if self._output is None:
             self._sink = MemorySink(shape, dtype)
         else:
-            chunks = mode.shape(self.plan.chunk_size, num_classes)
-            names = ("c",) * mode.per_class + tuple(self.plan.axes)
+            chunks = self._stored(mode.shape(self.plan.chunk_size, num_classes))
             self._sink = ZarrSink(self._output, shape, dtype, chunks, labels=mode.label_count(num_classes),
-                                  dimension_names=names, **self._options)
+                                  dimension_names=self._names, **self._options)
+
+    def _stored(self, values: tuple) -> tuple:
+        """Per-axis `values` in (class, *plan axes) order, put in the output's axis order."""
+        return tuple(values[i] for i in self._order)
 
     # -- adding outputs -------------------------------------------------------------
 
@@ -209,9 +218,10 @@ class Stitcher:
             raise UsageError(f"tile {index} was added twice; each tile goes in once")
         self._seen[index] = True
         block = int(self._block_of[index])
-        buffer = self._buffers.get(block)
-        if buffer is None:
-            buffer = self._buffers[block] = self._sink.buffer(self._region(block))
+        if block not in self._buffers:
+            stored = self._sink.buffer(self._region(block))
+            self._buffers[block] = (stored, stored.transpose(np.argsort(self._order)))
+        buffer = self._buffers[block][1]
         origin, start = self.plan.origins[index], self.plan.block_origins[block]
         size = tuple(int(min(t, n - o)) for t, n, o in zip(self.plan.tile_size, self.plan.shape, origin))
         return buffer, tuple(int(o - s) for o, s in zip(origin, start)), size
@@ -221,11 +231,13 @@ class Stitcher:
         self._missing[block] -= 1
         if self._missing[block] == 0:
             failed = self._failed_in.pop(block, None)
-            self._sink.commit(self._region(block), self._buffers.pop(block), block, failed)
+            self._sink.commit(self._region(block), self._buffers.pop(block)[0], block, failed)
 
     def _region(self, block: int) -> tuple[slice, ...]:
+        """Where `block` goes in the output: one slice per output axis."""
         b = self.plan.block(block)
-        return tuple(slice(a, z) for a, z in zip(b.start, b.stop))
+        return self._stored((slice(None),) * self.mode.per_class
+                            + tuple(slice(a, z) for a, z in zip(b.start, b.stop)))
 
     def _check(self, indices: np.ndarray, outputs: np.ndarray, reduced: bool) -> None:
         ndim = len(self.plan.shape)

@@ -76,11 +76,14 @@ class Tiler:
         to come (see `ChunkCache`). Default: 1 GiB, or the band of chunk rows
         that one row of tile inputs spans plus one, if that is more (large
         zarr chunks or shards across a wide image): under a smaller bound a
-        row-by-row scan decodes chunks again and again. Volumes (three or
-        more plan axes): 64 MiB, so memory stays bounded by the batch; the
-        chunks that the z halo of the next slab of tiles shares with this one
-        are decoded again rather than held (holding them would take a whole
-        plane of chunks).
+        row-by-row scan decodes chunks again and again. Volumes and stacks
+        (three or more plan axes): 64 MiB, or room for the chunks one tile
+        input can span if that is more (large chunks), so memory stays bounded
+        by the tile, never the volume; chunks that the z halo of the next
+        slab of tiles shares with this one are decoded again rather than held
+        (holding them would take a whole plane of chunks). The planes of a
+        2-d network over a stack come column by column (`TilePlan`), so a
+        chunk many planes deep is decoded once for all of them.
 
     Examples
     --------
@@ -242,7 +245,11 @@ class Tiler:
         spans = np.concatenate(parts, axis=1)
         budget = self.cache_bytes
         if budget is None and len(tables) > 2:
-            budget = VOLUME_CACHE_BYTES
+            # Bounded by the tile and the chunks, never the volume: at least room for the
+            # chunks one tile input can span (large chunks: each tile needs several whole).
+            edges, n_in = self.source.chunk_shape, self.plan.input_size
+            span = np.prod([(-(-n // e) + 1) * e for n, e in zip(n_in, edges)])
+            budget = max(VOLUME_CACHE_BYTES, int(span * self.source.channels * self.input_dtype.itemsize))
         elif budget is None:
             # One band of chunk rows across the image, as deep as a tile input, plus two.
             (cy, cx), (n_in, width) = self.source.chunk_shape, (self.plan.input_size[0], self.source.shape[1])
@@ -343,8 +350,10 @@ class Tiler:
 
 
 def check_axes(source: ImageSource, geometry: Geometry) -> None:
-    """Refuse an image with fewer plan axes than the network has spatial axes."""
-    if source.ndim < geometry.ndim:
+    """Refuse an image without the axes the network runs over (a 3-d network needs
+    Z, Y, X, and does not take T for Z)."""
+    own = geometry.ndim - geometry.stack_axes  # a stacked geometry names its network's axes only
+    if source.ndim < geometry.ndim or not source.plan_axes.endswith(axis_names(own).upper()):
         raise UsageError(
             f"the network is {geometry.ndim}-d ({', '.join(axis_names(geometry.ndim))}) but "
             f"{source.name} has axes {source.plan_axes}; pass axes= to name its "

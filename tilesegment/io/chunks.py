@@ -28,9 +28,10 @@ __all__ = ["ChunkCache", "DEFAULT_CACHE_BYTES", "VOLUME_CACHE_BYTES"]
 #: 100,000-px wide RGB slide stored in 256-px tiles.
 DEFAULT_CACHE_BYTES = 1 << 30
 
-#: Default bound for volumes. Their tile inputs overlap the previous slab of tiles
-#: along z, and holding those chunks would take a whole plane of them; a small
-#: bound decodes them again instead, so memory stays set by the batch.
+#: Default bound for volumes (raised to fit the chunks one tile input can span). Their tile
+#: inputs overlap the previous slab of tiles along z, and holding those chunks would
+#: take a whole plane of them; a small bound decodes them again instead, so memory
+#: stays set by the tile and the chunks, never the volume.
 VOLUME_CACHE_BYTES = 64 << 20
 
 
@@ -48,8 +49,9 @@ class ChunkCache:
         region read that is not in `spans` still works, it just cannot keep
         its chunks for later.
     max_bytes : int
-        Bound on the decoded bytes held. Past it, the chunks decoded longest
-        ago go first (and are decoded again if a later tile needs them).
+        Bound on the decoded bytes held. Past it, the chunks whose next
+        reader comes last in `spans` go first (Belady's rule: the fewest
+        decodes again, since the order of the reads is known).
 
     Notes
     -----
@@ -64,7 +66,10 @@ class ChunkCache:
         self.ndim = len(self.chunk_shape)
         self.grid = tuple(-(-n // c) for n, c in zip(source.shape, self.chunk_shape))
         self.max_bytes = int(max_bytes)
-        self._uses = self._count_uses(np.asarray(spans, np.int64).reshape(-1, 2 * self.ndim))
+        self._spans = np.asarray(spans, np.int64).reshape(-1, 2 * self.ndim)
+        self._uses = self._count_uses(self._spans)
+        self._total = self._uses.copy()
+        self._readers: Optional[dict] = None  # per chunk, its readers in order; built when first needed
         self._chunks: dict[tuple[int, ...], Future] = {}  # insertion order = decode order
         self._bytes = 0
         self._lock = threading.Lock()
@@ -122,13 +127,26 @@ class ChunkCache:
     def _evict_over_budget(self, keep: tuple[int, ...]) -> None:
         if self._bytes <= self.max_bytes:
             return
-        for key in list(self._chunks):
+        candidates = [key for key, f in self._chunks.items()
+                      if key != keep and f.done() and f.exception() is None]
+        candidates.sort(key=self._next_reader, reverse=True)
+        for key in candidates:
             if self._bytes <= self.max_bytes:
                 return
-            future = self._chunks[key]
-            if key != keep and future.done() and future.exception() is None:
-                del self._chunks[key]
-                self._bytes -= future.result().nbytes
+            self._bytes -= self._chunks.pop(key).result().nbytes
+
+    def _next_reader(self, key: tuple[int, ...]) -> float:
+        """Position in `spans` of the next region that needs chunk `key` (inf: none)."""
+        if self._readers is None:
+            readers: dict = {}
+            for i, span in enumerate(self._spans.tolist()):
+                box = self._chunk_range(span[0::2], span[1::2])
+                for k in itertools.product(*(range(r.start, r.stop) for r in box)):
+                    readers.setdefault(k, []).append(i)
+            self._readers = readers
+        done = int(self._total[key] - self._uses[key])
+        readers = self._readers.get(key, ())
+        return readers[done] if done < len(readers) else float("inf")
 
     def read(self, start: Sequence[int], stop: Sequence[int], out: Optional[np.ndarray] = None) -> np.ndarray:
         """Pixels ``[start:stop]`` as a ``(*shape, C)`` array, assembled from decoded chunks."""

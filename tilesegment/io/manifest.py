@@ -88,23 +88,25 @@ class Manifest:
 
     def mark_done(self, block: int, failed_tiles: Optional[list] = None) -> None:
         """Record `block` as written (with its unreadable tiles). Call only after its chunks are on disk."""
-        self._fs.pipe_file(f"{self._done}/{int(block)}", json.dumps(failed_tiles or []).encode())
+        if failed_tiles:  # beside the marker, so that finishing reads only these
+            self._fs.pipe_file(f"{self._done}/{int(block)}.failed", json.dumps(failed_tiles).encode())
+        self._fs.pipe_file(f"{self._done}/{int(block)}", b"")
 
     def failed_tiles(self) -> list:
         """Unreadable tiles recorded with the finished blocks, in block order."""
-        found = []
-        for block in self.done_blocks():
-            text = self._fs.cat_file(f"{self._done}/{int(block)}")
-            found.extend(json.loads(text) if text else [])
-        return found
+        failed = sorted(int(n.split(".")[0]) for n in self._names() if n.endswith(".failed"))
+        return [tile for block in failed for tile in json.loads(self._fs.cat_file(f"{self._done}/{block}.failed"))]
 
     def done_blocks(self) -> np.ndarray:
+        return np.array(sorted(int(n) for n in self._names() if n.isdigit()), np.int64)
+
+    def _names(self) -> list[str]:
+        # One listing, not a read per block: a volume may have hundreds of thousands of blocks.
         self._fresh()
         try:
-            names = [p.rstrip("/").rsplit("/", 1)[-1] for p in self._fs.ls(self._done, detail=False)]
+            return [p.rstrip("/").rsplit("/", 1)[-1] for p in self._fs.ls(self._done, detail=False)]
         except FileNotFoundError:
-            names = []
-        return np.array(sorted(int(n) for n in names if n.isdigit()), np.int64)
+            return []
 
     def check_matches(self, record: dict, output: os.PathLike) -> None:
         """Refuse to resume a run whose settings differ from `record`."""

@@ -5,11 +5,12 @@ Nothing here touches a store: the sinks call these to know what to write.
 
 from __future__ import annotations
 
+import itertools
 from typing import Optional, Sequence
 
 import numpy as np
 
-__all__ = ["axes_metadata", "pyramid_factors", "multiscales", "downsample"]
+__all__ = ["axes_metadata", "storage_order", "pyramid_factors", "multiscales", "downsample"]
 
 #: NGFF axis type of each axis name we write.
 _TYPES = {"c": "channel", "t": "time"}
@@ -34,6 +35,16 @@ def axes_metadata(names: Sequence[str], units: bool = True) -> list[dict]:
             axis["unit"] = "micrometer"
         axes.append(axis)
     return axes
+
+
+def storage_order(names: Sequence[str]) -> tuple[int, ...]:
+    """Axis order NGFF requires (time, then channel, then space) as a permutation of `names`.
+
+    >>> storage_order(("c", "t", "y", "x"))
+    (1, 0, 2, 3)
+    """
+    rank = {"t": 0, "c": 1}
+    return tuple(sorted(range(len(names)), key=lambda i: (rank.get(names[i], 2), i)))
 
 
 def pyramid_factors(
@@ -122,10 +133,15 @@ def downsample(block: np.ndarray, factor: Sequence[int], labels: bool) -> np.nda
         return block[keep]
     pad = [(0, (-n) % f) for n, f in zip(block.shape, factor)]
     data = np.pad(block.astype(np.float32), pad, mode="edge")
-    shape, axes = [], []
-    for k, (n, f) in enumerate(zip(data.shape, factor)):
-        shape += [n // f, f] if f > 1 else [n]
-        if f > 1:
-            axes.append(len(shape) - 1)
-    mean = data.reshape(shape).mean(axis=tuple(axes)) if axes else data
+    halved = [a for a, f in enumerate(factor) if f > 1]
+    total = None
+    # Offsets with the first halved axis fastest: (0, 0), (1, 0), (0, 1), (1, 1) for
+    # (y, x), the order the 2-d pyramid has always summed in (same float rounding).
+    for offsets in itertools.product((0, 1), repeat=len(halved)):
+        index = [slice(None)] * data.ndim
+        for a, o in zip(halved, reversed(offsets)):
+            index[a] = slice(o, None, 2)
+        part = data[tuple(index)]
+        total = part if total is None else total + part
+    mean = total / float(2 ** len(halved)) if halved else data
     return np.rint(mean).astype(block.dtype) if block.dtype.kind in "ui" else mean.astype(block.dtype)

@@ -21,6 +21,8 @@ from .remote import is_url
 __all__ = ["Sink", "MemorySink", "ZarrSink", "BlockSink", "is_local_path", "palette", "NGFF_VERSIONS",
            "check_ngff"]
 
+#: Where a block goes: one slice per axis of the output array, class axis included
+#: (``slice(None)``), in the array's own axis order.
 Region = tuple[slice, ...]
 
 #: OME-Zarr versions we write: 0.5 (zarr v3, the default) and 0.4 (zarr v2, for QuPath and
@@ -62,7 +64,7 @@ class MemorySink:
         self.array = np.zeros(shape, dtype=dtype)
 
     def buffer(self, region: Region) -> np.ndarray:
-        return self.array[(..., *region)]
+        return self.array[region]
 
     def commit(self, region: Region, buffer: np.ndarray, block: Optional[int] = None,
                failed: Optional[list] = None) -> None:
@@ -90,7 +92,7 @@ class BlockSink:
 
     def commit(self, region: Region, buffer: np.ndarray, block: Optional[int] = None,
                failed: Optional[list] = None) -> None:
-        self.array[(..., *region)] = buffer
+        self.array[region] = buffer
         if self.manifest is not None and block is not None:
             self.manifest.mark_done(block, failed)
 
@@ -102,9 +104,9 @@ class BlockSink:
 
 
 def _zeros_like_region(array: Any, region: Region) -> np.ndarray:
-    """A zero buffer for `region` of `array` (leading channel axes kept)."""
-    shape = tuple(s.stop - s.start for s in region)
-    return np.zeros((*array.shape[: array.ndim - len(shape)], *shape), dtype=array.dtype)
+    """A zero buffer for `region` of `array`."""
+    shape = tuple(len(range(*s.indices(n))) for s, n in zip(region, array.shape))
+    return np.zeros(shape, dtype=array.dtype)
 
 
 def is_local_path(output: Any) -> bool:
@@ -319,7 +321,7 @@ class ZarrSink:
         self._raise_failed()
 
     def _write(self, region: Region, buffer: np.ndarray, block: Optional[int], failed) -> None:
-        self.array[(..., *region)] = buffer
+        self.array[region] = buffer
         if self.manifest is not None and block is not None:
             self.manifest.mark_done(block, failed)  # only now are the block's chunks on disk
 

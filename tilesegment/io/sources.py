@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from dataclasses import dataclass, field, replace
@@ -112,7 +113,7 @@ class ImageSource:
                     f"{native} channel(s) (0..{native - 1})"
                 )
 
-    @property
+    @functools.cached_property
     def plan_axes(self) -> str:
         """The axes plans run over, in plan order: ``"YX"``, ``"ZYX"``, ``"TYX"``, ``"TZYX"``."""
         shape = self.array.shape
@@ -446,13 +447,15 @@ def _open_tiff(path: Any, axes: Optional[str], level: int, series: int,
             array = open_level(level)
         except Exception as exc:
             raise InputError(f"cannot read {name} (level {level}): {exc}") from None
-        plan = ImageSource(array, axes or chosen.levels[level].axes, name=name).plan_axes
+        named = (axes or chosen.levels[level].axes).upper()  # an override names every level's axes
+        plan = ImageSource(array, named, name=name).plan_axes
         base, z = _tiff_pixel_size(tif), _tiff_z_spacing(tif)
         levels = []
         for lv in chosen.levels:  # TIFF pyramids shrink y and x only
-            scale = chosen.levels[0].shape[native.index("X")] / lv.shape[native.index("X")]
-            size = None if base is None else {"Y": base[0] * scale, "X": base[1] * scale, "Z": z or 1.0}
-            levels.append(Level(tuple(int(lv.shape[native.index(a)]) for a in plan),
+            scale = chosen.levels[0].shape[named.index("X")] / lv.shape[named.index("X")]
+            # An unknown z spacing is taken as the x pixel size: isotropic, the neutral guess.
+            size = None if base is None else {"Y": base[0] * scale, "X": base[1] * scale, "Z": z or base[1]}
+            levels.append(Level(tuple(int(lv.shape[named.index(a)]) for a in plan),
                                 None if size is None else tuple(size.get(a, 1.0) for a in plan)))
         # Remote files (file objects) are read through tifffile's own range requests.
         local = isinstance(path, (str, os.PathLike))
@@ -559,8 +562,12 @@ def _tiff_pixel_size(tif) -> Optional[tuple[float, float]]:
             return (float(mpp.group(1)),) * 2  # type: ignore[return-value]
     tags = page.tags
     unit = tags.get("ResolutionUnit")
-    if "XResolution" in tags and "YResolution" in tags and unit is not None:
-        per_unit = {2: 25400.0, 3: 10000.0}.get(int(unit.value))
+    # ImageJ says its unit in the description (unit=micron) and leaves the tag at NONE.
+    imagej_unit = (getattr(tif, "imagej_metadata", None) or {}).get("unit")
+    if "XResolution" in tags and "YResolution" in tags and (unit is not None or imagej_unit):
+        per_unit = {2: 25400.0, 3: 10000.0}.get(int(unit.value)) if unit is not None else None
+        if imagej_unit in ("micron", "um", "µm", "\\u00B5m"):
+            per_unit = 1.0
         xres, yres = tags["XResolution"].value, tags["YResolution"].value
         if per_unit and xres[0] and yres[0] and (xres[0], xres[1]) != (1, 1):
             return (per_unit * yres[1] / yres[0], per_unit * xres[1] / xres[0])
