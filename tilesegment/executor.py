@@ -273,7 +273,8 @@ class Executor:
     # -- running ---------------------------------------------------------------------
 
     def __call__(self, data: np.ndarray) -> Output:
-        """Start the network on a ``(N, C, h, w)`` float32 batch; return its `Output`.
+        """Start the network on a ``(N, C, *input_size)`` batch (``(N, C, h, w)``, or
+        ``(N, C, d, h, w)`` for volumes); return its `Output`.
 
         Batches larger than the executor may run at once are split; on an
         out-of-memory error the limit is halved and the batch retried, so no
@@ -385,7 +386,7 @@ def _is_out_of_memory(exc: BaseException) -> bool:
 
 
 def reduce_logits(y: torch.Tensor, mode: Union[str, Mode]) -> torch.Tensor:
-    """Turn ``(N, K, h, w)`` logits into what `mode` writes, as the stitcher's kernels do
+    """Turn ``(N, K, *spatial)`` logits into what `mode` writes, as the stitcher's kernels do
     (see `tilesegment.modes`)."""
     return get_mode(mode).reduce(y)
 

@@ -150,11 +150,12 @@ class Stitcher:
         tiles : Batch or sequence of int
             The batch the outputs belong to, or its plan indices.
         outputs : array-like or torch.Tensor
-            Network outputs, shape ``(N, K, h_out, w_out)`` with ``h_out,
-            w_out`` at least ``geometry.crop + tile_size``.
+            Network outputs, shape ``(N, K, h_out, w_out)`` (``(N, K, d_out,
+            h_out, w_out)`` for volumes and stacks), at least
+            ``geometry.crop + tile_size`` along each axis.
         reduced : bool
             The outputs are already cropped to ``tile_size`` and reduced to
-            what the mode writes (``(N, 1, h, w)`` labels, ``(N, K, h, w)``
+            what the mode writes (``(N, 1, *tile_size)`` labels, ``(N, K, *tile_size)``
             uint8 probabilities or float32 logits), as a GPU executor
             returns them; they are copied as they are.
         """

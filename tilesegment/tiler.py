@@ -31,7 +31,8 @@ class Batch:
     indices : numpy.ndarray
         Plan indices of the tiles, shape ``(N,)``.
     data : numpy.ndarray
-        Float32 network inputs, shape ``(N, C, h_in, w_in)``.
+        Float32 network inputs, shape ``(N, C, *input_size)``: ``(N, C, h_in,
+        w_in)`` for images, ``(N, C, d_in, h_in, w_in)`` for volumes and stacks.
     failed : numpy.ndarray
         Plan indices of tiles that could not be read (``on_error="skip"``);
         their inputs are zero and their outputs should be filled, not used.
@@ -289,7 +290,8 @@ class Tiler:
             float32 normalized inputs (default), or the source pixels (see `read`).
         channels_last : bool
             Lay each batch out in memory as ``(N, h, w, C)`` while `Batch.data`
-            keeps its ``(N, C, h, w)`` shape (a transposed view): the layout
+            keeps its ``(N, C, h, w)`` shape (a transposed view; NDHWC for
+            volumes): the layout
             channels-last networks run on, so the executor need not copy.
 
         Notes
