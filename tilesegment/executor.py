@@ -338,11 +338,19 @@ class Executor:
             return torch.autocast(self.device.type, dtype=_DTYPES[self.precision])
         return true_fp32() if self.device.type == "cuda" else contextlib.nullcontext()
 
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.channels_last:
+            return x.contiguous()
+        if x.ndim in (4, 5):
+            return x.contiguous(memory_format=memory_format(x.ndim))
+        # Higher ranks (a volume network over T) have no torch format; batches arrive
+        # channels-last from the Tiler and PlaneWise's reshape keeps that layout.
+        return x
+
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:
-        fmt = memory_format(x.ndim) if self.channels_last else torch.contiguous_format
         if self._copy_stream is None:
             x = self._normalize(x)
-            return x.contiguous(memory_format=fmt) if self.channels_last else x
+            return self._layout(x) if self.channels_last else x
         if not x.is_pinned():
             x = x.pin_memory()
         # The upload runs on its own stream so it overlaps the previous batch's compute
@@ -354,7 +362,7 @@ class Executor:
         compute = torch.cuda.current_stream(self.device)
         compute.wait_stream(self._copy_stream)
         x_dev.record_stream(compute)
-        return self._normalize(x_dev).contiguous(memory_format=fmt)
+        return self._layout(self._normalize(x_dev))
 
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:
         """Source pixels -> float32 network input, where the batch came unnormalized."""
