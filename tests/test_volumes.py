@@ -434,3 +434,15 @@ def test_volume_runs_turn_off_glibcs_growing_mmap_threshold(monkeypatch):
     assert calls == [1]
     if sys.platform.startswith("linux") and heap.return_large_buffers():  # glibc: set once, stays set
         assert heap.return_large_buffers() is True
+
+
+def test_segment_objects_on_a_stack_writes_the_table_and_no_geojson(tmp_path):
+    from tilesegment.cli import main
+
+    ts.save_model(small_unet(1, 2, base=4, depth=2, seed=2), tmp_path / "net.pt")
+    zarr.save_array(str(tmp_path / "in.zarr"), np.random.default_rng(18).random((3, 40, 40)).astype(np.float32))
+    out = tmp_path / "seg.zarr"
+    assert main(["segment", str(tmp_path / "in.zarr"), str(out), "--model", str(tmp_path / "net.pt"),
+                 "--axes", "ZYX", "--tile-size", "16", "--objects", "--quiet"]) == 0
+    assert (tmp_path / "seg.objects.csv").exists() and not (tmp_path / "seg.geojson.gz").exists()
+    assert zarr.open_array(out / "labels" / "objects" / "0", mode="r").shape == (3, 40, 40)

@@ -319,7 +319,8 @@ def _segment_one(args, image: str, output: str, client, resume: Optional[bool] =
         f"{run.megapixels_per_second:.2f} Mpx/s -> {output}")
     if args.objects:
         table, geojson = _beside(output)
-        _find_objects(output, None, 1, str(table), str(geojson), args.overwrite or resume, args.quiet, client)
+        geojson = str(geojson) if len(plan.shape) == 2 else None  # QuPath GeoJSON is 2-d
+        _find_objects(output, None, 1, str(table), geojson, args.overwrite or resume, args.quiet, client)
     return 0
 
 
