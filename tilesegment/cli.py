@@ -315,8 +315,9 @@ def _segment_one(args, image: str, output: str, client, resume: Optional[bool] =
         if not args.overwrite:  # an overwrite run writes beside the old output: nothing to resume
             _say_resumable(output, plan.n_blocks, args.storage_options)
         raise
+    unit = "Mpx/s" if len(plan.shape) == 2 else "Mvox/s"
     say(f"done     {run.tiles - run.skipped} tiles computed in {run.seconds:.1f} s: "
-        f"{run.megapixels_per_second:.2f} Mpx/s -> {output}")
+        f"{run.megapixels_per_second:.2f} {unit} -> {output}")
     if args.objects:
         table, geojson = _beside(output)
         geojson = str(geojson) if len(plan.shape) == 2 else None  # QuPath GeoJSON is 2-d
