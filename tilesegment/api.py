@@ -389,20 +389,23 @@ def segment(
     ----------
     image : path, URL, numpy, zarr or dask array
         TIFF/SVS/OME-TIFF/NDPI or zarr path or URL (read lazily), or an array of
-        shape (Y, X), (Y, X, S) with S in {3, 4}, or (C, Y, X). Integer
-        images are scaled to [0, 1] by their dtype's range; floats pass through.
+        shape (Y, X), (Y, X, S) with S in {3, 4}, or (C, Y, X); for a 3-d
+        network (Z, Y, X) or (C, Z, Y, X). Z and T axes larger than 1 make a
+        volume or a stack (docs/volumes.md). Integer images are scaled to
+        [0, 1] by their dtype's range; floats pass through.
     model : torch.nn.Module, path or str
         The network, or anything `load_model` accepts.
     output : None, path, URL or zarr store
         None returns a numpy array; a path, URL (``s3://bucket/out.zarr``) or
         store gets an OME-Zarr image and the full-resolution ``zarr.Array``
         is returned.
-    tile_size : int, (int, int) or "auto"
-        Edge of the written tile, a multiple of the network step. The network
-        input is ``geometry.input_size(tile_size)``. "auto": see
+    tile_size : int, tuple of int or "auto"
+        Edge of the written tile, a multiple of the network step: one for
+        every axis or one per axis (``(32, 256, 256)`` for a volume). The
+        network input is ``geometry.input_size(tile_size)``. "auto": see
         `auto_tile_size` (512 on CPU; on GPU the largest of 512/1024/2048 that
-        fits memory). A pure speed knob: the result is the same for every
-        valid tile size.
+        fits memory; volumes per axis in proportion to the step). A pure
+        speed knob: the result is the same for every valid tile size.
     batch_size : int or "auto"
         Tiles per forward pass. "auto": 1 on CPU (fastest there); on CUDA
         what fits `memory_budget` (default 70 % of free device memory). On
@@ -413,13 +416,15 @@ def segment(
         the same queue.
     mode : {"labels", "probabilities", "logits"}
         ``labels``: (Y, X) uint8 argmax; ``probabilities``: (C, Y, X) uint8
-        softmax * 255; ``logits``: (C, Y, X) float32.
+        softmax * 255; ``logits``: (C, Y, X) float32. Volumes and stacks add
+        their axes: (C, Z, Y, X), and time first, (T, C, ...), as NGFF wants.
     padding : str
         Pixels outside the image: "reflect" (default), "symmetric", "edge", "constant".
     level : int
         Pyramid level of a file to segment.
     axes : str, optional
-        Override the image's axes, e.g. "CYX".
+        Override the image's axes, e.g. "CYX", or "ZYX" for a Z stack held as
+        a 3-d array.
     chunk_size : int or (int, int), optional
         Output chunk edge; must divide the tile size or be a multiple of it.
     overwrite : bool
@@ -445,6 +450,7 @@ def segment(
         Compute only tiles whose padded input touches tissue; the others are
         written as background (label 0, probability of class 0 = 255, logits
         0). "auto" thresholds saturation (Otsu) on a low-resolution level.
+        2-d images only.
     on_error : {"raise", "skip"}
         A tile that cannot be read (corrupt JPEG tile): stop with its position,
         or fill it as background and list it in the output's metadata
