@@ -106,3 +106,36 @@ def test_bfloat16_outputs_and_single_class_label_colours(tmp_path):
             stitcher.add(batch, torch.from_numpy(batch.data - 0.5).to(torch.bfloat16))
     colours = zarr.open_group(tmp_path / "o.zarr").attrs["ome"]["image-label"]["colors"]
     assert [c["label-value"] for c in colours] == [0, 1]
+
+
+def test_stitcher_takes_an_output_value_or_an_injected_sink(tmp_path):
+    from tilesegment.io.output import Output
+    from tilesegment.io.sinks import MemorySink
+
+    image = np.random.default_rng(3).random((40, 30)).astype(np.float32)
+    tiler = ts.Tiler(image, ts.Geometry(halo=2, step=4), tile_size=16)
+
+    def fill(stitcher):
+        with stitcher:
+            for batch in tiler.batches(2):
+                stitcher.add(batch, batch.data)  # identity "network", as for same padding
+        return stitcher.result
+
+    expected = fill(ts.Stitcher(tiler.plan, mode="logits"))
+    written = fill(ts.Stitcher(tiler.plan, Output(tmp_path / "o.zarr", ngff="0.4"), mode="logits"))
+    assert zarr.open_group(tmp_path / "o.zarr", mode="r").metadata.zarr_format == 2
+    np.testing.assert_array_equal(written[:], expected)
+
+    class Recording(MemorySink):  # any object with buffer/commit/close/abort will do
+        committed: list = []
+
+        def commit(self, region, buffer, block=None, failed=None):
+            self.committed.append(block)
+
+    sink = Recording((1, 40, 30), np.float32)
+    np.testing.assert_array_equal(fill(ts.Stitcher(tiler.plan, mode="logits", sink=sink)), expected)
+    assert sorted(sink.committed) == list(range(tiler.plan.n_blocks))
+    with pytest.raises(ts.OutputExistsError):
+        ts.Stitcher(tiler.plan, Output(tmp_path / "o.zarr"))
+    with pytest.raises(ts.UsageError, match="exclude each other"):
+        Output(tmp_path / "p.zarr", overwrite=True, resume=True)

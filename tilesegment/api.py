@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
@@ -16,9 +16,10 @@ from ._probe import model_in_channels, model_out_channels
 from .errors import ModelError, UsageError
 from .executor import PRECISIONS, Executor, auto_batch_size, default_precision, resolve_devices
 from .geometry import Geometry, Pair
-from .io.manifest import Manifest, input_identity, model_hash
+from .io.manifest import input_identity, model_hash
+from .io.output import Output
 from .io.remote import is_url
-from .io.sinks import ZarrSink, _store_has_group, check_ngff, is_local_path
+from .io.sinks import is_local_path
 from .io.sources import ImageLike, ReadOptions
 from .models.load import ModelSpec, load_model
 from .models.planes import PlaneWise
@@ -113,20 +114,27 @@ class Job:
     devices: tuple[torch.device, ...]
     batch_size: int
     mode: str
-    output: Any
-    overwrite: bool
+    destination: Optional[Output] = None  # the OME-Zarr to write (None: a numpy result)
     precision: str = "auto"
     compile: bool = False
     memory_budget: Optional[int] = None
     compute: Optional[np.ndarray] = None  # per tile: computed (True) or filled as background
     record: Optional[dict] = None  # identity of the run, for the output's manifest
-    resume: bool = False
     done_blocks: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     image_path: Optional[str] = None  # for workers that open the image themselves
     read: ReadOptions = field(default_factory=ReadOptions)
     num_classes: int = 1
-    ngff: str = "0.5"  # OME-Zarr version of a file output
     storage_options: Optional[dict] = None  # fsspec options of URL inputs and outputs
+
+    @property
+    def output(self) -> Any:
+        """Where the result goes: a path, URL or store, or None for a numpy result."""
+        return None if self.destination is None else self.destination.target
+
+    @property
+    def resume(self) -> bool:
+        """Whether the run continues an output that a stopped run left."""
+        return self.destination is not None and self.destination.resume
 
     @property
     def class_names(self) -> Optional[list]:
@@ -205,12 +213,9 @@ class Job:
             todo = self.pending if self.compute is None else self.pending & self.compute
             todo = None if todo.all() else np.flatnonzero(todo)
             with Stitcher(
-                tiler.plan, self.output, self.mode, overwrite=self.overwrite,
-                pixel_size=tiler.source.pixel_size, writers=self.writers,
-                num_classes=self.num_classes, ngff=self.ngff,
-                storage_options=self.storage_options,
-                class_names=self.class_names,
-                record=self.record, resume=self.resume, done_blocks=self.done_blocks,
+                tiler.plan, self.destination, self.mode, pixel_size=tiler.source.pixel_size,
+                writers=self.writers, num_classes=self.num_classes, class_names=self.class_names,
+                record=self.record, done_blocks=self.done_blocks,
             ) as stitcher:
                 with progress_bar(tiler.plan.n_tiles - len(skipped), progress) as bar:
                     batches = tiler.batches(
@@ -266,8 +271,9 @@ def prepare(
     get_mode(mode)  # an unknown mode fails here, before anything is opened
     if precision not in PRECISIONS:
         raise UsageError(f"precision {precision!r} is unknown; use one of {', '.join(PRECISIONS)}")
-    _check_output(image, output, overwrite, resume, storage_options)
-    ngff = check_ngff(ngff)
+    destination = Output(output, overwrite=overwrite, resume=resume, ngff=ngff, storage_options=storage_options)
+    destination.check(image)
+    ngff = destination.ngff
     model = load_model(model)
     geometry = Geometry.of(model)
     devices = resolve_devices(device)
@@ -305,17 +311,19 @@ def prepare(
         }
         if ngff != "0.5":  # only then, so unfinished 0.5 outputs of older versions still resume
             record["ngff"] = ngff
-        done = _resume_state(output, record, resume, storage_options)
-        if done is None and is_local_path(output):
-            _check_free_space(output, tiler.plan, mode, num_classes)
+        done = destination.done_blocks(record)
+        if done is None:
+            kind = get_mode(mode)  # expected compressed bytes, plus a third for the pyramid
+            need = math.prod(tiler.plan.shape) * kind.bytes_per_pixel(num_classes) * kind.compression * 4 / 3
+            destination.check_space(need, f"{mode}, {' x '.join(map(str, tiler.plan.shape))} px")
     image_path = os.fspath(image) if isinstance(image, (str, os.PathLike)) else None
     storage_options = dict(storage_options) if storage_options else None
     return Job(
         model=model, tiler=tiler, devices=tuple(devices), batch_size=int(batch_size), mode=mode,
-        output=output, overwrite=overwrite, precision=precision, compile=compile,
-        memory_budget=memory_budget, compute=compute, record=record, resume=done is not None,
+        destination=None if output is None else replace(destination, resume=done is not None),
+        precision=precision, compile=compile, memory_budget=memory_budget, compute=compute, record=record,
         done_blocks=np.zeros(0, np.int64) if done is None else done, image_path=image_path,
-        read=read, num_classes=num_classes, ngff=ngff, storage_options=storage_options,
+        read=read, num_classes=num_classes, storage_options=storage_options,
     )
 
 
@@ -327,32 +335,6 @@ def _mask_identity(spec: MaskLike, mask: Optional[np.ndarray]) -> Optional[str]:
 
     digest = hashlib.sha256(np.packbits(mask).tobytes() + str(mask.shape).encode()).hexdigest()[:16]
     return f"{spec if isinstance(spec, str) and spec == 'auto' else 'given'}:{digest}"
-
-
-def _check_output(image: Any, output: Any, overwrite: bool, resume: bool,
-                  storage_options: Optional[dict] = None) -> None:
-    if resume and overwrite:
-        raise UsageError("resume and overwrite exclude each other: resume continues an output, "
-                         "overwrite replaces it")
-    if output is None:
-        return
-    if not (resume and (is_local_path(output) or is_url(output))
-            and Manifest(output, storage_options).exists):
-        ZarrSink.check_output(output, overwrite, storage_options)
-    _check_not_input(image, output)
-
-
-def _resume_state(output: Any, record: dict, resume: bool,
-                  storage_options: Optional[dict] = None) -> Optional[np.ndarray]:
-    """Blocks an earlier run of the same settings finished, or None when starting afresh."""
-    manifest = Manifest(output, storage_options)
-    if resume and manifest.exists:
-        manifest.check_matches(record, output)
-        return manifest.done_blocks()
-    if resume and (_store_has_group(output, storage_options) if is_url(output) else os.path.exists(output)):
-        raise UsageError(f"{str(output)!r} has no unfinished run to resume (it is complete or not "
-                         "ours); use another output, or --overwrite to replace it")
-    return None
 
 
 def segment(
@@ -500,21 +482,6 @@ def segment(
 
 
 
-def _check_free_space(output: Any, plan, mode: str, classes: int) -> None:
-    import shutil
-    from pathlib import Path
-
-    kind = get_mode(mode)
-    need = math.prod(plan.shape) * kind.bytes_per_pixel(classes) * kind.compression * 4 / 3  # + pyramid
-    folder = Path(output).resolve().parent
-    free = shutil.disk_usage(folder).free
-    if need > free:
-        raise UsageError(
-            f"output needs about {need / 1e9:.1f} GB ({mode}, {' x '.join(map(str, plan.shape))} px), "
-            f"but only {free / 1e9:.1f} GB are free in {str(folder)!r}; free space or write elsewhere"
-        )
-
-
 def _check_tile_fits(model, device: torch.device, channels: int, plan, budget: Optional[int]) -> None:
     """Refuse a tile whose activations cannot fit: most of RAM on CPU, the budget on GPU."""
     from .executor import estimate_bytes_per_tile
@@ -538,19 +505,6 @@ def _check_tile_fits(model, device: torch.device, channels: int, plan, budget: O
 def _size_text(size: Sequence[int]) -> str:
     """A tile size as the user gave it: ``512`` when every axis agrees, else ``(16, 128, 128)``."""
     return str(size[0]) if len(set(size)) == 1 else str(tuple(size))
-
-
-def _check_not_input(image: Any, output: Any) -> None:
-    from pathlib import Path
-
-    if not isinstance(image, (str, os.PathLike)) or not isinstance(output, (str, os.PathLike)):
-        return
-    a, b = Path(image).resolve(), Path(output).resolve()
-    if a == b or a in b.parents or b in a.parents:
-        raise UsageError(
-            f"output {str(output)!r} is (or contains, or is inside) the input {str(image)!r}; "
-            "write the result somewhere else"
-        )
 
 
 def _check_channels(model, tiler: Tiler) -> None:

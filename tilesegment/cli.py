@@ -386,11 +386,11 @@ def _find_objects(image: str, classes, connectivity: int, table: Optional[str], 
 
 
 def _say_resumable(output: str, n_blocks: int, storage_options: Optional[dict] = None) -> None:
-    from .io.manifest import Manifest
+    from .io.output import Output
 
-    manifest = Manifest(output, storage_options)
-    if manifest.exists and len(manifest.done_blocks()):
-        print(f"tilesegment: {len(manifest.done_blocks())} of {n_blocks} blocks are saved in {output}; "
+    saved = Output(output, storage_options=storage_options).saved_blocks()
+    if saved:
+        print(f"tilesegment: {saved} of {n_blocks} blocks are saved in {output}; "
               "run the same command with --resume to continue", file=sys.stderr)
 
 

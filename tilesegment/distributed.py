@@ -143,9 +143,9 @@ def run_on_cluster(job, client, progress: bool = True):
     plan = job.plan
     start = time.perf_counter()
     num_classes = job.num_classes
-    stitcher = Stitcher(plan, job.output, job.mode, num_classes=num_classes, overwrite=job.overwrite,
-                        pixel_size=job.tiler.source.pixel_size, record=job.record, resume=job.resume,
-                        done_blocks=job.done_blocks, ngff=job.ngff, class_names=job.class_names)
+    stitcher = Stitcher(plan, job.destination, job.mode, num_classes=num_classes,
+                        pixel_size=job.tiler.source.pixel_size, record=job.record,
+                        done_blocks=job.done_blocks, class_names=job.class_names)
     with stitcher:
         sink = stitcher.sink
         spec = BlockSpec(

@@ -11,7 +11,8 @@ from ._kernels import crop_copy, crop_nd
 from .errors import ModelOutputError, TileSegmentError, UsageError
 from .modes import Mode, get_mode
 from .io.ngff import storage_order
-from .io.sinks import MemorySink, Sink, ZarrSink, check_ngff
+from .io.output import Output
+from .io.sinks import MemorySink, Sink
 from .plan import TilePlan
 
 __all__ = ["Stitcher"]
@@ -32,17 +33,20 @@ class Stitcher:
     ----------
     plan : TilePlan
         The plan the tiles come from (``tiler.plan``).
-    output : None, path or zarr store
+    output : None, path, zarr store or Output
         None keeps the result in memory (a numpy array); a path or store gets
-        an OME-Zarr image group whose full-resolution array is ``"0"``.
+        an OME-Zarr image group whose full-resolution array is ``"0"``. An
+        `tilesegment.io.output.Output` brings its own `overwrite`, `resume`,
+        `ngff` and `storage_options` (the arguments below are then unused).
     mode : {"labels", "probabilities", "logits"} or Mode
         What to write per pixel (see `tilesegment.modes`).
     num_classes : int, optional
         Output channels; taken from the first output when omitted.
     overwrite : bool
         Replace an existing output (only once the new one is complete).
-    pixel_size : (float, float), optional
-        Micrometres per pixel ``(y, x)`` for the OME-Zarr metadata.
+    pixel_size : tuple of float, optional
+        Micrometres per pixel (voxel) along each plan axis, ``(y, x)`` or
+        ``(z, y, x)``, for the OME-Zarr metadata.
     writers : int
         Threads that compress and write finished blocks.
     record : dict, optional
@@ -53,8 +57,11 @@ class Stitcher:
     done_blocks : array of int, optional
         Blocks already written (from the manifest), or written by others.
     sink : Sink, optional
-        Write into this sink instead of one made from `output` (used by the
-        distributed runner, whose tasks each write their own block).
+        The sink to write into, instead of one made from `output`: any
+        object with ``buffer``, ``commit``, ``close`` and ``abort``
+        (`tilesegment.io.sinks.Sink`), e.g. a `MemorySink`, or the
+        `BlockSink` with which each task of a distributed run writes its own
+        blocks into the output the client created.
     ngff : {"0.5", "0.4"}
         OME-Zarr version of a file output: 0.5 (zarr v3, default) or 0.4
         (zarr v2, for QuPath and older readers).
@@ -84,7 +91,7 @@ class Stitcher:
         *,
         num_classes: Optional[int] = None,
         overwrite: bool = False,
-        pixel_size: Optional[tuple[float, float]] = None,
+        pixel_size: Optional[tuple[float, ...]] = None,
         writers: int = 2,
         record: Optional[dict] = None,
         resume: bool = False,
@@ -96,12 +103,13 @@ class Stitcher:
     ) -> None:
         self.plan = plan
         self.mode: Mode = get_mode(mode)
-        self._output = output
-        self._options = dict(overwrite=overwrite, pixel_size=pixel_size, writers=writers,
-                             record=record, resume=resume, ngff=check_ngff(ngff),
-                             storage_options=storage_options, class_names=class_names)
-        if output is not None and not resume:
-            ZarrSink.check_output(output, overwrite, storage_options)
+        if output is not None and not isinstance(output, Output):
+            output = Output(output, overwrite=overwrite, resume=resume, ngff=ngff,
+                            storage_options=storage_options)
+        self._output: Optional[Output] = output
+        self._options = dict(pixel_size=pixel_size, writers=writers, record=record, class_names=class_names)
+        if output is not None and not output.resume:
+            output.check()
         self._sink: Optional[Sink] = sink
         self._num_classes = num_classes
         # Blocks are cropped into in (class, *plan axes) order; the output stores its axes
@@ -133,8 +141,8 @@ class Stitcher:
             self._sink = MemorySink(shape, dtype)
         else:
             chunks = self._stored(mode.shape(self.plan.chunk_size, num_classes))
-            self._sink = ZarrSink(self._output, shape, dtype, chunks, labels=mode.label_count(num_classes),
-                                  dimension_names=self._names, **self._options)
+            self._sink = self._output.sink(shape, dtype, chunks, names=self._names,
+                                           labels=mode.label_count(num_classes), **self._options)
 
     def _stored(self, values: tuple) -> tuple:
         """Per-axis `values` in (class, *plan axes) order, put in the output's axis order."""

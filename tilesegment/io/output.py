@@ -1,0 +1,132 @@
+"""The life-cycle of an OME-Zarr output in one place: check, resume, create, say what was saved.
+
+`segment()`, the `Stitcher`, the distributed runner and the CLI all go
+through an `Output`; `ZarrSink` does the writing (chunks, manifest, pyramid,
+the swap of an overwritten output) and `Manifest` the completion records.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from ..errors import UsageError
+from .manifest import Manifest
+from .remote import is_url
+from .sinks import ZarrSink, _store_has_group, check_ngff, is_local_path
+
+__all__ = ["Output"]
+
+
+@dataclass(frozen=True)
+class Output:
+    """Where a run writes and how it treats what is there.
+
+    Parameters
+    ----------
+    target : path, URL or zarr store
+        The OME-Zarr to write.
+    overwrite : bool
+        Replace an existing output (written beside it and swapped in when
+        complete; stores and URLs are cleared when the run starts).
+    resume : bool
+        Continue an output that a stopped run of the same settings left.
+    ngff : {"0.5", "0.4"}
+        OME-Zarr version.
+    storage_options : dict, optional
+        fsspec options of a URL target.
+    """
+
+    target: Any
+    overwrite: bool = False
+    resume: bool = False
+    ngff: str = "0.5"
+    storage_options: Optional[dict] = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ngff", check_ngff(self.ngff))
+        if self.resume and self.overwrite:
+            raise UsageError("resume and overwrite exclude each other: resume continues an output, "
+                             "overwrite replaces it")
+
+    @property
+    def _recorded(self) -> bool:
+        """Whether runs into this target keep a manifest (local paths and URLs, not stores)."""
+        return is_local_path(self.target) or is_url(self.target)
+
+    def check(self, image: Any = None) -> None:
+        """Refuse, before any work, an output that exists (without `overwrite` or a run to
+        resume), a folder that cannot be written, or one that is the input `image`."""
+        if not (self.resume and self._recorded and Manifest(self.target, self.storage_options).exists):
+            ZarrSink.check_output(self.target, self.overwrite, self.storage_options)
+        if isinstance(image, (str, os.PathLike)) and isinstance(self.target, (str, os.PathLike)):
+            a, b = Path(image).resolve(), Path(self.target).resolve()
+            if a == b or a in b.parents or b in a.parents:
+                raise UsageError(
+                    f"output {str(self.target)!r} is (or contains, or is inside) the input {str(image)!r}; "
+                    "write the result somewhere else"
+                )
+
+    def done_blocks(self, record: dict) -> Optional[np.ndarray]:
+        """Blocks an earlier run with the same `record` finished, when resuming; None when
+        the run starts afresh.
+
+        Raises
+        ------
+        UsageError
+            If the earlier run had other settings, or there is nothing to resume.
+        """
+        manifest = Manifest(self.target, self.storage_options)
+        if self.resume and manifest.exists:
+            manifest.check_matches(record, self.target)
+            return manifest.done_blocks()
+        exists = (_store_has_group(self.target, self.storage_options) if is_url(self.target)
+                  else os.path.exists(self.target))
+        if self.resume and exists:
+            raise UsageError(f"{str(self.target)!r} has no unfinished run to resume (it is complete or not "
+                             "ours); use another output, or --overwrite to replace it")
+        return None
+
+    def check_space(self, need: float, what: str) -> None:
+        """Refuse a local output whose folder has less than `need` bytes free (`what` says
+        what is written, for the message)."""
+        if not is_local_path(self.target):
+            return
+        folder = Path(self.target).resolve().parent
+        free = shutil.disk_usage(folder).free
+        if need > free:
+            raise UsageError(
+                f"output needs about {need / 1e9:.1f} GB ({what}), but only {free / 1e9:.1f} GB are "
+                f"free in {str(folder)!r}; free space or write elsewhere"
+            )
+
+    def sink(
+        self,
+        shape: tuple[int, ...],
+        dtype: np.dtype,
+        chunks: tuple[int, ...],
+        *,
+        names: Sequence[str],
+        labels: Optional[int] = None,
+        pixel_size: Optional[tuple[float, ...]] = None,
+        writers: int = 2,
+        record: Optional[dict] = None,
+        class_names: Optional[Sequence[str]] = None,
+    ) -> ZarrSink:
+        """Create the OME-Zarr (or reopen it, when resuming) and return its sink."""
+        return ZarrSink(self.target, shape, dtype, chunks, overwrite=self.overwrite, pixel_size=pixel_size,
+                        writers=writers, labels=labels, record=record, resume=self.resume, ngff=self.ngff,
+                        storage_options=self.storage_options, dimension_names=tuple(names),
+                        class_names=class_names)
+
+    def saved_blocks(self) -> int:
+        """Blocks a stopped run left saved for ``resume`` (0 when none, or nothing to resume)."""
+        if not self._recorded:
+            return 0
+        manifest = Manifest(self.target, self.storage_options)
+        return len(manifest.done_blocks()) if manifest.exists else 0
