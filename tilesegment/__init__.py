@@ -29,6 +29,7 @@ _LAZY = {
     "Geometry": "geometry",
     "ImageSource": "io.sources",
     "open_image": "io.sources",
+    "Output": "io.output",
     "UNet": "models",
     "PlaneWise": "models",
     "load_model": "models",
@@ -72,6 +73,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # what static checkers and IDEs see
     from .api import Job, prepare, segment
     from .geometry import Geometry
+    from .io.output import Output
     from .io.sources import ImageSource, open_image
     from .models import PlaneWise, UNet, load_model, save_model
     from .objects import Objects, label_objects
