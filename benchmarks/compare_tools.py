@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 import tilesegment as ts
-from _common import RESULTS, write_rows
+from _common import RESULTS, plot_speed_and_error, write_rows
 from tilesegment.bench import _PeakRSS
 
 METHODS = ["tilesegment", "monai-overlap0", "monai-overlap0.25-gaussian", "naive-loop", "dask-map-overlap"]
@@ -154,27 +154,9 @@ def main() -> None:
                          "max_rel_diff_vs_whole_image": float(f"{res['max_rel_diff']:.3g}")})
             print(rows[-1], flush=True)
     write_rows("compare_tools", rows)
-    _plot(rows)
-
-
-def _plot(rows) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
-    names = [r["method"] for r in rows]
-    a.barh(names, [r["mpx_s"] for r in rows], color="tab:blue")
-    a.set_xlabel("throughput (Mpx/s, higher is better)")
-    a.invert_yaxis()
-    b.barh(names, [max(r["max_rel_diff_vs_whole_image"], 1e-9) for r in rows], color="tab:red")
-    b.set_xscale("log")
-    b.set_xlabel("max relative logit error vs whole image (lower is better)")
-    b.set_yticklabels([])
-    b.invert_yaxis()
-    fig.tight_layout()
-    fig.savefig(RESULTS / "compare_tools.png", dpi=110)
+    plot_speed_and_error([r["method"] for r in rows], [r["mpx_s"] for r in rows],
+                         [r["max_rel_diff_vs_whole_image"] for r in rows], "throughput (Mpx/s)",
+                         "max relative logit error vs whole image", RESULTS / "compare_tools.png")
 
 
 if __name__ == "__main__":

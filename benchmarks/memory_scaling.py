@@ -16,10 +16,9 @@ import argparse
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from _common import RESULTS, synthetic_rgb_tiff, write_rows
+from _common import RESULTS, plot_peak_rss, synthetic_rgb_tiff, write_rows
 
 CHILD = """
 import resource, sys, time
@@ -60,28 +59,10 @@ def main() -> None:
             print(rows[-1], flush=True)
             image.unlink()
     write_rows("memory_scaling", rows)
-    _plot(rows)
+    plot_peak_rss([r["megapixels"] for r in rows], [r["peak_rss_mb"] for r in rows], "image",
+                  RESULTS / "memory_scaling.png")
     ratio = rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"]
     print(f"peak RSS ratio {rows[-1]['size']}^2 / {rows[0]['size']}^2: {ratio:.3f}")
-
-
-def _plot(rows) -> None:
-    import matplotlib
-    import matplotlib.ticker
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot([r["megapixels"] for r in rows], [r["peak_rss_mb"] for r in rows], "o-")
-    ax.set_xscale("log")
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax.set_ylim(0, max(r["peak_rss_mb"] for r in rows) * 1.3)
-    ax.set_xlabel("image size (Mpx)")
-    ax.set_ylabel("peak RSS (MB)")
-    ax.set_title("tilesegment peak memory vs image size")
-    fig.tight_layout()
-    fig.savefig(RESULTS / "memory_scaling.png", dpi=120)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 import tilesegment as ts
-from _common import RESULTS, write_rows
+from _common import RESULTS, plot_peak_rss, write_rows
 
 HALO = (2, 8, 8)
 
@@ -164,30 +164,9 @@ def main() -> None:
     data = json.loads(json_path.read_text())
     data.update(peak_rss_ratio=round(ratio, 3), torch=torch.__version__)
     json_path.write_text(json.dumps(data, indent=2))
-    _plot(rows, RESULTS / f"{args.name}.png")
+    plot_peak_rss([r["gvox"] * 1e3 for r in rows], [r["peak_rss_mb"] for r in rows], "volume",
+                  RESULTS / f"{args.name}.png", labels=[r["shape"] for r in rows])
     print(f"peak RSS ratio {rows[-1]['shape']} / {rows[0]['shape']}: {ratio:.3f}")
-
-
-def _plot(rows, path: Path) -> None:
-    import matplotlib
-    import matplotlib.ticker
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot([r["gvox"] * 1e3 for r in rows], [r["peak_rss_mb"] for r in rows], "o-")
-    for r in rows:
-        ax.annotate(r["shape"], (r["gvox"] * 1e3, r["peak_rss_mb"]), textcoords="offset points",
-                    xytext=(0, 8), ha="center", fontsize=8)
-    ax.set_xscale("log")
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax.set_ylim(0, max(r["peak_rss_mb"] for r in rows) * 1.3)
-    ax.set_xlabel("volume size (Mvox)")
-    ax.set_ylabel("peak RSS (MB)")
-    ax.set_title("tilesegment peak memory vs volume size")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 import tilesegment as ts
-from _common import RESULTS, write_rows
+from _common import RESULTS, plot_speed_and_error, write_rows
 
 NETS = {
     "depth2": dict(depth=2, pooling=[(1, 2, 2), (2, 2, 2)]),
@@ -230,7 +230,10 @@ def main() -> None:
     data.update(notes=notes, load_avg_1min=round(os.getloadavg()[0], 2), torch=torch.__version__,
                 torch_em=_version("torch-em"), bioimage_cpp=_version("bioimage-cpp"))
     json_path.write_text(json.dumps(data, indent=2))
-    _plot(rows)
+    plot_speed_and_error([f"{r['net']}: {r['method']}" for r in rows], [r["mvox_s"] for r in rows],
+                         [r["max_rel_diff"] for r in rows], "throughput (Mvox/s)",
+                         "max rel. logit error vs whole volume", RESULTS / "volume_vs_torch_em.png",
+                         height=0.6 * len(rows) + 1.2)
 
 
 def _version(dist: str) -> str:
@@ -240,26 +243,6 @@ def _version(dist: str) -> str:
         return version(dist)
     except PackageNotFoundError:
         return "not installed"
-
-
-def _plot(rows) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 0.6 * len(rows) + 1.2))
-    names = [f"{r['net']}: {r['method']}" for r in rows]
-    a.barh(names, [r["mvox_s"] for r in rows], color="tab:blue")
-    a.set_xlabel("throughput (Mvox/s, higher is better)")
-    a.invert_yaxis()
-    b.barh(names, [max(r["max_rel_diff"], 1e-9) for r in rows], color="tab:red")
-    b.set_xscale("log")
-    b.set_xlabel("max rel. logit error vs whole volume (lower is better)")
-    b.set_yticklabels([])
-    b.invert_yaxis()
-    fig.tight_layout()
-    fig.savefig(RESULTS / "volume_vs_torch_em.png", dpi=110)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,6 @@
 """The bundled demo model and `tilesegment demo`."""
 
 import numpy as np
-import pytest
 
 import tilesegment as ts
 from tilesegment.cli import main

@@ -314,7 +314,6 @@ class Executor:
         return Output(torch.from_numpy(np.concatenate(parts)), reduced, finite=finite)
 
     def _run(self, data: np.ndarray) -> Output:
-        cuda = self.device.type == "cuda"
         with torch.inference_mode():
             x = self._to_device(torch.from_numpy(data))
             measure = self._measure
