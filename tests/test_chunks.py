@@ -222,3 +222,48 @@ def test_a_run_stopped_early_leaves_no_decoded_chunks():
     assert tiler.last_cache._chunks  # chunks kept for the tiles still to come
     batches.close()
     assert not tiler.last_cache._chunks and tiler.last_cache._bytes == 0
+
+
+def test_byte_count_stays_exact_when_readers_race_with_eviction_and_release(monkeypatch):
+    """Eviction and release may drop a chunk while its decoder is still publishing it:
+    the cache must subtract exactly what it counted, or its bound drifts."""
+    import threading
+    import time
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    import tilesegment.io.chunks as chunks
+
+    class Source:
+        chunk_shape, shape, channels, dtype = (8, 8), (256, 256), 1, np.dtype(np.float32)
+
+        def read_chunk(self, i, j):
+            time.sleep(0.0002)
+            return np.full((8, 8, 1), i * 100 + j, np.float32)
+
+    class SlowFuture(Future):  # widens the window between decoding and publishing
+        def set_result(self, result):
+            super().set_result(result)
+            time.sleep(0.001)
+
+    monkeypatch.setattr(chunks, "Future", SlowFuture)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        starts = rng.integers(0, 230, (200, 2))
+        spans = np.stack([starts[:, 0], starts[:, 0] + 24, starts[:, 1], starts[:, 1] + 24], 1)
+        cache = chunks.ChunkCache(Source(), spans, max_bytes=20 * 256)
+        held_over = threading.Event()
+
+        def read(k):
+            s = spans[k]
+            try:
+                out = cache.read((s[0], s[2]), (s[1], s[3]))
+                expected = (np.arange(s[0], s[1])[:, None] // 8 * 100 + np.arange(s[2], s[3])[None] // 8)
+                assert (out[..., 0] == expected).all()
+            finally:
+                cache.release((s[0], s[2]), (s[1], s[3]))
+                if cache._bytes < 0:
+                    held_over.set()
+
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(read, range(len(spans))))
+        assert cache._bytes == 0 and not cache._chunks and not held_over.is_set()

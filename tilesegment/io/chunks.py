@@ -70,7 +70,8 @@ class ChunkCache:
         self._uses = self._count_uses(self._spans)
         self._total = self._uses.copy()
         self._readers: Optional[dict] = None  # per chunk, its readers in order; built when first needed
-        self._chunks: dict[tuple[int, ...], Future] = {}  # insertion order = decode order
+        self._chunks: dict[tuple[int, ...], Future] = {}
+        self._held: dict[tuple[int, ...], int] = {}  # bytes counted per decoded chunk held
         self._bytes = 0
         self._lock = threading.Lock()
         #: Chunks decoded so far, counting those decoded again after eviction.
@@ -112,28 +113,34 @@ class ChunkCache:
             chunk = self.source.read_chunk(*key)
         except BaseException as exc:
             with self._lock:
-                del self._chunks[key]
+                if self._chunks.get(key) is future:
+                    del self._chunks[key]
             future.set_exception(exc)
             raise
-        future.set_result(chunk)
+        # Counted before the result is published, and only while this very entry is held:
+        # whoever drops an entry subtracts exactly what was counted for it.
         with self._lock:
             self.decoded += 1
-            if key in self._chunks:
+            if self._chunks.get(key) is future:
+                self._held[key] = chunk.nbytes
                 self._bytes += chunk.nbytes
                 self.peak_bytes = max(self.peak_bytes, self._bytes)
                 self._evict_over_budget(keep=key)
+        future.set_result(chunk)
         return chunk
+
+    def _drop(self, key: tuple[int, ...]) -> None:
+        """Forget chunk `key` (under the lock); readers that hold its future keep the array."""
+        self._chunks.pop(key, None)
+        self._bytes -= self._held.pop(key, 0)
 
     def _evict_over_budget(self, keep: tuple[int, ...]) -> None:
         if self._bytes <= self.max_bytes:
             return
-        candidates = [key for key, f in self._chunks.items()
-                      if key != keep and f.done() and f.exception() is None]
-        candidates.sort(key=self._next_reader, reverse=True)
-        for key in candidates:
+        for key in sorted((k for k in self._held if k != keep), key=self._next_reader, reverse=True):
             if self._bytes <= self.max_bytes:
                 return
-            self._bytes -= self._chunks.pop(key).result().nbytes
+            self._drop(key)
 
     def _next_reader(self, key: tuple[int, ...]) -> float:
         """Position in `spans` of the next region that needs chunk `key` (inf: none)."""
@@ -167,6 +174,7 @@ class ChunkCache:
         """Drop every decoded chunk (a run stopped early); the counters stay."""
         with self._lock:
             self._chunks.clear()
+            self._held.clear()
             self._bytes = 0
 
     def release(self, start: Sequence[int], stop: Sequence[int]) -> None:
@@ -176,7 +184,4 @@ class ChunkCache:
             uses = self._uses[box]
             np.subtract(uses, 1, out=uses, where=uses > 0)
             for index in zip(*np.nonzero(uses == 0)):
-                key = tuple(r.start + int(i) for r, i in zip(box, index))
-                future = self._chunks.pop(key, None)
-                if future is not None and future.done() and future.exception() is None:
-                    self._bytes -= future.result().nbytes
+                self._drop(tuple(r.start + int(i) for r, i in zip(box, index)))
