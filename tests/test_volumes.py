@@ -398,6 +398,13 @@ def test_stack_planes_and_large_chunks_are_decoded_once():
     for _ in tiler.batches(2, workers=2):
         pass
     assert tiler.last_cache.decoded == 5 * 5  # each 8-plane chunk once, not once per plane
+    planes = zarr.create_array(store={}, shape=(6, 300, 280), chunks=(1, 64, 64), dtype="uint8")
+    planes[:] = 1
+    tiler = ts.Tiler(planes, ts.Geometry(halo=6, step=4), tile_size=64, axes="ZYX")
+    assert (np.diff(tiler.plan.block_origins[:, 0]) >= 0).all()  # one-plane chunks: plane by plane
+    for _ in tiler.batches(2, workers=2):
+        pass
+    assert tiler.last_cache.decoded == 6 * 5 * 5
     volume = zarr.create_array(store={}, shape=(16, 128, 128), chunks=(16, 128, 128), dtype="uint16")
     volume[:] = 1
     tiler = ts.Tiler(volume, ts.Geometry(halo=(2, 4, 4), step=(2, 4, 4), ndim=3), tile_size=(4, 32, 32))
@@ -446,3 +453,17 @@ def test_segment_objects_on_a_stack_writes_the_table_and_no_geojson(tmp_path):
                  "--axes", "ZYX", "--tile-size", "16", "--objects", "--quiet"]) == 0
     assert (tmp_path / "seg.objects.csv").exists() and not (tmp_path / "seg.geojson.gz").exists()
     assert zarr.open_array(out / "labels" / "objects" / "0", mode="r").shape == (3, 40, 40)
+
+
+def test_a_wrapped_model_without_convolutions_keeps_its_channel_check_over_a_stack():
+    class Declared(torch.nn.Module):  # like an ONNX or service wrapper: no convolution to inspect
+        in_channels = 1
+        geometry = ts.Geometry(halo=2, step=4, shrink=4)
+
+        def forward(self, x):
+            return x[:, :1, 2:-2, 2:-2].repeat(1, 2, 1, 1)
+
+    stack = np.zeros((3, 2, 30, 30), np.float32)
+    with pytest.raises(ts.ModelError, match="expects 1 input channel"):
+        ts.segment(stack, Declared(), axes="CZYX", tile_size=8, progress=False)
+    assert ts.PlaneWise(Declared(), 1).in_channels == 1

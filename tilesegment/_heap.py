@@ -29,8 +29,9 @@ def return_large_buffers() -> bool:
     the dynamic threshold off. A large buffer then costs a fresh mapping
     whose pages are faulted in: the host pipeline alone, with a network that
     computes nothing, takes about 1.35x as long; with a real 3-d network,
-    seconds per tile, the difference is not measurable. Slides are left to
-    the default (their memory ratio is 1.06x without it).
+    seconds per tile, the difference is not measurable. Only volume runs set
+    it (slides do not need it: 1.06x without), and it stays set for the rest
+    of the process.
     """
     global _set
     if _set or not sys.platform.startswith("linux"):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -49,7 +49,8 @@ class TilePlan:
     clipped at the far image edge. Tiles are ordered block by block (row-major
     blocks, row-major tiles inside), so a consumer that goes in plan order
     finishes one block before the next; the stack axes of a 2-d network over
-    a stack (`Geometry.stack_axes`) go fastest among the blocks.
+    a stack (`Geometry.stack_axes`) go fastest among the blocks when the
+    source's chunks are deeper than a tile along them (see `build`).
 
     Build with `TilePlan.build`.
     """
@@ -76,6 +77,7 @@ class TilePlan:
         tile_size: PairLike,
         chunk_size: Optional[PairLike] = None,
         axes: Optional[str] = None,
+        source_chunks: Optional[Sequence[int]] = None,
     ) -> "TilePlan":
         """Plan the tiles of an image of spatial `shape`.
 
@@ -97,6 +99,12 @@ class TilePlan:
         axes : str, optional
             Names of the axes of `shape` (``"zyx"``, ``"tyx"``...), for
             messages and output metadata; default ``"yx"`` / ``"zyx"``.
+        source_chunks : tuple of int, optional
+            Edges of the chunks the image is stored in (`ImageSource.chunk_shape`).
+            Where they are deeper than a tile along the stack axes of a 2-d
+            network, those axes go fastest among the blocks, so that the
+            planes of a chunk follow each other and it is decoded once for
+            all of them; otherwise blocks are row-major.
 
         Notes
         -----
@@ -112,7 +120,8 @@ class TilePlan:
             If the tile size is not a multiple of the step or does not align
             with the chunk size.
         """
-        shape = tuple(int(n) for n in shape) if not isinstance(shape, int) else (int(shape),) * geometry.ndim
+        shape = ((int(shape),) * geometry.ndim if isinstance(shape, (int, np.integer))
+                 else tuple(int(n) for n in shape))
         if len(shape) < geometry.ndim:
             raise InvalidTileSize(
                 f"image shape {shape} has fewer axes than the {geometry.ndim}-d network; "
@@ -146,10 +155,10 @@ class TilePlan:
         block = tuple(max(t, c) for t, c in zip(tile, chunk))
         n_blocks = tuple(-(-n // b) for n, b in zip(shape, block))
         per_block = tuple(b // t for b, t in zip(block, tile))
-        # Blocks in row-major order, except that stack axes (planes a network sees one at a
-        # time) go fastest: the planes of one (y, x) column follow each other, so a source
-        # chunk many planes deep is decoded once for all of them. Tiles row-major inside.
-        order = list(range(stacked, ndim)) + list(range(stacked))
+        # Blocks row-major, tiles row-major inside; stack axes go fastest among the blocks
+        # when the source's chunks hold several of a tile's planes (see source_chunks).
+        deep = source_chunks is not None and any(c > t for c, t in zip(source_chunks[:stacked], tile))
+        order = list(range(stacked, ndim)) + list(range(stacked)) if deep else list(range(ndim))
         grid = np.meshgrid(*map(np.arange, n_blocks + per_block), indexing="ij")
         blocks, within = [g.ravel() for g in grid[:ndim]], [g.ravel() for g in grid[ndim:]]
         origins = np.stack([b * bs + w * t for b, w, bs, t in zip(blocks, within, block, tile)], axis=1)

@@ -103,6 +103,9 @@ class Stitcher:
     ) -> None:
         self.plan = plan
         self.mode: Mode = get_mode(mode)
+        if isinstance(output, Output) and (overwrite or resume or ngff != "0.5" or storage_options):
+            raise UsageError("an Output carries its own overwrite, resume, ngff and storage_options; "
+                             "set them in the Output, not beside it")
         if output is not None and not isinstance(output, Output):
             output = Output(output, overwrite=overwrite, resume=resume, ngff=ngff,
                             storage_options=storage_options)

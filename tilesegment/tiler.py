@@ -122,7 +122,7 @@ class Tiler:
         self.source: ImageSource = open_image(image, axes=axes, level=level, ndim=self.geometry.ndim)
         check_axes(self.source, self.geometry)
         self.plan = TilePlan.build(self.source.shape, self.geometry, tile_size, chunk_size,
-                                   axes=self.source.plan_axes)
+                                   axes=self.source.plan_axes, source_chunks=self.source.chunk_shape)
         pad_indices(0, 1, 1, padding)  # fail now on an unknown mode, not in a thread
         self.padding = padding
         self.scale, self.offset = normalization_affine(

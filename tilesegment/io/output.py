@@ -55,6 +55,12 @@ class Output:
                              "overwrite replaces it")
 
     @property
+    def _exists(self) -> bool:
+        if is_url(self.target):
+            return _store_has_group(self.target, self.storage_options)
+        return is_local_path(self.target) and os.path.exists(self.target)
+
+    @property
     def _recorded(self) -> bool:
         """Whether runs into this target keep a manifest (local paths and URLs, not stores)."""
         return is_local_path(self.target) or is_url(self.target)
@@ -62,7 +68,12 @@ class Output:
     def check(self, image: Any = None) -> None:
         """Refuse, before any work, an output that exists (without `overwrite` or a run to
         resume), a folder that cannot be written, or one that is the input `image`."""
-        if not (self.resume and self._recorded and Manifest(self.target, self.storage_options).exists):
+        if self.resume and self._recorded and Manifest(self.target, self.storage_options).exists:
+            pass  # a stopped run to continue
+        elif self.resume and self._exists:
+            raise UsageError(f"{str(self.target)!r} has no unfinished run to resume (it is complete or not "
+                             "ours); use another output, or --overwrite to replace it")
+        else:
             ZarrSink.check_output(self.target, self.overwrite, self.storage_options)
         if isinstance(image, (str, os.PathLike)) and isinstance(self.target, (str, os.PathLike)):
             a, b = Path(image).resolve(), Path(self.target).resolve()
@@ -79,17 +90,12 @@ class Output:
         Raises
         ------
         UsageError
-            If the earlier run had other settings, or there is nothing to resume.
+            If the earlier run had other settings.
         """
         manifest = Manifest(self.target, self.storage_options)
         if self.resume and manifest.exists:
             manifest.check_matches(record, self.target)
             return manifest.done_blocks()
-        exists = (_store_has_group(self.target, self.storage_options) if is_url(self.target)
-                  else os.path.exists(self.target))
-        if self.resume and exists:
-            raise UsageError(f"{str(self.target)!r} has no unfinished run to resume (it is complete or not "
-                             "ours); use another output, or --overwrite to replace it")
         return None
 
     def check_space(self, need: float, what: str) -> None:

@@ -43,7 +43,7 @@ class PlaneWise(nn.Module):
         self.net = net
         self.stack_axes = int(stack_axes)
         self.geometry = Geometry.of(net).stacked(self.stack_axes)
-        for name in ("normalization", "metadata"):  # what the run reads off a model
+        for name in ("normalization", "metadata", "in_channels"):  # what the run reads off a model
             if hasattr(net, name):
                 setattr(self, name, getattr(net, name))
 
