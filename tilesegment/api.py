@@ -15,7 +15,7 @@ from ._heap import return_large_buffers
 from ._probe import model_in_channels, model_out_channels
 from .errors import ModelError, UsageError
 from .executor import PRECISIONS, Executor, auto_batch_size, default_precision, resolve_devices
-from .geometry import Geometry, Pair
+from .geometry import Geometry, Pair, compact
 from .io.manifest import input_identity, model_hash
 from .io.output import Output
 from .io.remote import is_url
@@ -242,14 +242,14 @@ def prepare(
     model: ModelSpec,
     output: Union[None, str, os.PathLike, Any] = None,
     *,
-    tile_size: Union[int, tuple[int, int], str, None] = "auto",
+    tile_size: Union[int, tuple[int, ...], str, None] = "auto",
     batch_size: Union[int, str, None] = "auto",
     device: Union[str, torch.device] = "auto",
     mode: str = "labels",
     padding: str = "reflect",
     level: int = 0,
     axes: Optional[str] = None,
-    chunk_size: Union[int, tuple[int, int], None] = None,
+    chunk_size: Union[int, tuple[int, ...], None] = None,
     overwrite: bool = False,
     precision: str = "auto",
     compile: bool = False,
@@ -342,14 +342,14 @@ def segment(
     model: ModelSpec,
     output: Union[None, str, os.PathLike, Any] = None,
     *,
-    tile_size: Union[int, tuple[int, int], str, None] = "auto",
+    tile_size: Union[int, tuple[int, ...], str, None] = "auto",
     batch_size: Union[int, str, None] = "auto",
     device: Union[str, torch.device] = "auto",
     mode: str = "labels",
     padding: str = "reflect",
     level: int = 0,
     axes: Optional[str] = None,
-    chunk_size: Union[int, tuple[int, int], None] = None,
+    chunk_size: Union[int, tuple[int, ...], None] = None,
     overwrite: bool = False,
     precision: str = "auto",
     compile: bool = False,
@@ -495,16 +495,11 @@ def _check_tile_fits(model, device: torch.device, channels: int, plan, budget: O
     # The estimate sums every layer's output, an upper bound some 2-4x the real peak.
     if need / 4 > budget:
         raise UsageError(
-            f"tile_size {_size_text(plan.tile_size)} needs about {need / 4 / 1e9:.1f} GB for one tile's "
+            f"tile_size {compact(plan.tile_size)} needs about {need / 4 / 1e9:.1f} GB for one tile's "
             f"activations, more than the {budget / 1e9:.1f} GB available on {device}; use a smaller "
             f"tile_size (e.g. {'512' if plan.geometry.ndim == 2 else '(32, 128, 128)'})"
         )
 
-
-
-def _size_text(size: Sequence[int]) -> str:
-    """A tile size as the user gave it: ``512`` when every axis agrees, else ``(16, 128, 128)``."""
-    return str(size[0]) if len(set(size)) == 1 else str(tuple(size))
 
 
 def _check_channels(model, tiler: Tiler) -> None:

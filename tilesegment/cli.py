@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .errors import TileSegmentError, UsageError
+from .geometry import compact
 from .modes import MODES
 
 __all__ = ["main"]
@@ -33,11 +34,6 @@ def _by_axis(sizes, axes: str, sep: str = " x ") -> str:
     if len(sizes) == 2:
         return sep.join(map(str, sizes))
     return " x ".join(f"{a} {n}" for a, n in zip(axes, sizes))
-
-
-def _compact(values) -> str:
-    """One number when every axis agrees (``92``), else all of them (``(4, 20, 20)``)."""
-    return str(values[0]) if len(set(values)) == 1 else str(tuple(values))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -299,7 +295,7 @@ def _segment_one(args, image: str, output: str, client, resume: Optional[bool] =
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
     say(f"input    {image}: {_by_axis(source.shape, plan.axes)} px, "
         f"{source.channels} channel(s), {source.dtype}")
-    say(f"network  halo {_compact(geometry.halo)}, step {_compact(geometry.step)}; tile "
+    say(f"network  halo {compact(geometry.halo)}, step {compact(geometry.step)}; tile "
         f"{_by_axis(plan.tile_size, plan.axes, 'x')} -> network input {_by_axis(plan.input_size, plan.axes, 'x')} "
         f"({plan.computed_fraction():.2f} computed px per written px)")
     where = "a dask cluster" if client is not None else ", ".join(str(d) for d in job.devices)
@@ -494,8 +490,8 @@ def _info(args: argparse.Namespace) -> int:
                   "loading a package runs its code (architecture), after checking its SHA-256s")
             print(f"test       its test input reproduces its test output (max abs difference "
                   f"{check_test_tensors(model):.2g})")
-        print(f"network    halo {_compact(geometry.halo)}, step {_compact(geometry.step)}, "
-              f"smallest input {_compact(geometry.min_input)}")
+        print(f"network    halo {compact(geometry.halo)}, step {compact(geometry.step)}, "
+              f"smallest input {compact(geometry.min_input)}")
         if geometry.ndim == 2:
             step = geometry.step[0]
             tiles = [t for t in (256, 512, 1024, 2048) if t % step == 0] or [step * 32]

@@ -13,7 +13,7 @@ from typing import Sequence, Union
 
 from .errors import InvalidTileSize, ModelError
 
-__all__ = ["Geometry", "Pair", "Shape", "as_pair", "as_shape", "axis_names"]
+__all__ = ["Geometry", "Pair", "Shape", "as_pair", "as_shape", "axis_names", "compact"]
 
 #: Sizes over the spatial axes: ``(y, x)`` for images, ``(z, y, x)`` for volumes.
 Shape = tuple[int, ...]
@@ -27,6 +27,11 @@ def axis_names(ndim: int) -> str:
     if not 1 <= ndim <= 4:
         raise ModelError(f"{ndim} spatial axes are not supported; images and volumes have 2 to 4 (t, z, y, x)")
     return "tzyx"[-ndim:]
+
+
+def compact(values: Sequence[int]) -> str:
+    """Per-axis sizes for messages: ``512`` when every axis agrees, else ``(16, 128, 128)``."""
+    return str(values[0]) if len(set(values)) == 1 else str(tuple(values))
 
 
 def as_shape(value: ShapeLike, ndim: int, name: str = "value") -> Shape:
