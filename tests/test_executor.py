@@ -8,12 +8,9 @@ import torch
 import tilesegment as ts
 from tilesegment.executor import Executor, auto_batch_size, estimate_bytes_per_tile, reduce_logits, resolve_devices
 from tilesegment.pipeline import run_pipeline
-from tilesegment.testing import whole_image_logits
+from tilesegment.testing import assert_exact, whole_image_logits
 
 from conftest import small_unet
-
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
 
 @pytest.fixture(scope="module")
 def net():
@@ -119,7 +116,7 @@ def test_tiles_land_in_place_whatever_order_executors_finish(net, image):
     expected = ts.segment(image, net, tile_size=16, batch_size=2, mode="logits", progress=False)
     out = ts.segment(image, Jittery(net), tile_size=16, batch_size=2, mode="logits",
                      device=["cpu", "cpu", "cpu"], progress=False)
-    assert np.abs(out - expected).max() <= 1e-6 * np.abs(expected).max()
+    assert_exact(out, expected)
 
 
 class Boom(Exception):
@@ -214,20 +211,6 @@ def test_resolve_devices_lists_and_rejects():
     if not torch.cuda.is_available():
         with pytest.raises(ts.UsageError, match="CUDA is not available"):
             resolve_devices("cuda")
-
-
-@cuda
-def test_cuda_fp32_is_exact_and_bf16_labels_agree(net):
-    torch.manual_seed(1)
-    big = ts.UNet(3, 3, base_channels=8, depth=4).eval()
-    image = np.random.default_rng(0).integers(0, 256, (700, 600, 3), dtype=np.uint8)
-    expected = whole_image_logits(image, big)
-    fp32 = ts.segment(image, big, tile_size=256, mode="logits", device="cuda", precision="fp32", progress=False)
-    assert np.abs(fp32 - expected).max() <= 1e-5 * np.abs(expected).max()
-    labels32 = ts.segment(image, big, tile_size=256, device="cuda", precision="fp32", progress=False)
-    for precision in ("bf16", "fp16"):
-        labels = ts.segment(image, big, tile_size=256, device="cuda", precision=precision, progress=False)
-        assert (labels == labels32).mean() >= 0.999
 
 
 def test_true_fp32_switches_tf32_off_while_any_user_runs_and_restores_it():

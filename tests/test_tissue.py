@@ -52,9 +52,14 @@ def test_overview_reads_a_thumbnail_series_not_the_slide(tmp_path):
     np.testing.assert_array_equal(source.overview(512), slide[::2, ::2])  # the thumbnail is too small
 
 
-def test_real_slide_is_detected_on_its_thumbnail_in_well_under_a_second(shared_svs):
+def test_real_slide_is_detected_on_its_thumbnail_never_reading_the_full_resolution(shared_svs, monkeypatch):
+    from tilesegment.io.sources import ImageSource
+
     source = ts.open_image(shared_svs)
+    read_shapes, original = [], ImageSource.read
+    monkeypatch.setattr(ImageSource, "read", lambda self, *a, **k: read_shapes.append(self.shape) or original(self, *a, **k))
     mask = detect_tissue(source)
+    assert read_shapes and all(max(shape) <= 1024 for shape in read_shapes)  # not the 2967 x 2220 slide
     # About 8 um per mask pixel: 256 px over the slide's 2967 x 0.499 um, from the 768-px thumbnail.
     assert mask.shape == (256, 192)
     assert 0.2 < mask.mean() < 0.8

@@ -1,0 +1,57 @@
+"""The GPU contract, on CUDA machines only: true fp32 is exact, reduced precision keeps the labels.
+
+Every other test runs on the CPU in fp32 (see conftest.py); these are the ones
+that mean "auto" as a user on a GPU machine gets it.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+import tilesegment as ts
+from tilesegment.executor import default_precision, resolve_devices
+from tilesegment.testing import assert_exact, assert_labels_match, whole_image_logits
+
+pytestmark = pytest.mark.gpu
+
+#: bf16 keeps 8 bits of mantissa (relative rounding 2**-8 per operation) through a depth-4
+#: U-Net's ~20 layers; labels may differ only where the top two logits are that close.
+REDUCED_PRECISION_RTOL = 0.05
+
+
+@pytest.fixture(scope="module")
+def big():
+    torch.manual_seed(1)
+    return ts.UNet(3, 3, base_channels=8, depth=4).eval()
+
+
+@pytest.fixture(scope="module")
+def image():
+    return np.random.default_rng(0).integers(0, 256, (700, 600, 3), dtype=np.uint8)
+
+
+def test_auto_means_every_gpu_and_bf16_where_supported():
+    devices = resolve_devices("auto")
+    assert devices == [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    assert default_precision(devices[0]) == ("bf16" if torch.cuda.is_bf16_supported() else "fp32")
+
+
+def test_fp32_on_cuda_is_exact_even_with_the_callers_tf32_on(big, image):
+    expected = whole_image_logits(image, big)
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    before = (cudnn.allow_tf32, matmul.allow_tf32)
+    cudnn.allow_tf32 = matmul.allow_tf32 = True  # PyTorch's default for convolutions on Ampere+
+    try:
+        fp32 = ts.segment(image, big, tile_size=256, mode="logits", device="cuda", precision="fp32",
+                          progress=False)
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32 = before
+    assert_exact(fp32, expected, what="fp32 on CUDA")
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_reduced_precision_labels_agree_except_at_near_ties(big, image, precision):
+    expected = whole_image_logits(image, big)
+    labels = ts.segment(image, big, tile_size=256, device="cuda", precision=precision, progress=False)
+    assert (labels == expected.argmax(0)).mean() >= 0.999
+    assert_labels_match(labels, expected, rtol=REDUCED_PRECISION_RTOL)
