@@ -8,6 +8,7 @@ import torch
 
 import tilesegment as ts
 from tilesegment.cli import main
+from tilesegment.testing import assert_exact
 
 pytest.importorskip("bioimageio.spec")
 pytest.importorskip("bioimageio.core")
@@ -27,7 +28,7 @@ def _network():
     return net
 
 
-def build_package(folder, *, out_halo=0, pre="fixed", post="sigmoid", fixed_size=False):
+def build_package(folder, *, out_halo=0, pre="fixed", post="sigmoid", fixed_size=False, onnx_external=False):
     """A small valid bioimage.io package (spec 0.5), written with bioimageio.spec, no network.
 
     The architecture is a Python file that builds a tilesegment U-Net; the
@@ -87,6 +88,15 @@ def build_package(folder, *, out_halo=0, pre="fixed", post="sigmoid", fixed_size
         source=folder / "weights.pt", pytorch_version="2.13",
         architecture=spec.ArchitectureFromFileDescr(source=folder / "arch.py", callable=spec.Identifier("build"),
                                                     kwargs=CONFIG)))
+    if onnx_external:  # ONNX weights in an external data file, as torch >= 2.9 exports them
+        import onnx
+
+        exported = ts.save_model(net, folder / "weights.onnx", format="onnx")
+        onnx.save(onnx.load(str(exported)), str(exported), save_as_external_data=True,
+                  location="weights.onnx.data", size_threshold=0)
+        weights = spec.WeightsDescr(onnx=spec.OnnxWeightsDescr(
+            source=folder / "weights.onnx", opset_version=17,
+            external_data=spec.FileDescr(source=folder / "weights.onnx.data")))
     descr = spec.ModelDescr(
         name="tiny valid unet", description="A tiny valid-convolution U-Net for tests.",
         authors=[spec.Author(name="tilesegment tests")], license=spec.LicenseId("MIT"),
@@ -125,7 +135,7 @@ def test_tiled_equals_whole_image_under_the_package_geometry(package, tmp_path, 
     assert 0.05 < np.mean((whole > 0.01) & (whole < 0.99))  # and is not saturated
     for tile in (16, 36, 52):
         tiled = ts.segment(image, model, tile_size=tile, batch_size=2, mode="logits", progress=False)
-        np.testing.assert_allclose(tiled, whole, rtol=1e-5, atol=1e-6)
+        assert_exact(tiled, whole, what=f"tile {tile}")
 
 
 def test_preprocessing_runs_per_tile_as_the_spec_defines(package):
@@ -138,7 +148,17 @@ def test_preprocessing_runs_per_tile_as_the_spec_defines(package):
     n = g.input_size(64)  # whole-image inference of the reflect-padded image, by hand
     with torch.no_grad():
         ref = torch.sigmoid(_network()(torch.from_numpy((padded[:, : n[0], : n[1]] - mean) / std)[None]))[0]
-    np.testing.assert_allclose(got, ref[:, :60, :60].numpy(), rtol=1e-5, atol=1e-6)
+    assert_exact(got, ref[:, :60, :60].numpy())
+
+
+def test_onnx_weights_with_external_data_load_from_the_package(tmp_path):
+    pytest.importorskip("onnx")
+    path, net = build_package(tmp_path, onnx_external=True)
+    model = ts.load_model(path)
+    assert model.weights_format == "onnx" and check_test_tensors(model) < 1e-4
+    image = np.random.default_rng(4).random((2, 70, 50)).astype(np.float32)
+    whole = ts.segment(image, model, tile_size=80, mode="logits", progress=False)  # one tile
+    assert_exact(ts.segment(image, model, tile_size=16, mode="logits", progress=False), whole)
 
 
 @pytest.mark.parametrize("pre, words", [("per_sample", "zero_mean_unit_variance' needs the mean and std of the whole image"),
@@ -175,7 +195,7 @@ def test_cli_segments_with_a_package_and_info_runs_its_test_tensors(package, tmp
     out = tmp_path / "out.zarr"
     assert main(["segment", str(tmp_path / "two.tif"), str(out), "--model", str(package), "--tile-size", "32",
                  "--quiet"]) == 0
-    expected = ts.segment(image, ts.load_model(package), tile_size=64, progress=False)
+    expected = ts.segment(image, ts.load_model(package), tile_size=32, progress=False)  # the CLI's plan
     np.testing.assert_array_equal(zarr.open_array(out / "0")[:], expected)
     assert main(["info", str(tmp_path / "two.tif"), "--model", str(package)]) == 0
     said = capsys.readouterr().out

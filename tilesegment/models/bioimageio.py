@@ -20,6 +20,7 @@ Python code runs), then ONNX, then the state dict.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -258,6 +259,32 @@ def _read_bytes(entry: Any) -> bytes:
     return found.read_bytes() if hasattr(found, "read_bytes") else found.read()
 
 
+def _onnx_bytes(entry: Any) -> bytes:
+    """ONNX weights as one self-contained model, external data (``external_data``) included.
+
+    A package's files may live only inside its zip, so the weights are put
+    back into the model here, which also puts them into its identity for
+    resume. Packages stay far below protobuf's 2 GB limit on one model.
+    """
+    from bioimageio.spec.utils import download
+
+    model = download(entry)
+    if getattr(entry, "external_data", None) is None:
+        return model.read()
+    try:
+        import onnx
+        from onnx.external_data_helper import load_external_data_for_model
+    except ImportError:
+        raise ModelError("ONNX weights with external data need the onnx package: "
+                         "pip install 'tilesegment[onnx]'") from None
+    data = download(entry.external_data)
+    with tempfile.TemporaryDirectory(prefix="tilesegment-onnx-") as folder:
+        (Path(folder) / data.original_file_name).write_bytes(data.read())
+        proto = onnx.load_model_from_string(model.read())
+        load_external_data_for_model(proto, folder)
+        return proto.SerializeToString()
+
+
 def _load_network(descr: Any, wanted: Optional[str], geometry: Geometry) -> tuple[nn.Module, str]:
     name = str(descr.name)
     available = [w for w in _WEIGHTS_ORDER if getattr(descr.weights, w, None) is not None]
@@ -274,7 +301,7 @@ def _load_network(descr: Any, wanted: Optional[str], geometry: Geometry) -> tupl
             if fmt == "onnx":
                 from .onnx import OnnxModel
 
-                return OnnxModel(_read_bytes(entry), geometry=geometry), fmt
+                return OnnxModel(_onnx_bytes(entry), geometry=geometry), fmt
             from bioimageio.core.backends.pytorch_backend import load_torch_model
 
             return load_torch_model(entry, load_state=True, devices=["cpu"]).eval(), fmt

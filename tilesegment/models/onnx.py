@@ -54,6 +54,9 @@ class OnnxModel(nn.Module):
     model : path or bytes
         The ``.onnx`` file (or its bytes). Its first input must be
         ``(N, C, H, W)`` with dynamic H and W; the first output is used.
+        Weights in external data files (``net.onnx.data``, as
+        ``torch.onnx.export`` writes them since torch 2.9) are read from
+        beside the file, and are part of the model's identity for resume.
     geometry : Geometry, optional
         Declare the network's halo and step (needed for "same"-padded
         networks, whose output is as large as their input). By default it
@@ -76,7 +79,8 @@ class OnnxModel(nn.Module):
     Raises
     ------
     ModelError
-        When onnxruntime is missing, the file is not ONNX, the input is not
+        When onnxruntime is missing, the file is not ONNX, an external data
+        file is missing, the input is not
         4-d, its channel axis is not fixed, or its spatial axes are fixed
         (tiles of other sizes could not run).
     """
@@ -92,20 +96,28 @@ class OnnxModel(nn.Module):
         super().__init__()
         _import_ort()
         if isinstance(model, (bytes, bytearray)):
-            data, self.name = bytes(model), "ONNX model"
+            data, self.name, self._path = bytes(model), "ONNX model", None
         else:
-            path = Path(model)
-            data, self.name = path.read_bytes(), path.name
+            self._path = Path(model).resolve()
+            data, self.name = self._path.read_bytes(), self._path.name
         self._data = data
+        # torch >= 2.9 exports weights into a file beside the model (`net.onnx.data`); sessions
+        # are built from the path so that onnxruntime finds it there, whatever the working folder.
+        external = [] if self._path is None else external_data_files(self._path, data)
+        missing = [f for f in external if not f.is_file()]
+        if missing:
+            raise ModelError(
+                f"{self.name} keeps its weights in the external data file {missing[0].name}, which is "
+                f"missing from {missing[0].parent}; copy it there together with the .onnx file"
+            )
         self._providers = None if providers is None else list(providers)
         self._threads = threads
         self._sessions: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._shapes: dict[tuple[int, int], tuple[int, ...]] = {}
-        # The file's hash as a buffer: the manifest's model hash (state_dict) then tells
-        # ONNX models apart, so resume refuses another model.
-        digest = hashlib.sha256(data).digest()
-        self.register_buffer("onnx_sha256", torch.tensor(list(digest), dtype=torch.uint8))
+        # The hash of the file and its external data as a buffer: the manifest's model hash
+        # (state_dict) then tells ONNX models apart, so resume refuses another model.
+        self.register_buffer("onnx_sha256", torch.tensor(list(_digest(data, external)), dtype=torch.uint8))
         try:
             session = self._session("cpu")
         except Exception as exc:
@@ -208,7 +220,9 @@ class OnnxModel(nn.Module):
                     f"{', '.join(available)}); pip install onnxruntime-gpu, or run on device='cpu'"
                 )
             providers.append("CPUExecutionProvider")
-        return ort.InferenceSession(self._data, sess_options=options, providers=providers)
+        # Unpickled on a machine without the file, the bytes still serve models without external data.
+        model = str(self._path) if self._path is not None and self._path.is_file() else self._data
+        return ort.InferenceSession(model, sess_options=options, providers=providers)
 
     # -- running -------------------------------------------------------------------------
 
@@ -291,6 +305,41 @@ class OnnxModel(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.name}, in_channels={self.in_channels}, geometry={self.geometry}"
+
+
+def external_data_files(path: Path, data: bytes) -> list[Path]:
+    """The external data files that the ONNX model `data`, stored at `path`, reads its weights from.
+
+    The locations come from the model's tensors (the ``onnx`` package parses
+    them). Without ``onnx``, the files beside the model whose names the
+    model's bytes contain stand in: the locations are stored there verbatim.
+    """
+    if b"location" not in data:  # the key of every external data entry; spares parsing large models
+        return []
+    try:
+        from onnx import load_model_from_string
+        from onnx.external_data_helper import _get_all_tensors, uses_external_data
+    except ImportError:
+        return sorted(f for f in path.parent.iterdir()
+                      if f != path and f.is_file() and f.name.encode() in data)
+    try:
+        proto = load_model_from_string(data)
+    except Exception:
+        return []  # not a protobuf: onnxruntime's own error says so when the session is made
+    locations = {entry.value for tensor in _get_all_tensors(proto) if uses_external_data(tensor)
+                 for entry in tensor.external_data if entry.key == "location"}
+    return sorted(path.parent / location for location in locations)
+
+
+def _digest(data: bytes, external: Sequence[Path]) -> bytes:
+    """SHA-256 of a model and its external data files, so that a changed weights file is another model."""
+    digest = hashlib.sha256(data)
+    for f in external:
+        digest.update(f.name.encode())
+        with open(f, "rb") as stream:
+            while block := stream.read(1 << 24):
+                digest.update(block)
+    return digest.digest()
 
 
 def _normalization(text: Optional[str], name: str):
