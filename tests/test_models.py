@@ -6,6 +6,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import tilesegment as ts
+from tilesegment.testing import assert_exact
 
 from conftest import small_unet
 
@@ -29,7 +30,7 @@ def test_torchscript_file_loads_and_is_probed(tmp_path):
     image = np.random.default_rng(0).random((40, 30, 3)).astype(np.float32)
     a = ts.segment(image, loaded, tile_size=16, mode="logits", progress=False)
     b = ts.segment(image, net, tile_size=16, mode="logits", progress=False)
-    np.testing.assert_allclose(a, b, atol=1e-5)
+    assert_exact(a, b)
 
 
 def test_factory_spec_imports_and_calls(tmp_path, monkeypatch):
@@ -100,3 +101,17 @@ def test_default_unet_config_and_state_are_unchanged_by_volume_support():
     assert not any(k.startswith("pool") for k in net.state_dict())  # pooling has no parameters
     with pytest.raises(ts.ModelError, match="pooling"):
         ts.UNet(1, 2, depth=2, ndim=3, pooling=[(1, 2, 2)])
+
+
+@settings(max_examples=20, deadline=None)
+@given(ndim=st.sampled_from([2, 3]), depth=st.integers(0, 3), channels=st.integers(1, 4),
+       classes=st.integers(1, 4), base=st.integers(1, 4), data=st.data())
+def test_unet_activation_bytes_equal_the_meta_probe(ndim, depth, channels, classes, base, data):
+    from tilesegment.executor import estimate_bytes_per_tile
+
+    pooling = data.draw(st.lists(st.tuples(*[st.sampled_from([1, 2])] * ndim), min_size=depth, max_size=depth))
+    net = ts.UNet(channels, classes, base_channels=base, depth=depth, ndim=ndim, pooling=pooling)
+    geom = net.geometry
+    extra = data.draw(st.tuples(*[st.integers(0, 3)] * ndim))
+    size = tuple(m + k * s for m, k, s in zip(geom.min_input, extra, geom.step))
+    assert net.activation_bytes(size) == estimate_bytes_per_tile(net, channels, size, analytic=False)

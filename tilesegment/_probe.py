@@ -73,7 +73,11 @@ def _output_shape(run, in_channels: int, *sizes: int):
 
 
 def model_out_channels(model: object, geometry: Geometry) -> int:
-    """Output channels (classes) of `model`, from one meta-device forward pass."""
+    """Output channels (classes) of `model`: its declared ``num_classes``, or what one
+    meta-device forward pass gives."""
+    declared = getattr(model, "num_classes", None)
+    if isinstance(declared, int):
+        return declared
     in_channels = model_in_channels(model) or 1
     shape = _output_shape(_meta_runner(model), in_channels, *geometry.min_input)
     if shape is None:

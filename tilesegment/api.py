@@ -212,18 +212,22 @@ class Job:
             skipped = self.skipped
             todo = self.pending if self.compute is None else self.pending & self.compute
             todo = None if todo.all() else np.flatnonzero(todo)
-            with Stitcher(
-                tiler.plan, self.destination, self.mode, pixel_size=tiler.source.pixel_size,
-                writers=self.writers, num_classes=self.num_classes, class_names=self.class_names,
-                record=self.record, done_blocks=self.done_blocks,
-            ) as stitcher:
-                with progress_bar(tiler.plan.n_tiles - len(skipped), progress) as bar:
-                    batches = tiler.batches(
-                        self.batch_size, tiles=todo, prefetch=2 * len(executors),
-                        workers=self.readers, allocate=executors[0].host_buffer,
-                        normalize=not self.raw_inputs, channels_last=executors[0].channels_last,
-                    )
-                    run_pipeline(batches, executors, stitcher, bar.update, skipped=skipped)
+            # Reading starts here, so the first batch is read while the output is created.
+            batches = tiler.batches(
+                self.batch_size, tiles=todo, prefetch=2 * len(executors),
+                workers=self.readers, allocate=executors[0].host_buffer,
+                normalize=not self.raw_inputs, channels_last=executors[0].channels_last,
+            )
+            try:
+                with Stitcher(
+                    tiler.plan, self.destination, self.mode, pixel_size=tiler.source.pixel_size,
+                    writers=self.writers, num_classes=self.num_classes, class_names=self.class_names,
+                    record=self.record, done_blocks=self.done_blocks,
+                ) as stitcher:
+                    with progress_bar(tiler.plan.n_tiles - len(skipped), progress) as bar:
+                        run_pipeline(batches, executors, stitcher, bar.update, skipped=skipped)
+            finally:
+                batches.close()
             stats = RunStats(
                 tiles=tiler.plan.n_tiles,
                 tile_size=tiler.plan.tile_size,

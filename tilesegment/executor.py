@@ -420,10 +420,17 @@ def _to_device(model: nn.Module, device: torch.device, channels_last: bool) -> n
     return model.to(memory_format=memory_format(rank))
 
 
-def estimate_bytes_per_tile(model: nn.Module, in_channels: int, input_size: Pair) -> int:
-    """Upper bound on activation bytes of one tile: the sum of all layer outputs (meta probe)."""
+def estimate_bytes_per_tile(model: nn.Module, in_channels: int, input_size: Pair, analytic: bool = True) -> int:
+    """Upper bound on activation bytes of one tile: the sum of all layer outputs.
+
+    Models that compute it in closed form (``model.activation_bytes(input_size)``,
+    as `UNet` does) are asked (unless `analytic` is False); others are run once
+    on the meta device with a hook on every layer.
+    """
     from torch.func import functional_call
 
+    if analytic and callable(getattr(model, "activation_bytes", None)):
+        return int(model.activation_bytes(tuple(input_size)))
     total = 0
 
     def hook(_module, _inputs, output):

@@ -298,7 +298,10 @@ class Tiler:
         -----
         Stored chunks (TIFF tiles, zarr chunks) that several tile inputs
         overlap are decoded once and shared (`ChunkCache`), so the halo does
-        not multiply decoding work.
+        not multiply decoding work. Reading starts when the stream is made,
+        not at its first batch, so whatever the caller sets up meanwhile (an
+        output, a model on its device) overlaps it; ``close()`` the stream
+        (or read it to the end) to stop the readers.
         """
         if int(batch_size) < 1:
             raise UsageError(f"batch_size {batch_size} must be at least 1")
@@ -317,28 +320,7 @@ class Tiler:
             ok = np.asarray([r.result() if hasattr(r, "result") else r for r in reads], bool)
             return Batch(group, data, group[~ok])
 
-        # Tiles, not batches, are the unit of work: every reader thread is busy even
-        # when few large batches are in flight (a GPU's batch of 16 tiles at 1024).
-        pool = ThreadPoolExecutor(workers, thread_name_prefix="tilesegment-read") if workers > 0 else None
-        pending: deque = deque()
-        try:
-            if pool is None:
-                yield from (finish(*start(g, lambda f, *a: f(*a))) for g in groups)
-                return
-            for group in groups:
-                pending.append(start(group, pool.submit))
-                if len(pending) > prefetch:
-                    yield finish(*pending.popleft())
-            while pending:
-                yield finish(*pending.popleft())
-        finally:
-            for _, _, reads in pending:
-                for future in reads:
-                    future.cancel()
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
-            if cache is not None:
-                cache.clear()  # a run stopped early leaves no decoded chunks behind
+        return _BatchStream(groups, start, finish, prefetch, workers, cache)
 
     def close(self) -> None:
         """Close the image file, if any."""
@@ -349,6 +331,74 @@ class Tiler:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class _BatchStream(Iterator["Batch"]):
+    """Batches read ahead by a thread pool; the first ones are submitted at once.
+
+    At most ``prefetch + 1`` batches are submitted and not yet handed out, as
+    a generator reading ahead would keep. Tiles, not batches, are the unit of
+    work: every reader thread is busy even when few large batches are in
+    flight (a GPU's batch of 16 tiles at 1024).
+    """
+
+    def __init__(self, groups: Iterator[np.ndarray], start: Callable, finish: Callable, prefetch: int,
+                 workers: int, cache: Optional[ChunkCache]) -> None:
+        self._groups, self._start, self._finish = groups, start, finish
+        self._prefetch, self._cache = prefetch, cache
+        self._pending: deque = deque()
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="tilesegment-read") if workers > 0 else None
+        self._closed = False
+        while self._pool is not None and len(self._pending) <= prefetch and self._submit():
+            pass
+
+    def _submit(self) -> bool:
+        group = next(self._groups, None)
+        if group is not None:
+            self._pending.append(self._start(group, self._pool.submit))
+        return group is not None
+
+    def __iter__(self) -> "_BatchStream":
+        return self
+
+    def __next__(self) -> "Batch":
+        if self._closed:
+            raise StopIteration
+        try:
+            if self._pool is None:  # read in the calling thread
+                group = next(self._groups, None)
+                if group is not None:
+                    return self._finish(*self._start(group, lambda f, *a: f(*a)))
+            else:
+                if len(self._pending) <= self._prefetch:
+                    self._submit()
+                if self._pending:
+                    return self._finish(*self._pending.popleft())
+        except BaseException:
+            self.close()
+            raise
+        self.close()
+        raise StopIteration
+
+    def close(self) -> None:
+        """Stop reading: queued tiles are dropped, tiles being read finish; decoded chunks are freed."""
+        if self._closed:
+            return
+        self._closed = True
+        for _, _, reads in self._pending:
+            for future in reads:
+                future.cancel()
+        self._pending.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._cache is not None:
+            self._cache.clear()  # a run stopped early leaves no decoded chunks behind
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            self._closed = True
+            if self._pool is not None:
+                self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def check_axes(source: ImageSource, geometry: Geometry) -> None:

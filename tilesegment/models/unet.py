@@ -111,6 +111,7 @@ class UNet(nn.Module):
         if ndim != 2 or pooling is not None:  # today's 2-D checkpoints keep today's config
             self.config.update(ndim=ndim, pooling=[list(f) for f in factors])
         self.factors = factors
+        self.num_classes = int(num_classes)
         self.normalization = _check_normalization(normalization, in_channels)
         widths = [base_channels * 2**d for d in range(depth + 1)]
         self.down = nn.ModuleList()
@@ -145,6 +146,42 @@ class UNet(nn.Module):
             min_input.append(n_in)
         return Geometry(halo=tuple(halo), step=tuple(step), min_input=tuple(min_input),
                         shrink=tuple(2 * h for h in halo))
+
+    def activation_bytes(self, input_size: Sequence[int]) -> int:
+        """Bytes of every layer's float32 output for one input of `input_size`, in closed form.
+
+        The sum that `tilesegment.executor.estimate_bytes_per_tile` takes over
+        a meta-device forward of any other module (an upper bound on the
+        activations of one tile), without that forward: its first call in a
+        process imports sympy and torch._dynamo, about 1.5 s.
+
+        Examples
+        --------
+        >>> from tilesegment.executor import estimate_bytes_per_tile
+        >>> net = UNet(3, 2, base_channels=4, depth=2)
+        >>> net.activation_bytes((92, 92)) == estimate_bytes_per_tile(net, 3, (92, 92), analytic=False)
+        True
+        """
+        sizes = [int(n) for n in input_size]
+        total = 0
+
+        def double_conv(width: int) -> None:
+            nonlocal sizes, total
+            for _ in range(2):  # a convolution and its (in-place) ReLU, each an output
+                sizes = [n - 2 for n in sizes]
+                total += 2 * width * math.prod(sizes)
+
+        widths = [self.config["base_channels"] * 2**d for d in range(self.config["depth"] + 1)]
+        for width, factors in zip(widths, self.factors):
+            double_conv(width)
+            sizes = [n // f for n, f in zip(sizes, factors)]
+            total += width * math.prod(sizes)
+        double_conv(widths[-1])
+        for width, factors in zip(reversed(widths[:-1]), reversed(self.factors)):
+            sizes = [n * f for n, f in zip(sizes, factors)]
+            total += width * math.prod(sizes)
+            double_conv(width)
+        return 4 * (total + self.config["num_classes"] * math.prod(sizes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         skips: list[torch.Tensor] = []
