@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 
@@ -39,7 +40,10 @@ def test_info_lists_shape_pixel_size_and_valid_tiles(capsys, rgb_tiff, model_fil
         (["segment", "{text}", "{out}", "--model", "{model}"], "not a readable TIFF", 2),
         (["segment", "{tiff}", "{out}", "--model", "{model}", "--tile-size", "30"], "tile_size 30 is not a multiple of the network step 4; nearest valid: 28 or 32", 2),
         (["segment", "{gray}", "{out}", "--model", "{model}"], "expects 3 input channel", 2),
-        (["segment", "{tiff}", "{existing}", "--model", "{model}"], "exists; pass overwrite=True", 2),
+        (["segment", "{tiff}", "{out}", "--model", "{model}", "--channels", "0"], "pass --channels to pick", 2),
+        (["segment", "{tiff}", "{existing}", "--model", "{model}"], "exists; pass --overwrite to replace", 2),
+        (["segment", "{folder}", "{out}", "--model", "{model}"], "is a folder, not an image; to segment the 2 .tif "
+         "file(s) in it, pass the quoted glob", 2),
         (["segment", "{tiff}", "{out}", "--model", "{missing}"], "not found", 2),
         (["segment", "{tiff}", "{out}", "--model", "{model}", "--device", "tpu"], "device 'tpu'", 2),
         (["segment", "{truncated}", "{out}", "--model", "{model}"], "truncated or corrupt", 2),
@@ -66,13 +70,18 @@ def test_bad_input_gets_one_line_and_nonzero_exit_and_changes_nothing(
     existing = tmp_path / "existing.zarr"
     existing.mkdir()
     (existing / "keep.txt").write_text("precious")
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    for name in ("a.tif", "b.tif"):
+        (folder / name).write_bytes(gray.read_bytes())
     names = dict(missing=tmp_path / "missing.tif", text=text, gray=gray, tiff=rgb_tiff, truncated=truncated,
-                 model=model_file, out=tmp_path / "out.zarr", existing=existing)
+                 model=model_file, out=tmp_path / "out.zarr", existing=existing, folder=folder)
     before = sorted(p.name for p in tmp_path.iterdir())
     code, out, err = _run(capsys, *[a.format(**names) for a in args])
     assert code == exit_code
     assert match in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
+    assert not re.search(r"\b(overwrite|resume|axes|channels|output)=", err)  # the flags, not Python's words
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     assert (existing / "keep.txt").read_text() == "precious"
 

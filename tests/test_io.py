@@ -224,3 +224,14 @@ def test_unknown_axes_and_bad_levels_are_input_errors(tmp_path, rgb):
         ts.open_image(path, level=5)
     with pytest.raises(ts.InputError, match="channels \\[3\\] do not exist"):
         ts.open_image(rgb, channels=[3])
+
+
+def test_a_missing_protocol_package_names_the_package_that_provides_it():
+    import importlib.util
+
+    from tilesegment.io.remote import filesystem
+
+    if importlib.util.find_spec("gcsfs") is not None:
+        pytest.skip("gcsfs is installed here")
+    with pytest.raises(ts.UsageError, match=r"needs gcsfs: pip install gcsfs$"):
+        filesystem("gs://bucket/slide.svs")  # the remote extra has no gcsfs: no hint at it

@@ -43,6 +43,36 @@ def test_factory_spec_imports_and_calls(tmp_path, monkeypatch):
     sys.modules.pop("mynets", None)
 
 
+def test_dotted_factory_loads_from_the_api_and_from_the_cli_in_the_working_folder(tmp_path, monkeypatch, rgb_tiff):
+    from tilesegment.cli import main
+
+    package = tmp_path / "mypkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "nets.py").write_text(
+        "import tilesegment as ts\ndef build():\n    return ts.UNet(3, 2, base_channels=2, depth=1)\n")
+    monkeypatch.chdir(tmp_path)  # as a user in their project folder; nothing on sys.path yet
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    try:
+        assert ts.load_model("mypkg.nets:build").config["in_channels"] == 3
+        assert main(["segment", str(rgb_tiff), str(tmp_path / "o.zarr"), "--model", "mypkg.nets:build",
+                     "--tile-size", "32", "--quiet"]) == 0
+    finally:
+        for name in ("mypkg", "mypkg.nets"):
+            sys.modules.pop(name, None)
+
+
+def test_a_whole_pickled_module_is_one_line_that_says_how_to_save_it(tmp_path, capsys, rgb_tiff):
+    from tilesegment.cli import main
+
+    torch.save(small_unet(), tmp_path / "full.pt")  # the module itself, not a state dict
+    with pytest.raises(ts.ModelError, match=r"whole pickled module .*ts.save_model"):
+        ts.load_model(tmp_path / "full.pt")
+    assert main(["segment", str(rgb_tiff), str(tmp_path / "o.zarr"), "--model", str(tmp_path / "full.pt")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "ts.save_model" in err
+
+
 @pytest.mark.parametrize(
     "content,match",
     [(None, "not found"), (b"hello", "not a PyTorch checkpoint"), ("dict", "not a tilesegment checkpoint")],

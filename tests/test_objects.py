@@ -332,3 +332,48 @@ def test_a_failed_geojson_write_leaves_no_partial_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         objs.to_geojson(tmp_path / "o.geojson")
     assert list(tmp_path.iterdir()) == []
+
+
+def _tree(path):
+    """Every file under `path` with its bytes: what a run must leave as it was."""
+    from pathlib import Path
+
+    return {p: p.read_bytes() for p in sorted(Path(path).rglob("*")) if p.is_file()}
+
+
+@pytest.mark.filterwarnings("ignore:Call to deprecated class Scaler:DeprecationWarning")
+@pytest.mark.parametrize("kind", ["raw array", "ome-zarr from another tool"])
+def test_objects_never_write_into_a_store_tilesegment_did_not_write(tmp_path, capsys, kind):
+    volume = np.random.default_rng(3).integers(0, 4, (3, 40, 40), dtype=np.uint8)
+    store = tmp_path / "input.zarr"
+    if kind == "raw array":
+        zarr.save_array(str(store), volume)
+    else:  # an NGFF 0.5 image as ome-zarr-py (or any writer) makes it, no tilesegment record
+        from ome_zarr.writer import write_image
+
+        write_image(volume, zarr.open_group(str(store), mode="w"), axes="zyx", scale_factors=(2,))
+    before = _tree(store)
+    code = main(["objects", str(store), "--classes", "1"])
+    err = capsys.readouterr().err
+    assert _tree(store) == before  # not one byte added or changed
+    if kind == "raw array":
+        assert code == 0 and "pass --output" in err  # counted in memory, stored nowhere
+    else:
+        assert code == 2 and "was not written by tilesegment" in err and len(err.strip().splitlines()) == 1
+    out = tmp_path / "objects.zarr"
+    assert main(["objects", str(store), "--classes", "1", "--output", str(out), "--quiet"]) == 0
+    assert _tree(store) == before
+    labels = zarr.open_array(out / "0")[:]
+    expected, _ = ndimage.label(volume == 1)
+    assert labels.max() == expected.max()
+
+
+def test_objects_refuse_a_read_only_store_of_ours_and_write_elsewhere(segmented, tmp_path):
+    from zarr.storage import LocalStore
+
+    group = zarr.open_group(LocalStore(segmented, read_only=True), mode="r")
+    before = _tree(segmented)
+    with pytest.raises(ts.UsageError, match="read-only; pass output="):
+        ts.label_objects(group, progress=False)
+    objs = ts.label_objects(group, tmp_path / "elsewhere.zarr", progress=False)
+    assert len(objs) > 0 and _tree(segmented) == before

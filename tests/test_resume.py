@@ -1,6 +1,7 @@
 """Resumable runs: a killed run continues where it stopped and gives the same output."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -118,8 +119,17 @@ def test_ctrl_c_keeps_a_resumable_output_and_says_how_to_resume(tmp_path, slide,
     err = capsys.readouterr().err
     assert "--resume" in err and "blocks are saved" in err
     monkeypatch.setattr(ts.Stitcher, "add", original_add)
-    assert main(_args(slide, out, model, "--resume")) == 0
+    done = len(Manifest(out).done_blocks())
+    # Run again as a user would, forgetting --resume: told to add it, and nothing changes.
+    assert main(_args(slide, out, model)) == 2
+    err = capsys.readouterr().err
+    assert "stopped before it finished; pass --resume to finish it, or --overwrite" in err
+    assert len(Manifest(out).done_blocks()) == done
+    assert main([a for a in _args(slide, out, model, "--resume") if a != "--quiet"]) == 0
     assert not (out / ".tilesegment").exists()
+    # The summary counts only the tiles this run computed (one tile per block here).
+    computed = int(re.search(r"done +(\d+) tiles computed", capsys.readouterr().err).group(1))
+    assert computed == ts.prepare(slide, model, tmp_path / "fresh.zarr", tile_size=64, chunk_size=64).plan.n_tiles - done
 
 
 def test_a_run_stopped_while_building_the_pyramid_resumes(tmp_path, monkeypatch):

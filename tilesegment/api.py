@@ -147,6 +147,16 @@ class Job:
         return ~self.plan.tiles_in(self.done_blocks)
 
     @property
+    def pending_pixels(self) -> int:
+        """Output pixels this run writes: every one, less those of blocks a stopped run finished."""
+        plan, pending = self.plan, self.pending
+        if pending.all():
+            return int(np.prod(plan.shape))
+        origins = plan.origins[pending]
+        ends = np.minimum(origins + np.asarray(plan.tile_size), plan.shape)
+        return int(np.prod(ends - origins, axis=1).sum())
+
+    @property
     def skipped(self) -> np.ndarray:
         """Plan indices of tiles that are filled as background, not computed."""
         if self.compute is None:
@@ -235,8 +245,9 @@ class Job:
                 batch_size=self.batch_size,
                 device=", ".join(str(d) for d in self.devices),
                 seconds=time.perf_counter() - start,
-                pixels=int(np.prod(tiler.plan.shape)),
+                pixels=self.pending_pixels,
                 skipped=len(skipped),
+                resumed=int((~self.pending).sum()),
             )
         return stitcher.result, stats
 

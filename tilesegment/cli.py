@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -109,6 +110,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="classes whose components are objects, e.g. 2 (default: every class but 0)")
     obj.add_argument("--connectivity", type=int, default=1, metavar="N",
                      help="1: face neighbours (default); 2 (3 in 3-D): diagonal neighbours too")
+    obj.add_argument("--output", "-o", default=None, metavar="OBJECTS.zarr",
+                     help="write the instance labels here (default: labels/objects inside INPUT, "
+                          "which must be a tilesegment segment output)")
     obj.add_argument("--table", default=None, metavar="PATH", help="write the table: .csv, .csv.gz or .parquet")
     obj.add_argument("--geojson", default=None, metavar="PATH",
                      help="write outlines for QuPath: .geojson, or .geojson.gz (gzipped)")
@@ -312,7 +316,7 @@ def _segment_one(args, image: str, output: str, client, resume: Optional[bool] =
             _say_resumable(output, plan.n_blocks, args.storage_options)
         raise
     unit = "Mpx/s" if len(plan.shape) == 2 else "Mvox/s"
-    say(f"done     {run.tiles - run.skipped} tiles computed in {run.seconds:.1f} s: "
+    say(f"done     {run.computed} tiles computed in {run.seconds:.1f} s: "
         f"{run.megapixels_per_second:.2f} {unit} -> {output}")
     if args.objects:
         table, geojson = _beside(output)
@@ -341,7 +345,7 @@ def _objects(args: argparse.Namespace) -> int:
     classes = None if args.classes is None else _classes(args.classes)
     with _client(args.scheduler) as client:
         return _find_objects(args.input, classes, args.connectivity, args.table, args.geojson,
-                             args.overwrite, args.quiet, client)
+                             args.overwrite, args.quiet, client, output=args.output)
 
 
 def _classes(text: str) -> list[int]:
@@ -352,7 +356,7 @@ def _classes(text: str) -> list[int]:
 
 
 def _find_objects(image: str, classes, connectivity: int, table: Optional[str], geojson: Optional[str],
-                  overwrite: bool, quiet: bool, client) -> int:
+                  overwrite: bool, quiet: bool, client, output: Optional[str] = None) -> int:
     """Label the objects of a segment output; write the table and GeoJSON when asked."""
     import time
 
@@ -364,12 +368,12 @@ def _find_objects(image: str, classes, connectivity: int, table: Optional[str], 
             raise OutputExistsError(f"{path!r} exists; pass --overwrite or another path")
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr))
     start = time.perf_counter()
-    objs = label_objects(image, classes=classes, connectivity=connectivity, overwrite=overwrite,
+    objs = label_objects(image, output, classes=classes, connectivity=connectivity, overwrite=overwrite,
                          progress=not quiet, client=client)
     counts = objs.table["class_name"].value_counts(sort=False)
     summary = ", ".join(f"{n} {name}" for name, n in counts.items() if n) or "none"
-    stored = Path(image) / "labels" / "objects"
-    where = stored if stored.is_dir() else "not stored (INPUT is an array, not the OME-Zarr group of a segment run)"
+    stored = Path(output) if output is not None else Path(image) / "labels" / "objects"
+    where = stored if stored.is_dir() else "not stored (INPUT is an array: pass --output OBJECTS.zarr)"
     say(f"objects  {len(objs)} ({summary}) in {time.perf_counter() - start:.1f} s -> {where}")
     if table is not None:
         say(f"table    {objs.to_table(table, overwrite=overwrite)}")
@@ -507,15 +511,51 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _for_the_cli(message: str, parser: argparse.ArgumentParser) -> str:
+    """An error message in the CLI's words: ``overwrite=True`` becomes ``--overwrite``.
+
+    Messages are written for the Python API, some with the flag beside the
+    keyword (``pass overwrite=True (CLI: --overwrite)``); on the command line
+    only the flag is meant. Keywords that name a flag of `parser` are
+    rewritten; others are left as they are.
+
+    Examples
+    --------
+    >>> p = argparse.ArgumentParser()
+    >>> _ = p.add_argument("--axes"); _ = p.add_argument("--overwrite", action="store_true")
+    >>> _for_the_cli("pass overwrite=True (CLI: --overwrite) or axes='CYX', or axes= per axis", p)
+    'pass --overwrite or --axes CYX, or --axes per axis'
+    """
+    message = re.sub(r"\b[a-z_]+=\S* \(CLI: ([^)]*)\)", r"\1", message)
+    flags = {option[2:].replace("-", "_"): option for action in _actions(parser)
+             for option in action.option_strings if option.startswith("--")}
+    for name, flag in flags.items():
+        message = re.sub(rf"\b{name}=True\b", flag, message)
+        message = re.sub(rf"\b{name}='([^']*)'", rf"{flag} \1", message)
+        message = re.sub(rf"\b{name}=(?=[\s,.;:)]|$)", flag, message)
+    return message
+
+
+def _actions(parser: argparse.ArgumentParser) -> list:
+    """Every argument of `parser` and of its sub-commands."""
+    actions = list(parser._actions)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                actions += _actions(sub)
+    return actions
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the CLI; return the exit status (0 ok, 1 runtime error, 2 usage error)."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     try:
         return args.run(args)
     except TileSegmentError as exc:
         if args.debug:
             raise
-        print(f"tilesegment: error: {exc}", file=sys.stderr)
+        print(f"tilesegment: error: {_for_the_cli(str(exc), parser)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("tilesegment: interrupted", file=sys.stderr)

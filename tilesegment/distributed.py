@@ -183,6 +183,6 @@ def run_on_cluster(job, client, progress: bool = True):
             raise
     stats = RunStats(tiles=plan.n_tiles, tile_size=plan.tile_size, input_size=plan.input_size,
                      batch_size=job.batch_size, device=f"cluster ({len(client.scheduler_info()['workers'])} workers)",
-                     seconds=time.perf_counter() - start, pixels=int(np.prod(plan.shape)),
-                     skipped=len(job.skipped))
+                     seconds=time.perf_counter() - start, pixels=job.pending_pixels,
+                     skipped=len(job.skipped), resumed=int((~job.pending).sum()))
     return stitcher.result, stats

@@ -52,6 +52,8 @@ class _Input:
     group_path: Optional[Path] = None
     probabilities: Any = None  # (C, *spatial) array for a labels map, or None
     ngff: str = "0.5"  # version of the segment output the labels go into
+    ours: bool = False  # a store tilesegment wrote (the only kind labels are added to)
+    read_only: bool = False  # a group passed in on a read-only store
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -135,17 +137,22 @@ def _open_input(labels: Any, chunks: Any, probabilities: Any) -> _Input:
         if root is not None:
             group_path = Path(root) / group.path
     if group is not None:
-        return _open_group(group, group_path, chunks, probabilities)
+        inp = _open_group(group, group_path, chunks, probabilities)
+        inp.read_only = group_path is not None and not isinstance(labels, (str, os.PathLike)) and bool(
+            getattr(group.store, "read_only", False))
+        return inp
     return _open_array(labels, chunks, probabilities, kind="labels", name="the array")
 
 
 def _open_group(group: Any, path: Optional[Path], chunks: Any, probabilities: Any) -> _Input:
     where = str(path) if path is not None else "the zarr group"
-    if "0" not in group:
-        raise InputError(f"{where!r} is not a labels image: it has no array '0'; pass the OME-Zarr "
-                         "written by segment")
     ome = _ome(group)
     multiscales = ome.get("multiscales") or [{}]
+    # The full resolution: the first dataset of an NGFF image (other writers name it "s0"), or "0".
+    full = (multiscales[0].get("datasets") or [{"path": "0"}])[0].get("path", "0")
+    if full not in group:
+        raise InputError(f"{where!r} is not a labels image: it has no array {full!r}; pass the OME-Zarr "
+                         "written by segment")
     axes = multiscales[0].get("axes", [])
     if any(a.get("type") == "time" for a in axes):
         raise InputError(f"{where!r} has a time axis: objects do not continue from one time point to "
@@ -157,8 +164,9 @@ def _open_group(group: Any, path: Optional[Path], chunks: Any, probabilities: An
     if channel and kind == "labels":
         raise InputError(f"{where!r} is not a labels image: it has a channel axis and no probabilities "
                          "or logits of a segment run; pass the labels output of segment")
-    inp = _open_array(group["0"], chunks, probabilities, kind=kind, name=repr(where))
+    inp = _open_array(group[full], chunks, probabilities, kind=kind, name=repr(where))
     inp.group_path = path
+    inp.ours = "tilesegment" in group.attrs
     inp.ngff = _ngff(group)
     inp.pixel_size = _pixel_size(multiscales[0], inp.ndim)
     label_meta = ome.get("image-label", {})
@@ -170,7 +178,7 @@ def _open_group(group: Any, path: Optional[Path], chunks: Any, probabilities: An
     if kind == "labels" and colours:
         inp.num_classes = max(colours) + 1
     elif kind != "labels":
-        inp.num_classes = int(group["0"].shape[0])
+        inp.num_classes = int(group[full].shape[0])
     inp.names, inp.colours = names, colours
     return inp
 
@@ -365,6 +373,13 @@ def _check_outputs(inp: _Input, output: Any, overwrite: bool) -> Any:
         ZarrSink.check_output(output, overwrite)
         return output
     if inp.group_path is not None:
+        where = str(inp.group_path)
+        if not inp.ours:
+            raise UsageError(f"{where!r} was not written by tilesegment segment, so it is left as it is; "
+                             "pass output= (CLI: --output OBJECTS.zarr) to write the objects elsewhere")
+        if inp.read_only or not os.access(inp.group_path, os.W_OK):
+            raise UsageError(f"{where!r} is read-only; pass output= (CLI: --output OBJECTS.zarr) to write "
+                             "the objects elsewhere")
         target = _objects_path(inp)
         if target.exists() and not overwrite:
             raise OutputExistsError(f"{str(inp.group_path)!r} already has objects ({target.name} in labels/); "

@@ -19,12 +19,18 @@ class RunStats:
     batch_size: int
     device: str
     seconds: float
-    pixels: int
-    skipped: int = 0
+    pixels: int  # written by this run: a resumed run does not count what an earlier one wrote
+    skipped: int = 0  # tiles without tissue, written as background
+    resumed: int = 0  # tiles an earlier, stopped run had written
+
+    @property
+    def computed(self) -> int:
+        """Tiles this run ran the network on."""
+        return self.tiles - self.skipped - self.resumed
 
     @property
     def megapixels_per_second(self) -> float:
-        """Written output pixels per second, in millions."""
+        """Output pixels written by this run per second, in millions."""
         return self.pixels / max(self.seconds, 1e-9) / 1e6
 
 

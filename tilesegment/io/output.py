@@ -15,7 +15,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from ..errors import UsageError
+from ..errors import OutputExistsError, UsageError
 from .manifest import Manifest
 from .remote import is_url
 from .sinks import ZarrSink, _store_has_group, check_ngff, is_local_path
@@ -73,6 +73,12 @@ class Output:
         elif self.resume and self._exists:
             raise UsageError(f"{str(self.target)!r} has no unfinished run to resume (it is complete or not "
                              "ours); use another output, or --overwrite to replace it")
+        elif not self.overwrite and self._recorded and self._exists and Manifest(
+                self.target, self.storage_options).exists:
+            raise OutputExistsError(
+                f"{str(self.target)!r} holds a run that stopped before it finished; pass resume=True "
+                "(CLI: --resume) to finish it, or overwrite=True (CLI: --overwrite) to start again"
+            )
         else:
             ZarrSink.check_output(self.target, self.overwrite, self.storage_options)
         if isinstance(image, (str, os.PathLike)) and isinstance(self.target, (str, os.PathLike)):

@@ -339,10 +339,11 @@ class ZarrSink:
             self._write_metadata(self._build_pyramid())
             if self.manifest is not None:  # includes blocks of earlier, resumed runs
                 self.failed_tiles = self.manifest.failed_tiles()
-            if self._record is not None or self.failed_tiles or self._class_names:
-                classes = {"classes": self._class_names} if self._class_names else {}
-                self.group.attrs["tilesegment"] = {**(self._record or {}), "complete": True,
-                                                   "failed_tiles": self.failed_tiles, **classes}
+            # Always written: it marks the store as tilesegment's, the only kind that
+            # `label_objects` adds its labels to (never a store some other tool wrote).
+            classes = {"classes": self._class_names} if self._class_names else {}
+            self.group.attrs["tilesegment"] = {**(self._record or {}), "complete": True,
+                                               "failed_tiles": self.failed_tiles, **classes}
             self._pool.shutdown(wait=True)
             if self.manifest is not None:
                 self.manifest.finish()

@@ -574,6 +574,21 @@ def _tiff_pixel_size(tif) -> Optional[tuple[float, float]]:
     return None
 
 
+def _folder_hint(folder: Path) -> str:
+    """Why a folder is not an input, and the glob that names the slides in it."""
+    suffixes: dict[str, int] = {}
+    for f in folder.iterdir():
+        if f.is_file() and f.suffix:
+            suffixes[f.suffix.lower()] = suffixes.get(f.suffix.lower(), 0) + 1
+    slides = {k: n for k, n in suffixes.items() if k in (".svs", ".ndpi", ".tif", ".tiff", ".qptiff", ".scn")}
+    if not slides:
+        return (f"input {str(folder)!r} is a folder, not an image or a zarr store; pass an image file, "
+                "or a quoted glob such as 'folder/*.svs' to segment several")
+    suffix, n = max(slides.items(), key=lambda kv: kv[1])
+    return (f"input {str(folder)!r} is a folder, not an image; to segment the {n} {suffix} file(s) in it, "
+            f"pass the quoted glob '{folder / ('*' + suffix)}' (CLI; in Python, loop over them)")
+
+
 def _open_zarr(path: Union[Path, str], axes: Optional[str], level: int, series: int = 0,
                storage_options: Optional[dict] = None, ndim: int = 2) -> ImageSource:
     import zarr
@@ -586,6 +601,8 @@ def _open_zarr(path: Union[Path, str], axes: Optional[str], level: int, series: 
     try:
         node = zarr.open(str(path), mode="r", **options)
     except Exception as exc:
+        if not remote and Path(path).is_dir():
+            raise InputError(_folder_hint(Path(path))) from None
         raise InputError(f"input {str(path)!r} is not a zarr store ({exc})") from None
     if not isinstance(node, zarr.Group):
         _check_level(level, 1, name)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import importlib
 import os
+import pickle
+import re
+import sys
 import zipfile
 from pathlib import Path
 from typing import Any, Union
@@ -20,6 +23,8 @@ ModelSpec = Union[nn.Module, str, os.PathLike]
 _FORMAT = "tilesegment.checkpoint"
 _VERSION = 1
 _ARCHITECTURES = {"UNet": UNet}
+#: ``package.module:factory``: dotted module names, a colon, a callable's name.
+_FACTORY = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
 #: The bundled demo model; see tilesegment/models/train_demo.py and docs/demo.md.
 DEMO_MODEL = Path(__file__).with_name("demo_unet.pt")
 
@@ -112,7 +117,7 @@ def load_model(spec: ModelSpec) -> nn.Module:
         return OnnxModel(path).eval()
     if path.is_file():
         return _load_file(path).eval()
-    if ":" in text and not path.suffix:
+    if _FACTORY.fullmatch(text):
         return _load_factory(text).eval()
     raise ModelError(
         f"model {text!r} not found; pass a checkpoint path (*.pt), an ONNX file (*.onnx), a "
@@ -138,8 +143,16 @@ def _load_file(path: Path) -> nn.Module:
         return torch.jit.load(str(path), map_location="cpu")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # weights_only refuses pickled classes: a whole module saved with torch.save(model).
+        raise ModelError(
+            f"model file {str(path)!r} is a whole pickled module (torch.save(model)), which would "
+            "run code to load; save it with ts.save_model(model, path) or torch.jit.save, or load "
+            "it yourself and pass the module (Python) or a 'package.module:factory' (CLI)"
+        ) from None
     except Exception as exc:
-        raise ModelError(f"cannot read model file {str(path)!r}: {exc}") from exc
+        raise ModelError(f"cannot read model file {str(path)!r}: {type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != _FORMAT:
         raise ModelError(
             f"model file {str(path)!r} is a PyTorch file but not a tilesegment checkpoint; "
@@ -157,10 +170,24 @@ def _load_file(path: Path) -> nn.Module:
 def _load_factory(text: str) -> nn.Module:
     module_name, _, attr = text.partition(":")
     try:
-        factory = getattr(importlib.import_module(module_name), attr)
+        module = _import_from_here(module_name)
+        factory = getattr(module, attr)
     except (ImportError, AttributeError) as exc:
-        raise ModelError(f"cannot import model factory {text!r}: {exc}") from exc
+        raise ModelError(f"cannot import model factory {text!r}: {exc}") from None
     model = factory()
     if not isinstance(model, nn.Module):
         raise ModelError(f"factory {text!r} returned {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def _import_from_here(name: str):
+    """Import `name`, finding modules in the working folder too, as ``python -m`` would
+    (the ``tilesegment`` console script does not put the working folder on ``sys.path``)."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        here = os.getcwd()
+        if exc.name != name.split(".")[0] or here in sys.path:
+            raise
+    sys.path.insert(0, here)
+    return importlib.import_module(name)
