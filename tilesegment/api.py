@@ -298,6 +298,8 @@ def prepare(
     if tile_size in ("auto", None):
         tile_size = auto_tile_size(source.shape[source.ndim - geometry.ndim:], geometry, devices[0], model,
                                    source.channels, memory_budget)
+    else:
+        tile_size = _within_image(tile_size, source.shape, geometry)
     tiler = Tiler(source, geometry, tile_size=tile_size, chunk_size=chunk_size, padding=padding,
                   normalization=getattr(model, "normalization", None), on_error=on_error)
     identity = model_hash(model)  # of the network itself, however it is run
@@ -495,6 +497,30 @@ def segment(
     return job.run(progress, client=client)[0]
 
 
+
+
+def _within_image(tile_size: Any, shape: tuple[int, ...], geometry: Geometry) -> Any:
+    """`tile_size` with each network axis no larger than the image rounded up to the step.
+
+    A larger tile writes the same pixels (the result does not depend on the
+    tile size) but computes a network input that large. Sizes that are not
+    multiples of the step are left for the plan to refuse.
+
+    Examples
+    --------
+    >>> _within_image(512, (100, 2000), Geometry(halo=4, step=16))
+    (112, 512)
+    >>> _within_image((4, 256, 256), (3, 40, 300), Geometry(halo=4, step=8))  # a stack axis first
+    (4, 40, 256)
+    """
+    ndim = geometry.ndim
+    tile = (int(tile_size),) * ndim if isinstance(tile_size, (int, np.integer)) else tuple(int(t) for t in tile_size)
+    if len(tile) < ndim:
+        return tile_size
+    lead, own = tile[: len(tile) - ndim], tile[len(tile) - ndim:]
+    capped = tuple(min(t, -(-n // s) * s) if t % s == 0 else t
+                   for t, n, s in zip(own, shape[len(shape) - ndim:], geometry.step))
+    return lead + capped
 
 
 def _check_tile_fits(model, device: torch.device, channels: int, plan, budget: Optional[int]) -> None:

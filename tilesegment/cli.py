@@ -54,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
                           "(one <name>.zarr each; finished ones are skipped)")
     seg.add_argument("--model", "-m", default=None,
                      help="'demo' (bundled H&E model: background, tissue, nuclei; the default), a "
-                          "checkpoint (.pt, from ts.save_model), a TorchScript file, or package.module:factory")
+                          "checkpoint (.pt, from ts.save_model), a TorchScript file, an ONNX file (.onnx), "
+                          "a bioimage.io package (rdf.yaml or .zip), or package.module:factory")
     seg.add_argument("--tile-size", type=_size, default="auto", metavar="N",
                      help="written tile edge, a multiple of the network step; one per axis for "
                           "volumes, e.g. 32,256,256 (default: auto)")
@@ -209,8 +210,7 @@ def _segment_many(args, inputs: list[str], folder: Path, client) -> int:
     Outputs finished by a run with the same model and mode are skipped;
     unfinished ones (a manifest is present) are resumed.
     """
-    from .io.manifest import Manifest, model_hash
-    from .models.load import load_model
+    from .io.manifest import Manifest
 
     outputs = [folder / _output_name(image) for image in inputs]
     clashes = sorted({o.name for o in outputs if outputs.count(o) > 1})
@@ -218,15 +218,13 @@ def _segment_many(args, inputs: list[str], folder: Path, client) -> int:
         raise UsageError(f"several inputs would write {', '.join(clashes)}; segment them into "
                          "different folders or rename them")
     folder.mkdir(parents=True, exist_ok=True)
-    want = {"model": model_hash(load_model(args.model)), "mode": args.mode}
     failed = []
     for i, (image, out) in enumerate(zip(inputs, outputs), 1):
         print(f"[{i}/{len(inputs)}] {image} -> {out}", file=sys.stderr)
         resume = args.resume or Manifest(out).exists
         try:
             if out.exists() and not args.overwrite and not Manifest(out).exists:
-                record = _finished_record(out)
-                if record is not None and all(record.get(k) == v for k, v in want.items()):
+                if _finished_earlier(args, out):
                     print("         finished earlier: skipped", file=sys.stderr)
                     continue
                 raise UsageError(f"{out} exists from another run (other model or mode, or not ours); "
@@ -241,14 +239,20 @@ def _segment_many(args, inputs: list[str], folder: Path, client) -> int:
     return 0
 
 
-def _finished_record(out: Path) -> Optional[dict]:
+def _finished_earlier(args, out: Path) -> bool:
+    """Whether `out` is a finished output of this model in this mode: the same pixels
+    whatever the tile, batch or device (the exactness rule), so nothing is left to do."""
     import zarr
+
+    from .io.manifest import model_hash
+    from .models.load import load_model
 
     try:
         record = zarr.open_group(out, mode="r").attrs.get("tilesegment", {})
     except Exception:
-        return None
-    return record if record.get("complete") else None
+        return False
+    return bool(record.get("complete")) and record.get("mode") == args.mode and (
+        record.get("model") == model_hash(load_model(args.model)))
 
 
 class _client:
@@ -286,6 +290,12 @@ def _segment_one(args, image: str, output: str, client, resume: Optional[bool] =
     from .api import prepare
 
     resume = args.resume if resume is None else resume
+    if resume and not args.overwrite and "://" not in output and Path(output).is_dir() and _finished_earlier(
+            args, Path(output)):
+        if not args.quiet:
+            print(f"done     {output} was finished earlier with this model and mode: nothing to do",
+                  file=sys.stderr)
+        return 0
     device = args.device.split(",") if "," in args.device else args.device
     job = prepare(image, args.model, output, tile_size=args.tile_size,
                   batch_size=args.batch_size, device=device, mode=args.mode,
