@@ -72,17 +72,18 @@ def test_single_channel_tiff_with_singleton_z_squeezed(tmp_path):
     assert source.channels == 1 and source.shape == (120, 100)
 
 
-def test_ome_zarr_output_has_pyramid_axes_scale_and_label_colours(tmp_path):
+def test_ome_zarr_output_has_pyramid_axes_scale_and_a_window_over_its_classes(tmp_path):
     from ome_zarr_models.v05.image import Image
-    from ome_zarr_models.v05.image_label import ImageLabel
 
     image = np.random.default_rng(4).integers(0, 256, (2100, 1300, 3), dtype=np.uint8)
     out = tmp_path / "labels.zarr"
     ts.segment(image, NET3, out, tile_size=256, progress=False)
     group = zarr.open_group(out, mode="r")
     Image.from_zarr(group)
-    label = ImageLabel.from_zarr(group).attributes.ome.image_label
-    assert [c.label_value for c in label.colors] == [0, 1, 2]
+    # An image, not an image-label: viewers take an image-label root for the label of an image
+    # two folders up (napari-ome-zarr creates that group in the user's folder).
+    assert "image-label" not in group.attrs["ome"] and group.attrs["tilesegment"]["label_values"] == 3
+    assert group.attrs["ome"]["omero"]["channels"][0]["window"] == {"min": 0, "max": 2, "start": 0, "end": 2}
     ms = group.attrs["ome"]["multiscales"][0]
     assert [a["name"] for a in ms["axes"]] == ["y", "x"]
     shapes = [group[d["path"]].shape for d in ms["datasets"]]
@@ -235,3 +236,29 @@ def test_a_missing_protocol_package_names_the_package_that_provides_it():
         pytest.skip("gcsfs is installed here")
     with pytest.raises(ts.UsageError, match=r"needs gcsfs: pip install gcsfs$"):
         filesystem("gs://bucket/slide.svs")  # the remote extra has no gcsfs: no hint at it
+
+
+def _files(folder):
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_napari_ome_zarr_opens_an_output_and_its_objects_and_writes_nothing(tmp_path):
+    """napari-ome-zarr's reader (what `napari out.zarr` runs) on a segment output and its objects."""
+    reader = pytest.importorskip("napari_ome_zarr._reader")
+    folder = tmp_path / "project" / "slides"
+    folder.mkdir(parents=True)
+    out = folder / "slide.zarr"
+    image = np.random.default_rng(4).integers(0, 256, (300, 200, 3), dtype=np.uint8)
+    ts.segment(image, NET3, out, tile_size=64, progress=False)
+    ts.label_objects(out, classes=[1], progress=False)
+    before = _files(tmp_path)
+    layers = reader.napari_get_reader(str(out))()
+    assert _files(tmp_path) == before  # nothing created above the output, nothing changed in it
+    kinds = [(kind, meta.get("name"), np.asarray(data[0]).shape) for data, meta, kind in layers]
+    assert ("image", kinds[0][1], (300, 200)) == kinds[0]  # the class map
+    assert [k[0] for k in kinds] == ["image", "labels"] and kinds[1][2] == (300, 200)  # and the objects
+    classes = layers[0][1]
+    assert classes["contrast_limits"] == [0, 2]  # the window spans the classes, so they show
+    np.testing.assert_array_equal(np.asarray(layers[0][0][0]), zarr.open_array(out / "0")[:])
+    reader.napari_get_reader(str(out / "labels" / "objects"))()  # the objects alone open the slide too
+    assert _files(tmp_path) == before

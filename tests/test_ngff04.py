@@ -19,9 +19,8 @@ def _image(shape, seed=4):
     return np.random.default_rng(seed).integers(0, 256, (*shape, 3), dtype=np.uint8)
 
 
-def test_ngff_04_labels_validate_with_pyramid_scale_and_colours(tmp_path):
+def test_ngff_04_labels_validate_with_pyramid_scale_and_window(tmp_path):
     from ome_zarr_models.v04.image import Image
-    from ome_zarr_models.v04.image_label import ImageLabel
 
     image = _image((1100, 300))
     out = tmp_path / "labels.zarr"
@@ -32,9 +31,8 @@ def test_ngff_04_labels_validate_with_pyramid_scale_and_colours(tmp_path):
     assert zarray["dimension_separator"] == "/" and zarray["compressor"]["cname"] == "zstd"
     group = zarr.open_group(out, mode="r")
     assert group.metadata.zarr_format == 2 and "ome" not in group.attrs
-    Image.from_zarr(group)
-    label = ImageLabel.from_zarr(group).attributes.image_label
-    assert [c.label_value for c in label.colors] == [0, 1, 2] and label.version == "0.4"
+    image = Image.from_zarr(group)
+    assert image.attributes.omero.channels[0].window.end == 2 and "image-label" not in group.attrs
     ms = group.attrs["multiscales"][0]
     assert ms["version"] == "0.4" and [a["name"] for a in ms["axes"]] == ["y", "x"]
     shapes = [group[d["path"]].shape for d in ms["datasets"]]

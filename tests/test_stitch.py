@@ -97,15 +97,16 @@ def test_output_smaller_than_tile_is_refused_with_the_sizes():
         stitcher.add([0], np.zeros((1, 2, 10, 10), np.float32))
 
 
-def test_bfloat16_outputs_and_single_class_label_colours(tmp_path):
+def test_bfloat16_outputs_and_single_class_label_values(tmp_path):
     import torch
 
     tiler, _ = _identity_tiler()
     with ts.Stitcher(tiler.plan, tmp_path / "o.zarr", mode="labels") as stitcher:
         for batch in tiler.batches(4):
             stitcher.add(batch, torch.from_numpy(batch.data - 0.5).to(torch.bfloat16))
-    colours = zarr.open_group(tmp_path / "o.zarr").attrs["ome"]["image-label"]["colors"]
-    assert [c["label-value"] for c in colours] == [0, 1]
+    attrs = zarr.open_group(tmp_path / "o.zarr").attrs
+    assert attrs["tilesegment"]["label_values"] == 2  # one class: logit > 0, values 0 and 1
+    assert attrs["ome"]["omero"]["channels"][0]["window"]["end"] == 1
 
 
 def test_stitcher_takes_an_output_value_or_an_injected_sink(tmp_path):

@@ -117,8 +117,8 @@ def test_decoded_chunks_of_a_zarr_volume_are_read_once_and_equal_per_tile_reads(
 
 def test_ome_tiff_volume_keeps_its_voxel_size_and_validates_as_ngff(tmp_path):
     import tifffile
-    from ome_zarr_models.v04 import ImageLabel as ImageLabel04
-    from ome_zarr_models.v05 import ImageLabel
+    from ome_zarr_models.v04 import Image as Image04
+    from ome_zarr_models.v05 import Image
 
     volume = np.random.default_rng(6).integers(0, 256, (6, 40, 52), dtype=np.uint8)
     path = tmp_path / "vol.ome.tif"
@@ -127,7 +127,7 @@ def test_ome_tiff_volume_keeps_its_voxel_size_and_validates_as_ngff(tmp_path):
     source = ts.open_image(path)
     assert (source.plan_axes, source.shape, source.pixel_size) == ("ZYX", (6, 40, 52), (2.0, 0.5, 0.5))
     net = NETS[(1, 1, "anisotropic")]
-    for ngff, model in (("0.5", ImageLabel), ("0.4", ImageLabel04)):
+    for ngff, model in (("0.5", Image), ("0.4", Image04)):
         out = tmp_path / f"seg{ngff}.zarr"
         result = ts.segment(path, net, out, tile_size=(2, 16, 16), ngff=ngff, progress=False)
         assert_labels_match(result[:], whole_image_logits(volume, net, axes="ZYX"))

@@ -419,7 +419,7 @@ def _demo(args: argparse.Namespace) -> int:
         print("agreement   Dice with the generated truth: " +
               ", ".join(f"{k[5:]} {v:.3f}" for k, v in result.scores.items()))
     print(f"open it     napari --plugin napari-ome-zarr {result.output}   "
-          f"(pip install napari napari-ome-zarr)")
+          f"(pip install 'napari[all]' napari-ome-zarr; tick the eye of the labels layer)")
     return 0
 
 

@@ -175,8 +175,11 @@ def _open_group(group: Any, path: Optional[Path], chunks: Any, probabilities: An
     names = dict(enumerate(dict(group.attrs.get("tilesegment", {})).get("classes", [])))
     names.update({int(p["label-value"]): str(p.get("class", p.get("name")))
                   for p in label_meta.get("properties", []) if "label-value" in p})
-    if kind == "labels" and colours:
+    record = dict(group.attrs.get("tilesegment", {}))
+    if kind == "labels" and colours:  # a label image (its colours list every value)
         inp.num_classes = max(colours) + 1
+    elif kind == "labels" and "label_values" in record:  # a class map written by segment
+        inp.num_classes = int(record["label_values"])
     elif kind != "labels":
         inp.num_classes = int(group[full].shape[0])
     inp.names, inp.colours = names, colours
@@ -410,9 +413,13 @@ def _sink(inp: _Input, where: Any, dtype, overwrite: bool, writers: int):
         _labels_group(inp)
     chunks = tuple(e[1] - e[0] for e in inp.grid.edges)[3 - inp.ndim:]
     names = ("y", "x") if inp.ndim == 2 else ("z", "y", "x")
+    # In labels/ of a segment output the objects are an NGFF label image of it; written
+    # elsewhere, a plain image (an image-label root is read as the label of an image two
+    # folders up, which napari-ome-zarr then creates).
+    inside = where == "group"
     return ZarrSink(target, inp.shape, dtype, chunks, overwrite=overwrite, pixel_size=inp.pixel_size,
-                    writers=writers, labels=1, dimension_names=names,
-                    ngff=inp.ngff if where == "group" else "0.5")
+                    writers=writers, labels=1 if inside else None, label_image=inside, dimension_names=names,
+                    ngff=inp.ngff if inside else "0.5")
 
 
 def _finish_sink(sink: Any, where: Any) -> Any:
@@ -420,12 +427,10 @@ def _finish_sink(sink: Any, where: Any) -> Any:
     import zarr
 
     array = sink.close()  # opened read-only
-    group = zarr.open_group(array.store.with_read_only(False), mode="r+")
-    ome = _ome(group)
-    label = dict(ome.get("image-label", {}))
     if where == "group":
-        label["source"] = {"image": "../../"}
-    _set_ome(group, {**ome, "image-label": label})
+        group = zarr.open_group(array.store.with_read_only(False), mode="r+")
+        ome = _ome(group)
+        _set_ome(group, {**ome, "image-label": {**ome.get("image-label", {}), "source": {"image": "../../"}}})
     return array
 
 
@@ -741,8 +746,8 @@ def _write_cluster(task: _Task, client: Any, merged: Merged, sink: Any, progress
 
 
 def write_class_names(output: Union[str, os.PathLike], names: Sequence[str]) -> None:
-    """Record class names in a segment output (NGFF ``image-label`` properties, and
-    ``tilesegment.classes`` for probabilities and logits).
+    """Record class names in a segment output (``tilesegment.classes``, and the
+    ``image-label`` properties of label images that have them).
 
     `label_objects` reads them back for the table and the GeoJSON classification.
     """

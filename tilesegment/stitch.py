@@ -68,9 +68,8 @@ class Stitcher:
     storage_options : dict, optional
         fsspec options of a URL output (``s3://...``), e.g. ``{"endpoint_url": ...}``.
     class_names : sequence of str, optional
-        Names of the classes, recorded in the output (NGFF image-label
-        properties for labels; ``tilesegment.classes``) for `label_objects`,
-        QuPath and napari.
+        Names of the classes, recorded in the output
+        (``tilesegment.classes``) for `label_objects`, QuPath and napari.
 
     Examples
     --------

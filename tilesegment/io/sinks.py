@@ -155,13 +155,14 @@ class ZarrSink:
         storage_options: Optional[dict] = None,
         dimension_names: Optional[tuple[str, ...]] = None,
         class_names: Optional[Sequence[str]] = None,
+        label_image: bool = False,
     ) -> None:
         import zarr
 
         self.ngff = check_ngff(ngff)
         self._final: Optional[Path] = None
         self._names = tuple(dimension_names or (("y", "x") if len(shape) == 2 else ("c", "y", "x")))
-        self._pixel_size, self._labels = pixel_size, labels
+        self._pixel_size, self._labels, self._label_image = pixel_size, labels, label_image
         self._class_names = None if class_names is None else [str(n) for n in class_names]
         self._title = Path(str(output)).stem
         self._record, self.manifest = record, None
@@ -242,7 +243,15 @@ class ZarrSink:
     def _metadata(self, factors: list[tuple[int, ...]]) -> dict:
         """The group's OME attributes for the pyramid `factors`, in this sink's NGFF version."""
         meta = multiscales(self._names, self._pixel_size, self._title, factors, self.ngff)
-        if self._labels is not None:
+        if self._labels is not None and not self._label_image:
+            # A class map at the root of an output is an image whose display window spans its
+            # classes. It carries no image-label: napari-ome-zarr opens an image-label group as
+            # the label of an image two folders up, and creates a group there (zarr mode "a"),
+            # in the user's folder. Labels proper live in labels/ (label_objects).
+            meta["omero"] = {"channels": [{
+                "label": "classes", "color": "FFFFFF", "active": True,
+                "window": {"min": 0, "max": self._labels - 1, "start": 0, "end": self._labels - 1}}]}
+        elif self._labels is not None:
             meta["image-label"] = {
                 "version": self.ngff,
                 "colors": [{"label-value": k, "rgba": list(rgba)} for k, rgba in enumerate(palette(self._labels))],
@@ -342,6 +351,8 @@ class ZarrSink:
             # Always written: it marks the store as tilesegment's, the only kind that
             # `label_objects` adds its labels to (never a store some other tool wrote).
             classes = {"classes": self._class_names} if self._class_names else {}
+            if self._labels is not None:
+                classes["label_values"] = self._labels  # values 0 .. label_values - 1
             self.group.attrs["tilesegment"] = {**(self._record or {}), "complete": True,
                                                "failed_tiles": self.failed_tiles, **classes}
             self._pool.shutdown(wait=True)
