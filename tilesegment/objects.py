@@ -510,7 +510,7 @@ class Objects:
             try:
                 import pyarrow  # noqa: F401
             except ImportError:
-                raise UsageError("Parquet needs pyarrow: pip install 'tilesegment[parquet]', or write .csv") from None
+                raise UsageError("Parquet needs pyarrow: pip install pyarrow, or write .csv") from None
             self.table.to_parquet(path, index=False)
         elif name.endswith((".csv", ".csv.gz", ".tsv")):
             self.table.to_csv(path, index=False, sep="\t" if name.endswith(".tsv") else ",")

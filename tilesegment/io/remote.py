@@ -58,8 +58,7 @@ def filesystem(url: str, storage_options: Optional[dict] = None, *, error=UsageE
         return fsspec.core.url_to_fs(url, **options)
     except ImportError:
         package = _PACKAGES.get(protocol, f"the fsspec implementation for {protocol}://")
-        extra = " (or pip install 'tilesegment[remote]')" if package in ("s3fs", "aiohttp") else ""
-        raise error(f"{url!r} needs {package}: pip install {package}{extra}") from None
+        raise error(f"{url!r} needs {package}: pip install {package}") from None
     except ValueError as exc:
         raise error(f"{url!r}: {exc}") from None
 

@@ -227,7 +227,7 @@ def load_bioimageio(source: Union[str, os.PathLike], weights: Optional[str] = No
         from bioimageio.spec import load_model_description
     except ImportError:
         raise ModelError("bioimage.io models need bioimageio.spec and bioimageio.core: "
-                         "pip install 'tilesegment[bioimageio]'") from None
+                         "pip install bioimageio.spec bioimageio.core") from None
     text = os.fspath(source)
     try:
         descr = load_model_description(text, perform_io_checks=True, format_version="latest")
@@ -276,7 +276,7 @@ def _onnx_bytes(entry: Any) -> bytes:
         from onnx.external_data_helper import load_external_data_for_model
     except ImportError:
         raise ModelError("ONNX weights with external data need the onnx package: "
-                         "pip install 'tilesegment[onnx]'") from None
+                         "pip install onnx") from None
     data = download(entry.external_data)
     with tempfile.TemporaryDirectory(prefix="tilesegment-onnx-") as folder:
         (Path(folder) / data.original_file_name).write_bytes(data.read())

@@ -44,7 +44,7 @@ def save_model(model: nn.Module, path: Union[str, os.PathLike], *, format: str =
         ``"onnx"`` exports with dynamic batch, height and width and stores
         the geometry and normalization in the file's metadata, so
         ``load_model("net.onnx")`` runs it through onnxruntime with no
-        probing (needs ``pip install 'tilesegment[onnx]'``; see
+        probing (needs the ``onnx`` extra: ``pip install -e ".[onnx]"``; see
         `tilesegment.models.onnx.export_onnx` for the exporter options).
     **metadata
         Extra JSON-like facts to keep with the weights (training data, scores).

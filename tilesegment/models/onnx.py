@@ -7,7 +7,7 @@ is declared, from the model's own metadata (written by
 ``save_model(..., format="onnx")``) or found once by running the network on
 small inputs, so the meta-device probe never needs to look inside it.
 
-onnxruntime is an optional dependency (``pip install "tilesegment[onnx]"``);
+onnxruntime is an optional dependency (the ``onnx`` extra: ``pip install -e ".[onnx]"``);
 it is imported only when an ONNX model is loaded.
 """
 
@@ -40,7 +40,7 @@ def _import_ort():
         import onnxruntime
     except ImportError:
         raise ModelError(
-            "ONNX models need onnxruntime: pip install 'tilesegment[onnx]' (or onnxruntime-gpu "
+            "ONNX models need onnxruntime: pip install onnxruntime onnx (or onnxruntime-gpu "
             "on a CUDA machine)"
         ) from None
     return onnxruntime
@@ -392,7 +392,7 @@ def export_onnx(
     try:
         import onnx
     except ImportError:
-        raise ModelError("exporting ONNX needs the onnx package: pip install 'tilesegment[onnx]'") from None
+        raise ModelError("exporting ONNX needs the onnx package: pip install onnx") from None
     from .._probe import model_in_channels
 
     path = Path(path)
