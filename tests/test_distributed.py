@@ -115,3 +115,16 @@ def test_distributed_objects_equal_local_ones(cluster, slide, tmp_path):
     assert remote.table.equals(local.table)
     with pytest.raises(ts.UsageError, match="zarr path"):
         ts.label_objects(np.zeros((4, 4), np.uint8), client=cluster, progress=False)
+
+
+def test_a_cancelled_cluster_run_keeps_its_blocks_and_resumes_to_the_local_result(cluster, slide, net, tmp_path):
+    from tilesegment.io.manifest import Manifest
+
+    out = tmp_path / "o.zarr"
+    seen = []
+    with pytest.raises(ts.Cancelled, match="finished blocks are kept"):
+        ts.segment(slide, net, out, tile_size=64, chunk_size=64, client=cluster,
+                   progress=lambda done, total: seen.append(done) or done == 0)  # stop after the first group
+    assert len(seen) >= 2 and 0 < len(Manifest(out).done_blocks()) < 56
+    resumed = ts.segment(slide, net, out, tile_size=64, chunk_size=64, resume=True, client=cluster, progress=False)
+    np.testing.assert_array_equal(resumed[:], ts.segment(slide, net, tile_size=64, chunk_size=64, progress=False))

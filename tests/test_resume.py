@@ -151,3 +151,43 @@ def test_a_run_stopped_while_building_the_pyramid_resumes(tmp_path, monkeypatch)
     resumed = ts.segment(image, net, out, tile_size=128, resume=True, progress=False)
     np.testing.assert_array_equal(resumed[:], ts.segment(image, net, tile_size=128, progress=False))
     assert zarr.open_array(out / "1").shape == (550, 150)
+
+
+def test_progress_callable_hears_every_tile_and_a_cancel_leaves_a_resumable_output(tmp_path, slide, model):
+    import threading
+
+    reference = ts.segment(slide, model, tile_size=64, chunk_size=64, progress=False)
+    seen, cancel = [], threading.Event()
+
+    def progress(done, total):
+        seen.append((done, total))
+        if done >= 20:
+            cancel.set()  # as a GUI's cancel button would, from any thread
+
+    out = tmp_path / "o.zarr"
+    with pytest.raises(ts.Cancelled, match=r"after \d+ of 100 tiles; the finished blocks are kept .*resume=True"):
+        ts.segment(slide, model, out, tile_size=64, chunk_size=64, progress=progress, cancel=cancel)
+    assert seen[0] == (0, 100) and all(b[0] > a[0] for a, b in zip(seen, seen[1:]))
+    stopped_at = seen[-1][0]
+    assert 20 <= stopped_at <= 22  # within one batch of the cancel (batch 1, two more in flight at most)
+    done = len(Manifest(out).done_blocks())
+    # One tile per block: the blocks recorded are finished tiles; writes still queued may be dropped.
+    assert stopped_at - 2 <= done <= stopped_at
+    resumed_seen = []
+    resumed = ts.segment(slide, model, out, tile_size=64, chunk_size=64, resume=True,
+                         progress=lambda d, t: resumed_seen.append((d, t)))
+    assert resumed_seen[0] == (0, 100 - done) and resumed_seen[-1] == (100 - done, 100 - done)
+    np.testing.assert_array_equal(resumed[:], reference)
+
+
+def test_a_progress_callback_returning_false_cancels(tmp_path, slide, model):
+    out = tmp_path / "o.zarr"
+    with pytest.raises(ts.Cancelled):
+        ts.segment(slide, model, out, tile_size=64, chunk_size=64, progress=lambda done, total: done < 10)
+    assert 10 <= len(Manifest(out).done_blocks()) < 100
+    assert ts.prepare(slide, model, out, tile_size=64, chunk_size=64, resume=True).resume
+
+
+def test_cancelling_an_in_memory_run_says_the_result_is_dropped(slide, model):
+    with pytest.raises(ts.Cancelled, match="in-memory result is dropped"):
+        ts.segment(slide, model, tile_size=64, progress=False, cancel=lambda: True)

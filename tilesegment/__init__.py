@@ -6,6 +6,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from .errors import (
+    Cancelled,
     InputError,
     InvalidTileSize,
     ModelError,
@@ -26,6 +27,7 @@ _LAZY = {
     "prepare": "api",
     "segment": "api",
     "RunStats": "report",
+    "Reporter": "report",
     "Geometry": "geometry",
     "ImageSource": "io.sources",
     "open_image": "io.sources",
@@ -46,6 +48,7 @@ _LAZY = {
 
 __all__ = sorted([
     *_LAZY,
+    "Cancelled",
     "InputError",
     "InvalidTileSize",
     "ModelError",
@@ -78,6 +81,6 @@ if TYPE_CHECKING:  # what static checkers and IDEs see
     from .models import PlaneWise, UNet, load_model, save_model
     from .objects import Objects, label_objects
     from .plan import Block, Tile, TilePlan
-    from .report import RunStats
+    from .report import Reporter, RunStats
     from .stitch import Stitcher
     from .tiler import Batch, Tiler

@@ -6,14 +6,14 @@ import math
 import os
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from ._heap import return_large_buffers
 from ._probe import model_in_channels, model_out_channels
-from .errors import ModelError, UsageError
+from .errors import Cancelled, ModelError, UsageError
 from .executor import PRECISIONS, Executor, auto_batch_size, default_precision, resolve_devices
 from .geometry import Geometry, Pair, compact
 from .io.manifest import input_identity, model_hash
@@ -24,7 +24,7 @@ from .io.sources import ImageLike, ReadOptions
 from .models.load import ModelSpec, load_model
 from .models.planes import PlaneWise
 from .pipeline import run_pipeline
-from .report import RunStats, progress_bar
+from .report import Cancel, Reporter, RunStats, as_reporter
 from .modes import get_mode
 from .stitch import Stitcher
 from .tiler import Tiler, check_axes
@@ -146,6 +146,14 @@ class Job:
         """Per tile: still to be written (not in a block a stopped run finished)."""
         return ~self.plan.tiles_in(self.done_blocks)
 
+    def cancelled_message(self, reporter: Reporter) -> str:
+        """What a cancelled run says: how far it got, and how to go on."""
+        done = f"after {reporter.done} of {reporter.total} tiles" if hasattr(reporter, "done") else ""
+        if self.destination is None:
+            return f"run cancelled {done}; the in-memory result is dropped".replace("  ", " ")
+        return (f"run cancelled {done}; the finished blocks are kept in {str(self.output)!r}: run again "
+                "with resume=True (CLI: --resume) to continue").replace("  ", " ")
+
     @property
     def pending_pixels(self) -> int:
         """Output pixels this run writes: every one, less those of blocks a stopped run finished."""
@@ -204,16 +212,19 @@ class Job:
             for device in self.devices
         ]
 
-    def run(self, progress: bool = True, client: Any = None) -> tuple[Any, RunStats]:
+    def run(self, progress: Union[bool, Callable[[int, int], Any], Reporter] = True, client: Any = None,
+            cancel: Cancel = None) -> tuple[Any, RunStats]:
         """Segment, write the output and return ``(result, stats)``.
 
         With a dask.distributed `client`, blocks run as tasks on its workers
-        (see `tilesegment.distributed`).
+        (see `tilesegment.distributed`). `progress` and `cancel` are those of
+        `segment`; a cancelled run raises `Cancelled` and keeps what it finished.
         """
+        reporter = as_reporter(progress, cancel)
         if client is not None:
             from .distributed import run_on_cluster
 
-            return run_on_cluster(self, client, progress)
+            return run_on_cluster(self, client, reporter)
         if self.plan.geometry.ndim > 2:
             return_large_buffers()  # else freed tile buffers stay in the heap (see _heap)
         with self.tiler as tiler:
@@ -234,10 +245,15 @@ class Job:
                     writers=self.writers, num_classes=self.num_classes, class_names=self.class_names,
                     record=self.record, done_blocks=self.done_blocks,
                 ) as stitcher:
-                    with progress_bar(tiler.plan.n_tiles - len(skipped), progress) as bar:
-                        run_pipeline(batches, executors, stitcher, bar.update, skipped=skipped)
+                    reporter.start(int(self.pending.sum()) - len(skipped), "segment")
+                    try:
+                        run_pipeline(batches, executors, stitcher, reporter.advance, skipped=skipped,
+                                     cancelled=reporter.cancelled)
+                    except Cancelled:
+                        raise Cancelled(self.cancelled_message(reporter)) from None
             finally:
                 batches.close()
+                reporter.close()
             stats = RunStats(
                 tiles=tiler.plan.n_tiles,
                 tile_size=tiler.plan.tile_size,
@@ -379,8 +395,9 @@ def segment(
     on_error: str = "raise",
     ngff: str = "0.5",
     storage_options: Optional[dict] = None,
-    progress: bool = True,
+    progress: Union[bool, Callable[[int, int], Any], Reporter] = True,
     client: Any = None,
+    cancel: Cancel = None,
 ) -> Any:
     """Segment `image` with `model`, tile by tile, exactly as whole-image inference would.
 
@@ -428,8 +445,15 @@ def segment(
         Output chunk edge; must divide the tile size or be a multiple of it.
     overwrite : bool
         Replace an existing output (swapped in only when the new one is complete).
-    progress : bool
-        Show a progress bar.
+    progress : bool, callable or Reporter
+        True/False: a progress bar in the terminal, or none; a callable:
+        called with ``(tiles_done, tiles_total)`` as batches finish (return
+        False to cancel); a `tilesegment.report.Reporter` (a GUI's bar).
+    cancel : threading.Event or callable, optional
+        Set the event (or return True) to stop the run between batches,
+        within one batch's time. The finished blocks stay in the output with
+        the record a killed run leaves (``resume=True`` continues it), and
+        `Cancelled` is raised.
     precision : {"auto", "fp32", "bf16", "fp16"}
         Autocast precision: "auto" is bf16 on GPUs that support it, fp32 on CPU.
         Exactness holds in fp32; reduced precision changes labels on < 0.1 %
@@ -494,7 +518,7 @@ def segment(
         channels=channels, tissue_mask=tissue_mask, resume=resume, on_error=on_error, ngff=ngff,
         storage_options=storage_options,
     )
-    return job.run(progress, client=client)[0]
+    return job.run(progress, client=client, cancel=cancel)[0]
 
 
 

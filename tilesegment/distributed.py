@@ -116,18 +116,20 @@ def _groups(plan, pending_blocks: np.ndarray, min_tiles: int) -> list[list[int]]
     return groups
 
 
-def run_on_cluster(job, client, progress: bool = True):
+def run_on_cluster(job, client, reporter):
     """Run a prepared `Job` on a dask.distributed `client`; return ``(zarr array, stats)``.
 
     The output must be a path every worker can write (shared storage), and the
-    image a path every worker can read.
+    image a path every worker can read. `reporter` (a `tilesegment.report.Reporter`)
+    hears of each finished group of blocks and may cancel between them.
     """
     import time
 
     from distributed import as_completed
 
     from .io.sinks import is_local_path
-    from .report import RunStats, progress_bar
+    from .errors import Cancelled
+    from .report import RunStats
     from .stitch import Stitcher
 
     if job.output is None or not is_local_path(job.output):
@@ -170,17 +172,21 @@ def run_on_cluster(job, client, progress: bool = True):
             for group in groups
         ]
         counts = np.diff(plan.block_tiles)
+        reporter.start(int(counts[pending].sum()), "segment")
         try:
-            with progress_bar(int(counts[pending].sum()), progress) as bar:
-                for future in as_completed(futures):
-                    blocks, failed = future.result()  # also in the manifest markers
-                    stitcher.mark_written(blocks)
-                    stitcher.failed_tiles.extend(failed)
-                    bar.update(int(counts[blocks].sum()))
+            for future in as_completed(futures):
+                blocks, failed = future.result()  # also in the manifest markers
+                stitcher.mark_written(blocks)
+                stitcher.failed_tiles.extend(failed)
+                reporter.advance(int(counts[blocks].sum()))
+                if reporter.cancelled():
+                    raise Cancelled(job.cancelled_message(reporter))
         except BaseException:
             client.cancel(futures)
             sink.keep = True  # tasks already running cannot be stopped and still write
             raise
+        finally:
+            reporter.close()
     stats = RunStats(tiles=plan.n_tiles, tile_size=plan.tile_size, input_size=plan.input_size,
                      batch_size=job.batch_size, device=f"cluster ({len(client.scheduler_info()['workers'])} workers)",
                      seconds=time.perf_counter() - start, pixels=job.pending_pixels,

@@ -11,6 +11,7 @@ __all__ = [
     "OutputExistsError",
     "TileReadError",
     "ModelOutputError",
+    "Cancelled",
 ]
 
 
@@ -55,3 +56,9 @@ class TileReadError(TileSegmentError):
 
 class ModelOutputError(TileSegmentError):
     """The model produced NaN or Inf."""
+
+
+class Cancelled(TileSegmentError):
+    """The caller cancelled the run (a `Reporter` said so); what was finished is kept."""
+
+    exit_code = 130

@@ -15,6 +15,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from .errors import Cancelled
 from .executor import Executor
 from .stitch import Stitcher
 from .tiler import Batch
@@ -31,6 +32,7 @@ def run_pipeline(
     on_progress: Callable[[int], None] = lambda n: None,
     depth: int = 2,
     skipped: Sequence[int] = (),
+    cancelled: Callable[[], bool] = lambda: False,
 ) -> None:
     """Feed `batches` through `executors` into `stitcher` until all are done.
 
@@ -50,14 +52,25 @@ def run_pipeline(
         Sorted plan indices that are not computed; `stitcher.fill` writes
         them as background, interleaved in plan order so that blocks
         complete (and leave memory) as they would without skipping.
+    cancelled : callable
+        Asked before each batch is taken; once it returns True no batch is
+        started, the batches in flight are stitched, and `Cancelled` is raised.
+
+    Raises
+    ------
+    Cancelled
+        When `cancelled` said so (the stitcher has every finished tile).
     """
-    stop, abandon = threading.Event(), threading.Event()
+    stop, abandon, stopped_by_caller = threading.Event(), threading.Event(), threading.Event()
     results: queue.Queue = queue.Queue(maxsize=max(1, depth) * len(executors))
     take_lock = threading.Lock()
     errors: list[BaseException] = []
 
     def take():
         with take_lock:
+            if not stop.is_set() and cancelled():
+                stopped_by_caller.set()
+                stop.set()
             return None if stop.is_set() else next(batches, None)
 
     def put(item) -> None:
@@ -90,7 +103,7 @@ def run_pipeline(
             item = results.get()
             if item is _DONE:
                 finished += 1
-            elif not stop.is_set():
+            elif not stop.is_set() or stopped_by_caller.is_set():  # a cancelled run keeps its results
                 indices, failed, output = item
                 array = output.numpy()
                 ok = ~np.isin(indices, failed)
@@ -105,7 +118,7 @@ def run_pipeline(
                 if until > skip_at:
                     stitcher.fill(skipped[skip_at:until])
                     skip_at = until
-        if not errors and skip_at < len(skipped):
+        if not errors and skip_at < len(skipped) and not stopped_by_caller.is_set():
             stitcher.fill(skipped[skip_at:])
     except BaseException:
         stop.set()
@@ -122,3 +135,5 @@ def run_pipeline(
             close()
     if errors:
         raise errors[0]
+    if stopped_by_caller.is_set():
+        raise Cancelled("run cancelled")
