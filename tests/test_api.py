@@ -170,4 +170,4 @@ def test_segment_has_every_option_of_prepare_with_the_same_default():
     seg, prep = (inspect.signature(f).parameters for f in (ts.segment, ts.prepare))
     assert {name: p.default for name, p in prep.items()} == {
         name: seg[name].default for name in prep}
-    assert set(seg) - set(prep) == {"progress", "client"}
+    assert set(seg) - set(prep) == {"progress", "client", "cancel"}  # what Job.run takes

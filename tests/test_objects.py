@@ -377,3 +377,24 @@ def test_objects_refuse_a_read_only_store_of_ours_and_write_elsewhere(segmented,
         ts.label_objects(group, progress=False)
     objs = ts.label_objects(group, tmp_path / "elsewhere.zarr", progress=False)
     assert len(objs) > 0 and _tree(segmented) == before
+
+
+def test_objects_report_progress_and_a_cancel_writes_nothing(segmented, tmp_path):
+    import threading
+
+    seen, cancel = [], threading.Event()
+    before = _tree(segmented)
+
+    def progress(done, total):
+        seen.append((done, total))
+        if done >= 3:
+            cancel.set()
+
+    with pytest.raises(ts.Cancelled, match="objects pass cancelled .*no objects were written"):
+        ts.label_objects(segmented, chunks=32, progress=progress, cancel=cancel)
+    assert _tree(segmented) == before and not (segmented / "labels").exists()
+    total = seen[0][1]
+    assert seen[0] == (0, total) and seen[-1][0] == 3 < total  # stopped at once, between chunks
+    seen.clear()
+    objs = ts.label_objects(segmented, chunks=32, progress=lambda done, total: seen.append((done, total)))
+    assert len(objs) > 0 and seen[-1] == (total, total)  # labelled, then written: 2 steps per chunk

@@ -16,12 +16,13 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
 from ._components import Grid, Merged, Merger, label_chunk, measure_chunk
-from .errors import InputError, OutputExistsError, UsageError
+from .errors import Cancelled, InputError, OutputExistsError, UsageError
+from .report import Cancel, Reporter, as_reporter
 
 __all__ = ["label_objects", "Objects", "write_class_names", "DEFAULT_CHUNK"]
 
@@ -325,20 +326,33 @@ def _bar(total: int, enabled: bool, what: str, unit: str = "chunk"):
     return tqdm(total=total, unit=unit, desc=what, disable=not enabled, leave=False, dynamic_ncols=True)
 
 
-def _measure_local(task: _Task, progress: bool, workers: int) -> Merged:
+def _advance(reporter: Reporter, n: int = 1) -> None:
+    """Count `n` chunks done; stop the pass if the caller cancelled it."""
+    reporter.advance(n)
+    if reporter.cancelled():
+        raise Cancelled(f"objects pass cancelled after {getattr(reporter, 'done', '?')} of "
+                        f"{getattr(reporter, 'total', '?')} chunk steps; no objects were written")
+
+
+def _measure_local(task: _Task, reporter: Reporter, workers: int) -> Merged:
     grid = task.input.grid
     merger = Merger(grid, task.connectivity)
-    with _bar(grid.n_chunks, progress, "objects: label") as bar, ThreadPoolExecutor(workers) as pool:
+    with ThreadPoolExecutor(workers) as pool:
         # a bounded window of chunks in flight, merged in raster order: shells of about a band
         pending = []
-        for flat in range(grid.n_chunks):
-            pending.append(pool.submit(task.measure, flat))
-            if len(pending) > 2 * workers:
-                merger.add(pending.pop(0).result())
-                bar.update()
-        for future in pending:
-            merger.add(future.result())
-            bar.update()
+        try:
+            for flat in range(grid.n_chunks):
+                pending.append(pool.submit(task.measure, flat))
+                if len(pending) > 2 * workers:
+                    merger.add(pending.pop(0).result())
+                    _advance(reporter)
+            for future in pending:
+                merger.add(future.result())
+                _advance(reporter)
+        except Cancelled:
+            for future in pending:
+                future.cancel()
+            raise
     return merger.finish()
 
 
@@ -346,18 +360,21 @@ def _groups(n: int, size: int) -> list[list[int]]:
     return [list(range(i, min(n, i + size))) for i in range(0, n, size)]
 
 
-def _measure_cluster(task: _Task, client: Any, progress: bool, group: int) -> Merged:
+def _measure_cluster(task: _Task, client: Any, reporter: Reporter, group: int) -> Merged:
     from distributed import as_completed
 
     grid = task.input.grid
     merger = Merger(grid, task.connectivity)
     spec = client.scatter(task, broadcast=True, hash=False)
     futures = [client.submit(_measure_many, spec, chunks, pure=False) for chunks in _groups(grid.n_chunks, group)]
-    with _bar(grid.n_chunks, progress, "objects: label") as bar:
+    try:
         for future in as_completed(futures):
             for result in future.result():
                 merger.add(result)
-            bar.update(len(future.result()))
+            _advance(reporter, len(future.result()))
+    except BaseException:
+        client.cancel(futures)
+        raise
     return merger.finish()
 
 
@@ -620,8 +637,9 @@ def label_objects(
     class_names: Union[None, Sequence[str], dict] = None,
     chunks: Union[None, int, Sequence[int]] = None,
     overwrite: bool = False,
-    progress: bool = True,
+    progress: Union[bool, Callable[[int, int], Any], Reporter] = True,
     client: Any = None,
+    cancel: Cancel = None,
 ) -> Objects:
     """Find whole objects in a label map: connected components per class, across chunks.
 
@@ -652,11 +670,17 @@ def label_objects(
         a megapixel; 1024 for numpy maps).
     overwrite : bool
         Replace existing instance labels.
-    progress : bool
-        Show a progress bar.
+    progress : bool, callable or Reporter
+        As in `segment`: a bar, none, a callable ``(done, total)`` counting
+        chunk steps (each chunk is labelled, then written: 2 per chunk), or a
+        `tilesegment.report.Reporter`.
     client : dask.distributed.Client, optional
         Label chunks as tasks on this cluster (the map and the output must be
         zarr paths all workers reach). The result equals a local run's.
+    cancel : threading.Event or callable, optional
+        As in `segment`: stops the pass between chunks with `Cancelled`; the
+        objects output is not written (a partial one is removed) and the
+        segment output is left as it was.
 
     Returns
     -------
@@ -698,29 +722,38 @@ def label_objects(
                          "pass a segment output or output=PATH")
     task = _Task(inp, wanted, int(connectivity))
     workers = max(1, min(4, os.cpu_count() or 1))
+    reporter = as_reporter(progress, cancel, unit="chunk")
+    reporter.start(2 * inp.grid.n_chunks, "objects")  # label every chunk, then write it
+    try:
+        return _label_and_write(task, inp, where, overwrite, client, reporter, workers)
+    finally:
+        reporter.close()
+
+
+def _label_and_write(task: _Task, inp: _Input, where: Any, overwrite: bool, client: Any, reporter: Reporter,
+                     workers: int) -> "Objects":
     if client is not None:
-        merged = _measure_cluster(task, client, progress, group=max(1, inp.grid.n_chunks // (8 * _n_workers(client))))
+        merged = _measure_cluster(task, client, reporter, group=max(1, inp.grid.n_chunks // (8 * _n_workers(client))))
     else:
-        merged = _measure_local(task, progress, workers)
+        merged = _measure_local(task, reporter, workers)
     dtype = merged.lookups[0].dtype if merged.lookups else np.uint32
     if where is None:
         result = np.zeros(inp.shape, dtype)
-        with _bar(inp.grid.n_chunks, progress, "objects: write") as bar, ThreadPoolExecutor(workers) as pool:
+        with ThreadPoolExecutor(workers) as pool:
             def fill(i):
                 result[inp.grid.region(i)[3 - inp.ndim:]] = task.instances(i, merged.lookups[i])
             for _ in pool.map(fill, range(inp.grid.n_chunks)):
-                bar.update()
+                reporter.advance(1)  # in memory: nothing to keep, so no point stopping here
         return Objects(result, merged, inp)
     sink = _sink(inp, where, dtype, overwrite, workers)
     try:
         if client is not None:
-            _write_cluster(task, client, merged, sink, progress)
+            _write_cluster(task, client, merged, sink, reporter)
         else:
-            with _bar(inp.grid.n_chunks, progress, "objects: write") as bar:
-                for i in range(inp.grid.n_chunks):
-                    region = inp.grid.region(i)[3 - inp.ndim:]
-                    sink.commit(region, task.instances(i, merged.lookups[i]))
-                    bar.update()
+            for i in range(inp.grid.n_chunks):
+                region = inp.grid.region(i)[3 - inp.ndim:]
+                sink.commit(region, task.instances(i, merged.lookups[i]))
+                _advance(reporter)
     except BaseException:
         sink.abort()
         raise
@@ -731,7 +764,7 @@ def _n_workers(client: Any) -> int:
     return max(1, len(client.scheduler_info().get("workers", {})))
 
 
-def _write_cluster(task: _Task, client: Any, merged: Merged, sink: Any, progress: bool) -> None:
+def _write_cluster(task: _Task, client: Any, merged: Merged, sink: Any, reporter: Reporter) -> None:
     from distributed import as_completed
 
     sink.keep = True  # other processes write into it
@@ -740,9 +773,12 @@ def _write_cluster(task: _Task, client: Any, merged: Merged, sink: Any, progress
     groups = _groups(task.input.grid.n_chunks, max(1, task.input.grid.n_chunks // (8 * _n_workers(client))))
     futures = [client.submit(_write_many, spec, g, [merged.lookups[i] for i in g], array_path, pure=False)
                for g in groups]
-    with _bar(task.input.grid.n_chunks, progress, "objects: write") as bar:
+    try:
         for future in as_completed(futures):
-            bar.update(future.result())
+            _advance(reporter, future.result())
+    except BaseException:
+        client.cancel(futures)
+        raise
 
 
 def write_class_names(output: Union[str, os.PathLike], names: Sequence[str]) -> None:
