@@ -171,3 +171,15 @@ def test_segment_has_every_option_of_prepare_with_the_same_default():
     assert {name: p.default for name, p in prep.items()} == {
         name: seg[name].default for name in prep}
     assert set(seg) - set(prep) == {"progress", "client", "cancel"}  # what Job.run takes
+
+
+def test_a_job_runs_twice_from_a_file_and_closes_it_when_done(rgb_tiff, net):
+    job = ts.prepare(rgb_tiff, net, tile_size=32)
+    first, _ = job.run(progress=False)
+    second, _ = job.run(progress=False)  # the TIFF is still open: a GUI may run a job again
+    np.testing.assert_array_equal(first, second)
+    handles = [r for r in job.tiler.source._resources if hasattr(r, "filehandle")]
+    assert handles and not handles[0].filehandle.closed
+    with job:
+        pass
+    assert handles[0].filehandle.closed

@@ -106,7 +106,9 @@ class Job:
     """A validated segmentation run: every input checked, nothing computed yet.
 
     Make one with `prepare`; `run` does the work. The CLI prints the plan in
-    between.
+    between. The image stays open between runs, so a job can run again (a
+    GUI re-running a region, a benchmark); `close()`, or ``with job:``,
+    releases it.
     """
 
     model: torch.nn.Module
@@ -202,6 +204,16 @@ class Job:
         dtype = self.tiler.input_dtype
         return all(d.type == "cuda" for d in self.devices) and dtype.itemsize == 1 and dtype.kind in "ui"
 
+    def close(self) -> None:
+        """Close the image file the job reads (it reopens nothing: a closed job cannot run)."""
+        self.tiler.close()
+
+    def __enter__(self) -> "Job":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def executors(self) -> list[Executor]:
         """One executor per device, each with its own copy of the model on it."""
         affine = (self.tiler.scale, self.tiler.offset) if self.raw_inputs else None
@@ -227,44 +239,45 @@ class Job:
             return run_on_cluster(self, client, reporter)
         if self.plan.geometry.ndim > 2:
             return_large_buffers()  # else freed tile buffers stay in the heap (see _heap)
-        with self.tiler as tiler:
-            executors = self.executors()
-            start = time.perf_counter()
-            skipped = self.skipped
-            todo = self.pending if self.compute is None else self.pending & self.compute
-            todo = None if todo.all() else np.flatnonzero(todo)
-            # Reading starts here, so the first batch is read while the output is created.
-            batches = tiler.batches(
-                self.batch_size, tiles=todo, prefetch=2 * len(executors),
-                workers=self.readers, allocate=executors[0].host_buffer,
-                normalize=not self.raw_inputs, channels_last=executors[0].channels_last,
-            )
-            try:
-                with Stitcher(
-                    tiler.plan, self.destination, self.mode, pixel_size=tiler.source.pixel_size,
-                    writers=self.writers, num_classes=self.num_classes, class_names=self.class_names,
-                    record=self.record, done_blocks=self.done_blocks,
-                ) as stitcher:
-                    reporter.start(int(self.pending.sum()) - len(skipped), "segment")
-                    try:
-                        run_pipeline(batches, executors, stitcher, reporter.advance, skipped=skipped,
-                                     cancelled=reporter.cancelled)
-                    except Cancelled:
-                        raise Cancelled(self.cancelled_message(reporter)) from None
-            finally:
-                batches.close()
-                reporter.close()
-            stats = RunStats(
-                tiles=tiler.plan.n_tiles,
-                tile_size=tiler.plan.tile_size,
-                input_size=tiler.plan.input_size,
-                batch_size=self.batch_size,
-                device=", ".join(str(d) for d in self.devices),
-                seconds=time.perf_counter() - start,
-                pixels=self.pending_pixels,
-                skipped=len(skipped),
-                resumed=int((~self.pending).sum()),
-            )
+        # The source stays open: the Job can run again; close() (or `with job:`) closes it.
+        tiler = self.tiler
+        executors = self.executors()
+        start = time.perf_counter()
+        skipped = self.skipped
+        todo = self.pending if self.compute is None else self.pending & self.compute
+        todo = None if todo.all() else np.flatnonzero(todo)
+        # Reading starts here, so the first batch is read while the output is created.
+        batches = tiler.batches(
+            self.batch_size, tiles=todo, prefetch=2 * len(executors),
+            workers=self.readers, allocate=executors[0].host_buffer,
+            normalize=not self.raw_inputs, channels_last=executors[0].channels_last,
+        )
+        try:
+            with Stitcher(
+                tiler.plan, self.destination, self.mode, pixel_size=tiler.source.pixel_size,
+                writers=self.writers, num_classes=self.num_classes, class_names=self.class_names,
+                record=self.record, done_blocks=self.done_blocks,
+            ) as stitcher:
+                reporter.start(int(self.pending.sum()) - len(skipped), "segment")
+                try:
+                    run_pipeline(batches, executors, stitcher, reporter.advance, skipped=skipped,
+                                 cancelled=reporter.cancelled)
+                except Cancelled:
+                    raise Cancelled(self.cancelled_message(reporter)) from None
+        finally:
+            batches.close()
+            reporter.close()
+        stats = RunStats(
+            tiles=tiler.plan.n_tiles,
+            tile_size=tiler.plan.tile_size,
+            input_size=tiler.plan.input_size,
+            batch_size=self.batch_size,
+            device=", ".join(str(d) for d in self.devices),
+            seconds=time.perf_counter() - start,
+            pixels=self.pending_pixels,
+            skipped=len(skipped),
+            resumed=int((~self.pending).sum()),
+        )
         return stitcher.result, stats
 
 
@@ -518,7 +531,8 @@ def segment(
         channels=channels, tissue_mask=tissue_mask, resume=resume, on_error=on_error, ngff=ngff,
         storage_options=storage_options,
     )
-    return job.run(progress, client=client, cancel=cancel)[0]
+    with job:
+        return job.run(progress, client=client, cancel=cancel)[0]
 
 
 

@@ -222,7 +222,7 @@ def bench(
                     dev = job.devices[0]
                     if dev.type == "cuda":
                         torch.cuda.reset_peak_memory_stats(dev)
-                    with _PeakRSS() as rss:
+                    with _PeakRSS() as rss, job:
                         _, stats = job.run(progress=False)
                     executor = job.executors()[0]
                     n_batches = -(-job.plan.n_tiles // job.batch_size)

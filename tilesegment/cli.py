@@ -325,6 +325,8 @@ def _segment_one(args, image: str, output: str, client, resume: Optional[bool] =
         if not args.overwrite:  # an overwrite run writes beside the old output: nothing to resume
             _say_resumable(output, plan.n_blocks, args.storage_options)
         raise
+    finally:
+        job.close()
     unit = "Mpx/s" if len(plan.shape) == 2 else "Mvox/s"
     say(f"done     {run.computed} tiles computed in {run.seconds:.1f} s: "
         f"{run.megapixels_per_second:.2f} {unit} -> {output}")
