@@ -678,9 +678,10 @@ def label_objects(
         Label chunks as tasks on this cluster (the map and the output must be
         zarr paths all workers reach). The result equals a local run's.
     cancel : threading.Event or callable, optional
-        As in `segment`: stops the pass between chunks with `Cancelled`; the
-        objects output is not written (a partial one is removed) and the
-        segment output is left as it was.
+        As in `segment`: stops the pass between chunks while they are
+        labelled, with `Cancelled`; nothing is written then, and the segment
+        output is left as it was. Writing, the second half, is not cancelled
+        once begun.
 
     Returns
     -------
@@ -736,6 +737,8 @@ def _label_and_write(task: _Task, inp: _Input, where: Any, overwrite: bool, clie
         merged = _measure_cluster(task, client, reporter, group=max(1, inp.grid.n_chunks // (8 * _n_workers(client))))
     else:
         merged = _measure_local(task, reporter, workers)
+    # Writing is not cancelled once begun: half an objects output (and its entry in
+    # labels/) would be worse than the seconds it takes to finish.
     dtype = merged.lookups[0].dtype if merged.lookups else np.uint32
     if where is None:
         result = np.zeros(inp.shape, dtype)
@@ -743,7 +746,7 @@ def _label_and_write(task: _Task, inp: _Input, where: Any, overwrite: bool, clie
             def fill(i):
                 result[inp.grid.region(i)[3 - inp.ndim:]] = task.instances(i, merged.lookups[i])
             for _ in pool.map(fill, range(inp.grid.n_chunks)):
-                reporter.advance(1)  # in memory: nothing to keep, so no point stopping here
+                reporter.advance(1)
         return Objects(result, merged, inp)
     sink = _sink(inp, where, dtype, overwrite, workers)
     try:
@@ -753,7 +756,7 @@ def _label_and_write(task: _Task, inp: _Input, where: Any, overwrite: bool, clie
             for i in range(inp.grid.n_chunks):
                 region = inp.grid.region(i)[3 - inp.ndim:]
                 sink.commit(region, task.instances(i, merged.lookups[i]))
-                _advance(reporter)
+                reporter.advance(1)
     except BaseException:
         sink.abort()
         raise
@@ -775,7 +778,7 @@ def _write_cluster(task: _Task, client: Any, merged: Merged, sink: Any, reporter
                for g in groups]
     try:
         for future in as_completed(futures):
-            _advance(reporter, future.result())
+            reporter.advance(future.result())
     except BaseException:
         client.cancel(futures)
         raise
