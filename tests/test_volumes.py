@@ -425,7 +425,6 @@ def test_a_tiff_axes_override_may_name_z_and_plans_of_four_axes_name_them(tmp_pa
 
 
 def test_volume_runs_turn_off_glibcs_growing_mmap_threshold(monkeypatch):
-    import tilesegment._heap as heap
     import tilesegment.api as api
 
     calls = []

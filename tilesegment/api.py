@@ -24,7 +24,7 @@ from .io.sources import ImageLike, ReadOptions
 from .models.load import ModelSpec, load_model
 from .models.planes import PlaneWise
 from .pipeline import run_pipeline
-from .report import Cancel, Reporter, RunStats, as_reporter
+from .report import Cancel, Reporter, RunStats, as_reporter, progress_of
 from .modes import get_mode
 from .stitch import Stitcher
 from .tiler import Tiler, check_axes
@@ -150,11 +150,12 @@ class Job:
 
     def cancelled_message(self, reporter: Reporter) -> str:
         """What a cancelled run says: how far it got, and how to go on."""
-        done = f"after {reporter.done} of {reporter.total} tiles" if hasattr(reporter, "done") else ""
+        done = progress_of(reporter)
+        stopped = f"run cancelled {done} tiles" if done else "run cancelled"
         if self.destination is None:
-            return f"run cancelled {done}; the in-memory result is dropped".replace("  ", " ")
-        return (f"run cancelled {done}; the finished blocks are kept in {str(self.output)!r}: run again "
-                "with resume=True (CLI: --resume) to continue").replace("  ", " ")
+            return f"{stopped}; the in-memory result is dropped"
+        return (f"{stopped}; the finished blocks are kept in {str(self.output)!r}: run again "
+                "with resume=True (CLI: --resume) to continue")
 
     @property
     def pending_pixels(self) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 import sys
 from pathlib import Path
@@ -244,15 +245,21 @@ def _finished_earlier(args, out: Path) -> bool:
     whatever the tile, batch or device (the exactness rule), so nothing is left to do."""
     import zarr
 
-    from .io.manifest import model_hash
-    from .models.load import load_model
-
     try:
         record = zarr.open_group(out, mode="r").attrs.get("tilesegment", {})
     except Exception:
         return False
     return bool(record.get("complete")) and record.get("mode") == args.mode and (
-        record.get("model") == model_hash(load_model(args.model)))
+        record.get("model") == _model_identity(args.model))
+
+
+@functools.lru_cache(maxsize=4)
+def _model_identity(spec: str) -> str:
+    """The model hash a run records, computed once per model however many outputs are checked."""
+    from .io.manifest import model_hash
+    from .models.load import load_model
+
+    return model_hash(load_model(spec))
 
 
 class _client:

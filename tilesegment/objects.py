@@ -22,7 +22,7 @@ import numpy as np
 
 from ._components import Grid, Merged, Merger, label_chunk, measure_chunk
 from .errors import Cancelled, InputError, OutputExistsError, UsageError
-from .report import Cancel, Reporter, as_reporter
+from .report import Cancel, Reporter, TqdmReporter, as_reporter, progress_of
 
 __all__ = ["label_objects", "Objects", "write_class_names", "DEFAULT_CHUNK"]
 
@@ -320,18 +320,13 @@ def _write_many(task: _Task, chunks: list[int], lookups: list, array_path: str) 
     return len(chunks)
 
 
-def _bar(total: int, enabled: bool, what: str, unit: str = "chunk"):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, unit=unit, desc=what, disable=not enabled, leave=False, dynamic_ncols=True)
-
-
 def _advance(reporter: Reporter, n: int = 1) -> None:
     """Count `n` chunks done; stop the pass if the caller cancelled it."""
     reporter.advance(n)
     if reporter.cancelled():
-        raise Cancelled(f"objects pass cancelled after {getattr(reporter, 'done', '?')} of "
-                        f"{getattr(reporter, 'total', '?')} chunk steps; no objects were written")
+        done = progress_of(reporter)
+        stopped = f"objects pass cancelled {done} chunk steps" if done else "objects pass cancelled"
+        raise Cancelled(f"{stopped}; no objects were written")
 
 
 def _measure_local(task: _Task, reporter: Reporter, workers: int) -> Merged:
@@ -583,9 +578,10 @@ class Objects:
         annotate = {int(k) for k in annotation_classes}
         opener = gzip.open if path.name.lower().endswith(".gz") else open
         tmp = path.with_name(f".{path.name}.tmp")
+        bar = TqdmReporter(progress, unit="object")
+        bar.start(len(self), "objects: GeoJSON")
         try:
-            bar = _bar(len(self), progress, "objects: GeoJSON", "object")
-            with opener(tmp, "wt", encoding="utf-8") as out, bar:
+            with opener(tmp, "wt", encoding="utf-8") as out:
                 out.write('{"type": "FeatureCollection", "features": [\n')
                 for n, (oid, geometry) in enumerate(self.outlines()):
                     if scale != 1.0:
@@ -602,12 +598,14 @@ class Objects:
                     }
                     out.write(("" if n == 0 else ",\n") + '{"type": "Feature", "geometry": '
                               + shapely.to_geojson(geometry) + ', "properties": ' + json.dumps(props) + "}")
-                    bar.update()
+                    bar.advance(1)
                 out.write("\n]}\n")
             tmp.replace(path)
         except BaseException:
             tmp.unlink(missing_ok=True)  # no half-written file left beside the output
             raise
+        finally:
+            bar.close()
         return path
 
 

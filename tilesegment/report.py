@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Protocol, Union, runtime_checkable
+from typing import Any, Callable, Protocol, Union, runtime_checkable
 
 from .geometry import Pair
 
@@ -66,6 +66,12 @@ class Reporter(Protocol):
 
 
 Cancel = Union[None, threading.Event, Callable[[], bool]]
+
+
+def progress_of(reporter: Reporter) -> str:
+    """``"after 20 of 100"``, for reporters that count (ours do), else ``""``: for messages."""
+    done, total = getattr(reporter, "done", None), getattr(reporter, "total", None)
+    return "" if done is None or total is None else f"after {done} of {total}"
 
 
 class _Reporter:
