@@ -27,7 +27,7 @@ _LAZY = {
     "prepare": "api",
     "segment": "api",
     "RunStats": "report",
-    "Reporter": "report",
+    "Reporter": "contracts",
     "Geometry": "geometry",
     "ImageSource": "io.sources",
     "open_image": "io.sources",
@@ -81,6 +81,7 @@ if TYPE_CHECKING:  # what static checkers and IDEs see
     from .models import PlaneWise, UNet, load_model, save_model
     from .objects import Objects, label_objects
     from .plan import Block, Tile, TilePlan
-    from .report import Reporter, RunStats
+    from .contracts import Reporter
+    from .report import RunStats
     from .stitch import Stitcher
     from .tiler import Batch, Tiler

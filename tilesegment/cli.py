@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 
 from .errors import TileSegmentError, UsageError
 from .geometry import compact
-from .modes import MODES
+from .modes import mode_names
 
 __all__ = ["main"]
 
@@ -66,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     seg.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                      help="autocast precision; auto: bf16 on GPUs that support it, fp32 on CPU")
     seg.add_argument("--compile", action="store_true", help="run the model through torch.compile")
-    seg.add_argument("--mode", choices=list(MODES), default="labels",
+    seg.add_argument("--mode", choices=mode_names(), default="labels",
                      help="labels: uint8 argmax; probabilities: uint8 softmax*255; logits: float32")
     seg.add_argument("--level", type=int, default=0, help="pyramid level to segment (default: 0)")
     seg.add_argument("--mpp", type=float, default=None,

@@ -5,7 +5,8 @@ and shape of the output, the numba kernel that crops and reduces a network
 output on the host, its torch twin that does the same on a device, the
 background it fills skipped tiles with, whether the result is a label image
 (nearest-neighbour pyramid, NGFF image-label metadata), and how well it
-compresses. Adding a mode is one class here and its test.
+compresses. Adding a mode is one class and its registration
+(`tilesegment.registry.modes`, or a ``tilesegment.modes`` entry point), and its test.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ from typing import TYPE_CHECKING, Callable, Optional, Union
 import numpy as np
 
 from .errors import UsageError
+from .registry import modes
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Mode", "Labels", "Probabilities", "Logits", "MODES", "get_mode"]
+__all__ = ["Mode", "Labels", "Probabilities", "Logits", "get_mode", "mode_names"]
 
 
 @dataclass(frozen=True)
@@ -131,8 +133,13 @@ class Logits(Mode):
         return logits
 
 
-#: The modes by name, in the order the CLI lists them.
-MODES: dict[str, Mode] = {m.name: m for m in (Labels(), Probabilities(), Logits())}
+for _mode in (Labels(), Probabilities(), Logits()):  # in the order the CLI lists them
+    modes.register(_mode.name, _mode)
+
+
+def mode_names() -> list[str]:
+    """Every mode's name: ours, then those other packages register (`tilesegment.registry`)."""
+    return modes.names()
 
 
 def get_mode(mode: Union[str, Mode]) -> Mode:
@@ -145,7 +152,6 @@ def get_mode(mode: Union[str, Mode]) -> Mode:
     """
     if isinstance(mode, Mode):
         return mode
-    try:
-        return MODES[mode]
-    except (KeyError, TypeError):
-        raise UsageError(f"mode {mode!r} is unknown; use one of {', '.join(MODES)}") from None
+    if isinstance(mode, str) and mode in modes:
+        return modes.get(mode)
+    raise UsageError(f"mode {mode!r} is unknown; use one of {', '.join(modes.names())}")

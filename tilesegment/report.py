@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, Union, runtime_checkable
+from typing import Any, Callable, Union
 
+from .contracts import Reporter
 from .geometry import Pair
 
 __all__ = ["RunStats", "Reporter", "TqdmReporter", "CallbackReporter", "as_reporter"]
@@ -43,26 +44,6 @@ class RunStats:
     def megapixels_per_second(self) -> float:
         """Output pixels written by this run per second, in millions."""
         return self.pixels / max(self.seconds, 1e-9) / 1e6
-
-
-@runtime_checkable
-class Reporter(Protocol):
-    """Progress of a long run, and whether to go on.
-
-    ``start(total, what)`` is called once, before any work; ``advance(n)``
-    after every `n` units done (tiles, or chunks for objects), from the
-    calling thread; ``cancelled()`` between batches, where True stops the
-    run (within one batch) with `Cancelled`; ``close()`` once at the end,
-    whatever happened.
-    """
-
-    def start(self, total: int, what: str) -> None: ...
-
-    def advance(self, n: int) -> None: ...
-
-    def cancelled(self) -> bool: ...
-
-    def close(self) -> None: ...
 
 
 Cancel = Union[None, threading.Event, Callable[[], bool]]

@@ -9,10 +9,11 @@ import threading
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Optional, Protocol, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
+from ..contracts import Region, Sink
 from ..errors import OutputExistsError, UsageError
 from .manifest import Manifest
 from .ngff import downsample, multiscales, pyramid_factors
@@ -20,10 +21,6 @@ from .remote import is_url
 
 __all__ = ["Sink", "MemorySink", "ZarrSink", "BlockSink", "is_local_path", "palette", "NGFF_VERSIONS",
            "check_ngff"]
-
-#: Where a block goes: one slice per axis of the output array, class axis included
-#: (``slice(None)``), in the array's own axis order.
-Region = tuple[slice, ...]
 
 #: OME-Zarr versions we write: 0.5 (zarr v3, the default) and 0.4 (zarr v2, for QuPath and
 #: older napari-ome-zarr / ome-zarr-py readers).
@@ -37,24 +34,6 @@ def check_ngff(version: str) -> str:
         raise UsageError(f"ngff {version!r} is not supported; use one of {', '.join(NGFF_VERSIONS)} "
                          "(0.4 writes zarr v2 for QuPath and older readers)")
     return text
-
-
-class Sink(Protocol):
-    """What the stitcher needs from an output."""
-
-    def buffer(self, region: Region) -> np.ndarray:
-        """An array to crop the tiles of `region` into."""
-
-    def commit(self, region: Region, buffer: np.ndarray, block: Optional[int] = None,
-               failed: Optional[list] = None) -> None:
-        """`buffer` holds all of `region` (block `block` of the plan, with `failed`
-        unreadable tiles filled): store it."""
-
-    def close(self) -> Any:
-        """Finish and return the result."""
-
-    def abort(self) -> None:
-        """Stop after an error; leave nothing half-done that looks finished."""
 
 
 class MemorySink:
