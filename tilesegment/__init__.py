@@ -75,13 +75,13 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # what static checkers and IDEs see
     from .api import Job, prepare, segment
+    from .contracts import Reporter
     from .geometry import Geometry
     from .io.output import Output
     from .io.sources import ImageSource, open_image
     from .models import PlaneWise, UNet, load_model, save_model
     from .objects import Objects, label_objects
     from .plan import Block, Tile, TilePlan
-    from .contracts import Reporter
     from .report import RunStats
     from .stitch import Stitcher
     from .tiler import Batch, Tiler
