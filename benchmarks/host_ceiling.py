@@ -118,7 +118,8 @@ def main() -> None:
         add("network_standin", "memory", wall, cpu)
 
         def stitch(output):
-            with ts.Stitcher(tiler.plan, output, "labels", num_classes=3, writers=1) as stitcher:
+            target = None if output is None else ts.Output(output, writers=1)
+            with ts.Stitcher(tiler.plan, target, "labels", num_classes=3) as stitcher:
                 for start, out in zip(range(0, tiler.plan.n_tiles, batch), outputs):
                     idx = np.arange(start, min(start + batch, tiler.plan.n_tiles))
                     stitcher.add(idx, out[: len(idx)])

@@ -46,13 +46,13 @@ def main() -> None:
         masked_s = min(masked_s, time.perf_counter() - start)  # includes detecting the tissue
 
     diff = 0
-    for i in np.flatnonzero(job.compute):
+    for i in np.flatnonzero(job.tissue):
         t = job.plan.tile(int(i))
         window = (slice(t.origin[0], t.origin[0] + t.size[0]), slice(t.origin[1], t.origin[1] + t.size[1]))
         diff = max(diff, int(np.abs(masked[window].astype(int) - full[window]).max()))
     row = {
         "slide": args.slide.name, "tile_size": args.tile_size, "base_channels": args.base,
-        "tiles": job.plan.n_tiles, "computed": int(job.compute.sum()), "skipped": stats.skipped,
+        "tiles": job.plan.n_tiles, "computed": int(job.tissue.sum()), "skipped": stats.skipped,
         "skipped_fraction": round(stats.skipped / job.plan.n_tiles, 4),
         "full_s": round(full_s, 2), "masked_s": round(masked_s, 2),
         "time_ratio_masked_over_full": round(masked_s / full_s, 3),

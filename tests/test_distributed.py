@@ -128,3 +128,33 @@ def test_a_cancelled_cluster_run_keeps_its_blocks_and_resumes_to_the_local_resul
     assert len(seen) >= 2 and 0 < len(Manifest(out).done_blocks()) < 56
     resumed = ts.segment(slide, net, out, tile_size=64, chunk_size=64, resume=True, client=cluster, progress=False)
     np.testing.assert_array_equal(resumed[:], ts.segment(slide, net, tile_size=64, chunk_size=64, progress=False))
+
+
+def test_the_gpu_shaped_path_is_the_same_locally_and_on_a_cluster(slide, net, tmp_path, monkeypatch):
+    """uint8 batches normalized inside the executor, reduced there: what a GPU run does, on the CPU.
+    A local run and a cluster run take it through the same runner and agree bit for bit."""
+    from dataclasses import replace
+
+    from tilesegment.executor import Executor
+
+    seen = []
+    call = Executor.__call__
+    monkeypatch.setattr(Executor, "__call__", lambda self, data: seen.append((data.dtype, self.takes_raw))
+                        or call(self, data))
+
+    def gpu_shaped(out):
+        job = ts.prepare(slide, net, out, tile_size=128, chunk_size=128, mode="probabilities")
+        return replace(job, compute=replace(job.compute, raw_inputs=True, reduce_on_device=True))
+
+    with gpu_shaped(tmp_path / "local.zarr") as job:
+        job.run(progress=False)
+    assert seen and set(seen) == {(np.dtype(np.uint8), True)}
+    seen.clear()
+    with distributed.Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=":0") as client:
+        with gpu_shaped(tmp_path / "cluster.zarr") as job:
+            job.run(progress=False, client=client)
+    assert seen and set(seen) == {(np.dtype(np.uint8), True)}  # the workers took the same path
+    local = zarr.open_array(tmp_path / "local.zarr" / "0")[:]
+    np.testing.assert_array_equal(zarr.open_array(tmp_path / "cluster.zarr" / "0")[:], local)
+    host = ts.segment(slide, net, tile_size=128, mode="probabilities", progress=False)  # float32 from the host
+    assert np.abs(local.astype(int) - host).max() <= 1  # normalization order: one uint8 step at most

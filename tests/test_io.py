@@ -183,7 +183,7 @@ def test_tissue_mask_skips_glass_tiles_and_leaves_computed_pixels_unchanged(mode
     for i in range(job.plan.n_tiles):
         tile = job.plan.tile(i)
         window = (..., slice(tile.origin[0], tile.origin[0] + tile.size[0]), slice(tile.origin[1], tile.origin[1] + tile.size[1]))
-        if job.compute[i]:
+        if job.tissue[i]:
             np.testing.assert_array_equal(masked[window], full[window])
         elif mode == "labels":
             assert (masked[window] == 0).all()
@@ -196,9 +196,9 @@ def test_tissue_mask_from_array_and_file(tmp_path):
     mask = np.zeros((60, 50), bool)
     mask[:10, :10] = True
     job = ts.prepare(rgb, NET3, tile_size=64, tissue_mask=mask)
-    assert job.compute.sum() == job.plan.tiles_touching(mask, margin=0).sum() < job.plan.n_tiles
+    assert job.tissue.sum() == job.plan.tiles_touching(mask, margin=0).sum() < job.plan.n_tiles
     tifffile.imwrite(tmp_path / "mask.tif", mask.astype(np.uint8) * 255)
-    np.testing.assert_array_equal(ts.prepare(rgb, NET3, tile_size=64, tissue_mask=tmp_path / "mask.tif").compute, job.compute)
+    np.testing.assert_array_equal(ts.prepare(rgb, NET3, tile_size=64, tissue_mask=tmp_path / "mask.tif").tissue, job.tissue)
     with pytest.raises(ts.InputError, match="aspect"):
         ts.prepare(rgb, NET3, tile_size=64, tissue_mask=np.ones((10, 90), bool))
 
@@ -209,7 +209,7 @@ def test_real_svs_tissue_mask_computes_fewer_tiles_with_identical_pixels(shared_
     masked, stats = job.run(progress=False)
     assert stats.skipped >= 0.15 * job.plan.n_tiles
     computed = np.zeros(full.shape, bool)
-    for i in np.flatnonzero(job.compute):
+    for i in np.flatnonzero(job.tissue):
         t = job.plan.tile(int(i))
         computed[t.origin[0] : t.origin[0] + t.size[0], t.origin[1] : t.origin[1] + t.size[1]] = True
     np.testing.assert_array_equal(masked[computed], full[computed])

@@ -140,7 +140,7 @@ def test_resume_refuses_another_onnx_model(tmp_path):
     b = ts.save_model(small_unet(seed=2), tmp_path / "b.onnx", format="onnx")
     out = tmp_path / "o.zarr"
     job = ts.prepare(image, a, out, tile_size=32, chunk_size=32)
-    stitcher = ts.Stitcher(job.plan, out, record=job.record, num_classes=3)
+    stitcher = ts.Stitcher(job.plan, ts.Output(out, record=job.record), num_classes=3)
     stitcher.fill([0])
     stitcher.__exit__(KeyboardInterrupt, None, None)
     with pytest.raises(ts.UsageError, match="cannot resume .*model was"):
@@ -215,7 +215,7 @@ def test_changed_external_data_is_another_model_for_resume(dynamo_export, tmp_pa
     model = _copy_model(dynamo_export[0], tmp_path / "model")
     out = tmp_path / "o.zarr"
     job = ts.prepare(rgb_tiff, model, out, tile_size=32, chunk_size=32)
-    stitcher = ts.Stitcher(job.plan, out, record=job.record, num_classes=2)
+    stitcher = ts.Stitcher(job.plan, ts.Output(out, record=job.record), num_classes=2)
     stitcher.fill([0])  # one block done, then stopped
     stitcher.__exit__(KeyboardInterrupt, None, None)
     assert ts.prepare(rgb_tiff, model, out, tile_size=32, chunk_size=32, resume=True).resume

@@ -90,7 +90,7 @@ def test_resume_with_other_settings_is_refused(tmp_path, slide, model):
     out = tmp_path / "out.zarr"
     job = ts.prepare(slide, model, out, tile_size=64, chunk_size=64)
     # Leave a stopped run behind: two blocks written, then interrupted.
-    stitcher = ts.Stitcher(job.plan, out, record=job.record, num_classes=3)
+    stitcher = ts.Stitcher(job.plan, ts.Output(out, record=job.record), num_classes=3)
     stitcher.fill([0, 1])
     stitcher.__exit__(KeyboardInterrupt, None, None)
     assert len(Manifest(out).done_blocks()) == 2

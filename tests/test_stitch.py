@@ -142,5 +142,3 @@ def test_stitcher_takes_an_output_value_or_an_injected_sink(tmp_path):
         Output(tmp_path / "p.zarr", overwrite=True, resume=True)
     with pytest.raises(ts.UsageError, match="no unfinished run to resume"):  # complete: nothing to resume
         Output(tmp_path / "o.zarr", resume=True).check()
-    with pytest.raises(ts.UsageError, match="in the Output, not beside it"):
-        ts.Stitcher(tiler.plan, Output(tmp_path / "q.zarr"), overwrite=True)

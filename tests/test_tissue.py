@@ -71,4 +71,4 @@ def test_mostly_glass_slide_computes_only_the_tiles_near_its_tissue():
     net = ts.UNet(3, 2, base_channels=2, depth=2)
     job = ts.prepare(rgb, net, tile_size=128, tissue_mask="auto")
     # The dilated piece spans at most 3 x 3 of the 8 x 8 tiles.
-    assert 1 <= job.compute.sum() <= 9
+    assert 1 <= job.tissue.sum() <= 9

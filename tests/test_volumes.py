@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+import tifffile
 import torch
 import zarr
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -424,15 +425,20 @@ def test_a_tiff_axes_override_may_name_z_and_plans_of_four_axes_name_them(tmp_pa
     assert stitcher.result.shape == (2, 1, 3, 40, 40)  # (t, c, z, y, x)
 
 
-def test_volume_runs_turn_off_glibcs_growing_mmap_threshold(monkeypatch):
-    import tilesegment.api as api
+def test_only_the_cli_turns_off_glibcs_growing_mmap_threshold_for_volumes(monkeypatch, tmp_path):
+    import tilesegment._heap as heap
+    from tilesegment.cli import main
 
     calls = []
-    monkeypatch.setattr(api, "return_large_buffers", lambda: calls.append(1) or True)
-    ts.segment(np.zeros((20, 20), np.float32), small_unet(1, 2), tile_size=8, progress=False)
-    assert calls == []  # slides keep the allocator as it is
-    ts.segment(np.zeros((2, 20, 20), np.float32), NETS[(1, 1, "anisotropic")], tile_size=(2, 8, 8), progress=False)
-    assert calls == [1]
+    monkeypatch.setattr(heap, "return_large_buffers", lambda: calls.append(1) or True)
+    volume = np.zeros((2, 20, 20), np.float32)
+    ts.segment(volume, NETS[(1, 1, "anisotropic")], tile_size=(2, 16, 16), progress=False)
+    assert calls == []  # a library call leaves the caller's process as it is
+    model = ts.save_model(NETS[(1, 1, "anisotropic")], tmp_path / "m.pt")
+    tifffile.imwrite(tmp_path / "v.tif", volume, imagej=True, metadata={"axes": "ZYX"})
+    assert main(["segment", str(tmp_path / "v.tif"), str(tmp_path / "v.zarr"), "--model", str(model),
+                 "--quiet", "--tile-size", "2,16,16"]) == 0
+    assert calls == [1]  # the CLI owns its process: volume runs return large buffers
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's")

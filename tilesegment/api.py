@@ -11,10 +11,10 @@ from typing import Any, Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from ._heap import return_large_buffers
 from ._probe import model_in_channels, model_out_channels
-from .errors import Cancelled, ModelError, UsageError
+from .errors import ModelError, UsageError
 from .executor import PRECISIONS, Executor, auto_batch_size, default_precision, resolve_devices
+from .options import ComputeOptions, JobSpec, PlanOptions
 from .geometry import Geometry, Pair, compact
 from .io.manifest import input_identity, model_hash
 from .io.output import Output
@@ -23,10 +23,9 @@ from .io.sinks import is_local_path
 from .io.sources import ImageLike, ReadOptions
 from .models.load import ModelSpec, load_model
 from .models.planes import PlaneWise
-from .pipeline import run_pipeline
 from .report import Cancel, Reporter, RunStats, as_reporter, progress_of
 from .modes import get_mode
-from .stitch import Stitcher
+from .runner import make_executors, run_blocks
 from .tiler import Tiler, check_axes
 from .tissue import MaskLike, load_mask
 
@@ -108,25 +107,33 @@ class Job:
     Make one with `prepare`; `run` does the work. The CLI prints the plan in
     between. The image stays open between runs, so a job can run again (a
     GUI re-running a region, a benchmark); `close()`, or ``with job:``,
-    releases it.
+    releases it. The settings are plain values: `read` (which pixels),
+    ``tiler.plan`` (how they are cut), `compute` (how the network runs) and
+    `destination` (where the result goes); `spec` packs them for a cluster.
     """
 
     model: torch.nn.Module
     tiler: Tiler
-    devices: tuple[torch.device, ...]
-    batch_size: int
     mode: str
+    compute: ComputeOptions
     destination: Optional[Output] = None  # the OME-Zarr to write (None: a numpy result)
-    precision: str = "auto"
-    compile: bool = False
-    memory_budget: Optional[int] = None
-    compute: Optional[np.ndarray] = None  # per tile: computed (True) or filled as background
+    tissue: Optional[np.ndarray] = None  # per tile: computed (True) or filled as background
     record: Optional[dict] = None  # identity of the run, for the output's manifest
     done_blocks: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     image_path: Optional[str] = None  # for workers that open the image themselves
     read: ReadOptions = field(default_factory=ReadOptions)
     num_classes: int = 1
     storage_options: Optional[dict] = None  # fsspec options of URL inputs and outputs
+
+    @property
+    def devices(self) -> tuple[torch.device, ...]:
+        """The devices this machine runs the network on, one executor each."""
+        return tuple(torch.device(d) for d in self.compute.devices)
+
+    @property
+    def batch_size(self) -> int:
+        """Tiles per forward pass."""
+        return self.compute.batch_size
 
     @property
     def output(self) -> Any:
@@ -170,9 +177,9 @@ class Job:
     @property
     def skipped(self) -> np.ndarray:
         """Plan indices of tiles that are filled as background, not computed."""
-        if self.compute is None:
+        if self.tissue is None:
             return np.zeros(0, np.int64)
-        return np.flatnonzero(~self.compute & self.pending)
+        return np.flatnonzero(~self.tissue & self.pending)
 
     @property
     def plan(self):
@@ -198,12 +205,26 @@ class Job:
         half the cores (writing costs about a third of reading per pixel)."""
         return 1 if self._on_cpu else max(2, (os.cpu_count() or 2) // 2)
 
-    @property
-    def raw_inputs(self) -> bool:
-        """Whether batches travel in the source's 1-byte dtype and are normalized on the
-        device: on GPUs, where it saves 3/4 of the host work and the bus traffic."""
-        dtype = self.tiler.input_dtype
-        return all(d.type == "cuda" for d in self.devices) and dtype.itemsize == 1 and dtype.kind in "ui"
+    def spec(self) -> JobSpec:
+        """The settings of this job as picklable values, for workers that open the image
+        themselves (`JobSpec.open`).
+
+        Raises
+        ------
+        UsageError
+            If the image is an array in memory, which workers cannot open.
+        """
+        if self.image_path is None:
+            raise UsageError("a distributed run reads the image on the workers; pass a file path, "
+                             "not an array, as the image")
+        plan = self.plan
+        return JobSpec(
+            image=self.image_path, read=self.read, storage_options=self.storage_options,
+            network_ndim=plan.geometry.ndim - getattr(self.model, "stack_axes", 0), axes=plan.axes,
+            geometry=plan.geometry,
+            plan=PlanOptions(plan.tile_size, plan.chunk_size, self.tiler.padding), compute=self.compute,
+            mode=self.mode, num_classes=self.num_classes, on_error=self.tiler.on_error, tissue=self.tissue,
+        )
 
     def close(self) -> None:
         """Close the image file the job reads (it reopens nothing: a closed job cannot run)."""
@@ -217,69 +238,37 @@ class Job:
 
     def executors(self) -> list[Executor]:
         """One executor per device, each with its own copy of the model on it."""
-        affine = (self.tiler.scale, self.tiler.offset) if self.raw_inputs else None
-        return [
-            Executor(self.model, device, precision=self.precision, mode=self.mode,
-                     geometry=self.plan.geometry, tile_size=self.plan.tile_size,
-                     compile=self.compile, memory_budget=self.memory_budget, input_affine=affine)
-            for device in self.devices
-        ]
+        return make_executors(self)
 
     def run(self, progress: Union[bool, Callable[[int, int], Any], Reporter] = True, client: Any = None,
             cancel: Cancel = None) -> tuple[Any, RunStats]:
         """Segment, write the output and return ``(result, stats)``.
 
         With a dask.distributed `client`, blocks run as tasks on its workers
-        (see `tilesegment.distributed`). `progress` and `cancel` are those of
+        (see `tilesegment.distributed`); both paths compute through
+        `tilesegment.runner.run_blocks`. `progress` and `cancel` are those of
         `segment`; a cancelled run raises `Cancelled` and keeps what it finished.
         """
         reporter = as_reporter(progress, cancel)
-        if client is not None:
-            from .distributed import run_on_cluster
-
-            return run_on_cluster(self, client, reporter)
-        if self.plan.geometry.ndim > 2:
-            return_large_buffers()  # else freed tile buffers stay in the heap (see _heap)
-        # The source stays open: the Job can run again; close() (or `with job:`) closes it.
-        tiler = self.tiler
-        executors = self.executors()
         start = time.perf_counter()
-        skipped = self.skipped
-        todo = self.pending if self.compute is None else self.pending & self.compute
-        todo = None if todo.all() else np.flatnonzero(todo)
-        # Reading starts here, so the first batch is read while the output is created.
-        batches = tiler.batches(
-            self.batch_size, tiles=todo, prefetch=2 * len(executors),
-            workers=self.readers, allocate=executors[0].host_buffer,
-            normalize=not self.raw_inputs, channels_last=executors[0].channels_last,
-        )
         try:
-            with Stitcher(
-                tiler.plan, self.destination, self.mode, pixel_size=tiler.source.pixel_size,
-                writers=self.writers, num_classes=self.num_classes, class_names=self.class_names,
-                record=self.record, done_blocks=self.done_blocks,
-            ) as stitcher:
-                reporter.start(int(self.pending.sum()) - len(skipped), "segment")
-                try:
-                    run_pipeline(batches, executors, stitcher, reporter.advance, skipped=skipped,
-                                 cancelled=reporter.cancelled)
-                except Cancelled:
-                    raise Cancelled(self.cancelled_message(reporter)) from None
+            if client is not None:
+                from .distributed import run_on_cluster
+
+                result = run_on_cluster(self, client, reporter)
+                where = f"cluster ({len(client.scheduler_info()['workers'])} workers)"
+            else:
+                result = run_blocks(self, None, reporter).result
+                where = ", ".join(str(d) for d in self.devices)
         finally:
-            batches.close()
             reporter.close()
         stats = RunStats(
-            tiles=tiler.plan.n_tiles,
-            tile_size=tiler.plan.tile_size,
-            input_size=tiler.plan.input_size,
-            batch_size=self.batch_size,
-            device=", ".join(str(d) for d in self.devices),
-            seconds=time.perf_counter() - start,
-            pixels=self.pending_pixels,
-            skipped=len(skipped),
+            tiles=self.plan.n_tiles, tile_size=self.plan.tile_size, input_size=self.plan.input_size,
+            batch_size=self.batch_size, device=where,
+            seconds=time.perf_counter() - start, pixels=self.pending_pixels, skipped=len(self.skipped),
             resumed=int((~self.pending).sum()),
         )
-        return stitcher.result, stats
+        return result, stats
 
 
 def prepare(
@@ -345,7 +334,7 @@ def prepare(
     if int(batch_size) < 1:
         raise UsageError(f"batch_size {batch_size} must be at least 1")
     mask = load_mask(tissue_mask, source)
-    compute = None if mask is None else tiler.plan.tiles_touching(mask, margin=0)
+    tissue = None if mask is None else tiler.plan.tiles_touching(mask, margin=0)
     num_classes = model_out_channels(model, Geometry.of(model))
     record, done = None, None
     if output is not None and (is_local_path(output) or is_url(output)):
@@ -365,12 +354,13 @@ def prepare(
             destination.check_space(need, f"{mode}, {' x '.join(map(str, tiler.plan.shape))} px")
     image_path = os.fspath(image) if isinstance(image, (str, os.PathLike)) else None
     storage_options = dict(storage_options) if storage_options else None
+    options = ComputeOptions(devices=tuple(str(d) for d in devices), precision=precision,
+                             batch_size=int(batch_size), compile=compile, memory_budget=memory_budget)
     return Job(
-        model=model, tiler=tiler, devices=tuple(devices), batch_size=int(batch_size), mode=mode,
+        model=model, tiler=tiler, mode=mode, compute=options,
         destination=None if output is None else replace(destination, resume=done is not None),
-        precision=precision, compile=compile, memory_budget=memory_budget, compute=compute, record=record,
-        done_blocks=np.zeros(0, np.int64) if done is None else done, image_path=image_path,
-        read=read, num_classes=num_classes, storage_options=storage_options,
+        tissue=tissue, record=record, done_blocks=np.zeros(0, np.int64) if done is None else done,
+        image_path=image_path, read=read, num_classes=num_classes, storage_options=storage_options,
     )
 
 

@@ -293,6 +293,16 @@ class _client:
             self.cluster.close()
 
 
+def _return_large_buffers(client) -> None:
+    """Volume runs free tens of MB per tile; the CLI owns its process (and its workers'), so it
+    makes glibc return such buffers (`tilesegment._heap`). Library callers decide for themselves."""
+    from ._heap import return_large_buffers
+
+    return_large_buffers()
+    if client is not None:
+        client.run(return_large_buffers)
+
+
 def _segment_one(args, image: str, output: str, client, resume: Optional[bool] = None) -> int:
     from .api import prepare
 
@@ -321,7 +331,9 @@ def _segment_one(args, image: str, output: str, client, resume: Optional[bool] =
         f"({plan.computed_fraction():.2f} computed px per written px)")
     where = "a dask cluster" if client is not None else ", ".join(str(d) for d in job.devices)
     say(f"plan     {plan.n_tiles} tiles in {plan.n_blocks} blocks, batch {job.batch_size} on {where}")
-    if job.compute is not None:
+    if plan.geometry.ndim > 2:
+        _return_large_buffers(client)
+    if job.tissue is not None:
         say(f"tissue   {len(job.skipped)} of {plan.n_tiles} tiles have no tissue and are written "
             f"as background ({len(job.skipped) / plan.n_tiles:.0%} skipped)")
     if job.resume:

@@ -250,6 +250,11 @@ class Executor:
                              for v in input_affine)
             self._affine = (scale, offset)
 
+    @property
+    def takes_raw(self) -> bool:
+        """Whether batches arrive unnormalized, in the image's dtype (`input_affine`)."""
+        return self._affine is not None
+
     # -- memory ----------------------------------------------------------------------
 
     def host_buffer(self, shape: tuple[int, ...], dtype: np.dtype = np.float32) -> np.ndarray:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 
@@ -36,40 +36,20 @@ class Stitcher:
     output : None, path, zarr store or Output
         None keeps the result in memory (a numpy array); a path or store gets
         an OME-Zarr image group whose full-resolution array is ``"0"``. An
-        `tilesegment.io.output.Output` brings its own `overwrite`, `resume`,
-        `ngff` and `storage_options` (the arguments below are then unused).
+        `tilesegment.io.output.Output` says how to write it: overwrite,
+        resume, OME-Zarr version, storage options, pixel size, class names,
+        the run record for resume, writer threads.
     mode : {"labels", "probabilities", "logits"} or Mode
         What to write per pixel (see `tilesegment.modes`).
     num_classes : int, optional
         Output channels; taken from the first output when omitted.
-    overwrite : bool
-        Replace an existing output (only once the new one is complete).
-    pixel_size : tuple of float, optional
-        Micrometres per pixel (voxel) along each plan axis, ``(y, x)`` or
-        ``(z, y, x)``, for the OME-Zarr metadata.
-    writers : int
-        Threads that compress and write finished blocks.
-    record : dict, optional
-        Identity of the run, kept in the output's manifest for `resume`.
-    resume : bool
-        Continue an output that a stopped run left; `done_blocks` are not
-        expected again.
     done_blocks : array of int, optional
         Blocks already written (from the manifest), or written by others.
     sink : Sink, optional
         The sink to write into, instead of one made from `output`: any
-        object with ``buffer``, ``commit``, ``close`` and ``abort``
-        (`tilesegment.io.sinks.Sink`), e.g. a `MemorySink`, or the
-        `BlockSink` with which each task of a distributed run writes its own
-        blocks into the output the client created.
-    ngff : {"0.5", "0.4"}
-        OME-Zarr version of a file output: 0.5 (zarr v3, default) or 0.4
-        (zarr v2, for QuPath and older readers).
-    storage_options : dict, optional
-        fsspec options of a URL output (``s3://...``), e.g. ``{"endpoint_url": ...}``.
-    class_names : sequence of str, optional
-        Names of the classes, recorded in the output
-        (``tilesegment.classes``) for `label_objects`, QuPath and napari.
+        `tilesegment.contracts.Sink`, e.g. a `MemorySink`, or the `BlockSink`
+        with which each task of a distributed run writes its own blocks into
+        the output the client created.
 
     Examples
     --------
@@ -89,27 +69,14 @@ class Stitcher:
         mode: Union[str, Mode] = "labels",
         *,
         num_classes: Optional[int] = None,
-        overwrite: bool = False,
-        pixel_size: Optional[tuple[float, ...]] = None,
-        writers: int = 2,
-        record: Optional[dict] = None,
-        resume: bool = False,
         done_blocks: Optional[np.ndarray] = None,
         sink: Optional[Sink] = None,
-        ngff: str = "0.5",
-        storage_options: Optional[dict] = None,
-        class_names: Optional[Sequence[str]] = None,
     ) -> None:
         self.plan = plan
         self.mode: Mode = get_mode(mode)
-        if isinstance(output, Output) and (overwrite or resume or ngff != "0.5" or storage_options):
-            raise UsageError("an Output carries its own overwrite, resume, ngff and storage_options; "
-                             "set them in the Output, not beside it")
         if output is not None and not isinstance(output, Output):
-            output = Output(output, overwrite=overwrite, resume=resume, ngff=ngff,
-                            storage_options=storage_options)
+            output = Output(output)
         self._output: Optional[Output] = output
-        self._options = dict(pixel_size=pixel_size, writers=writers, record=record, class_names=class_names)
         if output is not None and not output.resume:
             output.check()
         self._sink: Optional[Sink] = sink
@@ -144,7 +111,7 @@ class Stitcher:
         else:
             chunks = self._stored(mode.shape(self.plan.chunk_size, num_classes))
             self._sink = self._output.sink(shape, dtype, chunks, names=self._names,
-                                           labels=mode.label_count(num_classes), **self._options)
+                                           labels=mode.label_count(num_classes))
 
     def _stored(self, values: tuple) -> tuple:
         """Per-axis `values` in (class, *plan axes) order, put in the output's axis order."""

@@ -40,6 +40,16 @@ class Output:
         OME-Zarr version.
     storage_options : dict, optional
         fsspec options of a URL target.
+    pixel_size : tuple of float, optional
+        Micrometres per pixel (voxel) along each plan axis, ``(y, x)`` or
+        ``(z, y, x)``, for the OME-Zarr metadata.
+    class_names : sequence of str, optional
+        Names of the classes, recorded in the output (``tilesegment.classes``)
+        for `label_objects`, QuPath and napari.
+    record : dict, optional
+        Identity of the run, kept in the output's manifest for `resume`.
+    writers : int
+        Threads that compress and write finished blocks.
     """
 
     target: Any
@@ -47,6 +57,10 @@ class Output:
     resume: bool = False
     ngff: str = "0.5"
     storage_options: Optional[dict] = None
+    pixel_size: Optional[tuple[float, ...]] = None
+    class_names: Optional[Sequence[str]] = None
+    record: Optional[dict] = None
+    writers: int = 2
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ngff", check_ngff(self.ngff))
@@ -125,16 +139,13 @@ class Output:
         *,
         names: Sequence[str],
         labels: Optional[int] = None,
-        pixel_size: Optional[tuple[float, ...]] = None,
-        writers: int = 2,
-        record: Optional[dict] = None,
-        class_names: Optional[Sequence[str]] = None,
     ) -> ZarrSink:
-        """Create the OME-Zarr (or reopen it, when resuming) and return its sink."""
-        return ZarrSink(self.target, shape, dtype, chunks, overwrite=self.overwrite, pixel_size=pixel_size,
-                        writers=writers, labels=labels, record=record, resume=self.resume, ngff=self.ngff,
-                        storage_options=self.storage_options, dimension_names=tuple(names),
-                        class_names=class_names)
+        """Create the OME-Zarr (or reopen it, when resuming) and return its sink: an array of
+        `shape` and `dtype` in `chunks`, axes `names`, a label image of `labels` values if given."""
+        return ZarrSink(self.target, shape, dtype, chunks, overwrite=self.overwrite,
+                        pixel_size=self.pixel_size, writers=self.writers, labels=labels, record=self.record,
+                        resume=self.resume, ngff=self.ngff, storage_options=self.storage_options,
+                        dimension_names=tuple(names), class_names=self.class_names)
 
     def saved_blocks(self) -> int:
         """Blocks a stopped run left saved for ``resume`` (0 when none, or nothing to resume)."""

@@ -1,0 +1,122 @@
+"""The settings of a run as plain values: what to read, how to cut it, how to compute, where to write.
+
+`segment()` keeps its flat keywords for users and builds these values from
+them; the `Job` holds them, the run record (resume checks) is made from
+them, and `Job.spec` sends them, pickled, to the workers of a cluster.
+
+- `tilesegment.io.sources.ReadOptions`: which pixels of the file (level, series, channels, mpp).
+- `PlanOptions`: how the image is cut (tile size, output chunk size, padding).
+- `ComputeOptions`: how the network runs (devices, precision, batch, compile, memory).
+- `tilesegment.io.output.Output`: where the result goes and how existing data is treated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+
+from .geometry import Geometry, Pair
+from .io.sources import ReadOptions
+
+__all__ = ["PlanOptions", "ComputeOptions", "JobSpec", "ReadOptions"]
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    """How the image is cut into tiles and the output into chunks.
+
+    Attributes
+    ----------
+    tile_size : tuple of int
+        Edge of the written tile per plan axis (a multiple of the network step).
+    chunk_size : tuple of int
+        Output chunk edge per plan axis; divides the tile size or is a multiple of it.
+    padding : str
+        Pixels outside the image: "reflect", "symmetric", "edge" or "constant".
+    """
+
+    tile_size: Pair
+    chunk_size: Pair
+    padding: str = "reflect"
+
+
+@dataclass(frozen=True)
+class ComputeOptions:
+    """How the network runs: on which devices, in which precision, how many tiles at once.
+
+    Attributes
+    ----------
+    devices : tuple of str
+        Resolved devices, one executor each (``("cpu",)``, ``("cuda:0", "cuda:1")``).
+        A cluster's workers each use their own device instead.
+    precision : {"auto", "fp32", "bf16", "fp16"}
+    batch_size : int
+    compile : bool
+        Run the model through ``torch.compile``.
+    memory_budget : int, optional
+        Bytes of device memory a batch may use.
+    raw_inputs : bool, optional
+        Send batches in the image's 1-byte dtype and normalize on the device
+        (a quarter of the host work and bus traffic). None: on GPUs, for
+        uint8/int8 images. Results are the same either way.
+    reduce_on_device : bool, optional
+        Crop and reduce (argmax, softmax) on the device, copying back only
+        the result. None: on GPUs. Results are the same either way.
+    """
+
+    devices: tuple[str, ...] = ("cpu",)
+    precision: str = "auto"
+    batch_size: int = 1
+    compile: bool = False
+    memory_budget: Optional[int] = None
+    raw_inputs: Optional[bool] = None
+    reduce_on_device: Optional[bool] = None
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """Everything a worker needs to open a `Job`'s image and compute its blocks: plain,
+    picklable values (the model travels separately, scattered to each worker once).
+
+    `open` rebuilds the job on the worker; `tilesegment.runner.run_blocks`
+    then runs it exactly as a local run would.
+    """
+
+    image: str
+    read: ReadOptions
+    storage_options: Optional[dict]
+    network_ndim: int  # spatial axes of the network itself: how the image is opened
+    axes: str  # the plan's axes, as the client opened the image
+    geometry: Geometry
+    plan: PlanOptions
+    compute: ComputeOptions
+    mode: str
+    num_classes: int
+    on_error: str
+    tissue: Optional[np.ndarray]  # per tile: computed (True) or filled as background; None: all
+
+    def open(self, model: Any):
+        """The `Job` of this spec on this machine, with its own open image.
+
+        Raises
+        ------
+        UsageError
+            If the image here does not have the axes the client saw (another file).
+        """
+        from .api import Job
+        from .errors import UsageError
+        from .tiler import Tiler
+
+        source = self.read.open(self.image, self.storage_options, ndim=self.network_ndim)
+        if source.plan_axes.lower() != self.axes:
+            source.close()
+            raise UsageError(f"{self.image} has axes {source.plan_axes} on this worker but "
+                             f"{self.axes.upper()} on the client; is it the same file?")
+        tiler = Tiler(source, self.geometry, self.plan.tile_size, chunk_size=self.plan.chunk_size,
+                      padding=self.plan.padding, normalization=getattr(model, "normalization", None),
+                      on_error=self.on_error)
+        return Job(model=model, tiler=tiler, mode=self.mode, compute=self.compute, tissue=self.tissue,
+                   image_path=self.image, read=self.read, num_classes=self.num_classes,
+                   storage_options=self.storage_options)
