@@ -188,6 +188,7 @@ class ZarrSink:
         self._pool = ThreadPoolExecutor(max(1, writers), thread_name_prefix="tilesegment-write")
         self._slots = threading.BoundedSemaphore(2 * max(1, writers))
         self._futures: list[Future] = []
+        self._scratch: list[str] = []
 
     @property
     def _zarr_format(self) -> int:
@@ -218,6 +219,17 @@ class ZarrSink:
             config={"write_empty_chunks": True},
             **options,
         )
+
+    def scratch(self, name: str, dtype: np.dtype) -> Any:
+        """A temporary array shaped and chunked like the output, in its group; `close` deletes it.
+
+        For passes that need the output's pixels twice: `label_objects` writes
+        the numbered objects here, and its chunk steps read them back into the
+        output (a step cannot write over the pixels its neighbours still read).
+        """
+        array = self._create(name, self.array.shape, self.array.chunks, dtype)
+        self._scratch.append(name)
+        return array
 
     def _metadata(self, factors: list[tuple[int, ...]]) -> dict:
         """The group's OME attributes for the pyramid `factors`, in this sink's NGFF version."""
@@ -317,6 +329,8 @@ class ZarrSink:
             for future in self._futures:
                 future.result()
             self._raise_failed()
+            for name in self._scratch:
+                del self.group[name]
             write_ome(self.group, self._metadata(self._build_pyramid()))
             if self.manifest is not None:  # includes blocks of earlier, resumed runs
                 self.failed_tiles = self.manifest.failed_tiles()
