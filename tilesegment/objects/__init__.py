@@ -25,7 +25,7 @@ from ..errors import UsageError
 from ..io.ngff import read_ome, write_ome
 from ..report import Cancel, Reporter, as_reporter
 from ..steps import chain, chunk_regions, map_overlap
-from ..tasks import task_runner
+from ..tasks import TaskRunner, task_runner
 from .export import Objects
 from .input import DEFAULT_CHUNK, check_classes, open_input
 from .passes import ChunkTask, check_outputs, chunk_edge, finish_sink, measure, open_sink, write
@@ -148,7 +148,7 @@ def label_objects(
         reporter.close()
 
 
-def _label_and_write(task: ChunkTask, step: Optional[ChunkStep], where: Any, overwrite: bool, runner: Any,
+def _label_and_write(task: ChunkTask, step: Optional[ChunkStep], where: Any, overwrite: bool, runner: TaskRunner,
                      reporter: Reporter) -> Objects:
     inp = task.input
     merged = measure(task, runner, reporter)
