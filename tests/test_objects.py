@@ -398,3 +398,35 @@ def test_objects_report_progress_and_a_cancel_writes_nothing(segmented, tmp_path
     seen.clear()
     objs = ts.label_objects(segmented, chunks=32, progress=lambda done, total: seen.append((done, total)))
     assert len(objs) > 0 and seen[-1] == (total, total)  # labelled, then written: 2 steps per chunk
+
+
+def test_a_mode_registered_elsewhere_is_read_without_an_edit_in_objects(tmp_path):
+    """A per-class mode another package registers: its maps are read as their argmax."""
+    from tilesegment.modes import Mode
+    from tilesegment.registry import modes
+
+    class Scores(Mode):
+        def __init__(self):
+            super().__init__("test-scores", np.dtype(np.float32), per_class=True, compression=1.0)
+
+    scores = np.random.default_rng(6).normal(size=(3, 20, 24)).astype(np.float32)
+    group = zarr.open_group(tmp_path / "s.zarr", mode="w")
+    group.create_array("0", data=scores, chunks=(3, 8, 8))
+    axes = [{"name": "c", "type": "channel"}] + [{"name": a, "type": "space"} for a in "yx"]
+    group.attrs["ome"] = {"version": "0.5", "multiscales": [{"axes": axes, "datasets": [
+        {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1.0, 1.0, 1.0]}]}]}]}
+    group.attrs["tilesegment"] = {"mode": "test-scores", "complete": True}
+    with pytest.raises(ts.InputError, match="'test-scores', which no installed package provides"):
+        ts.label_objects(tmp_path / "s.zarr", tmp_path / "o.zarr", progress=False)
+    modes.register("test-scores", Scores())
+    try:
+        objs = ts.label_objects(tmp_path / "s.zarr", tmp_path / "o.zarr", progress=False)
+    finally:
+        modes.unregister("test-scores")
+    argmax = scores.argmax(0)
+    for k in (1, 2):
+        ref, _ = ndimage.label(argmax == k)
+        assert _same_partition(objs.labels[:][argmax == k], ref[argmax == k])
+    softmax = 1.0 / np.exp(scores - scores.max(0)).sum(0)  # the top class's probability, as for logits
+    np.testing.assert_allclose(objs.table["mean_probability"],
+                               ndimage.mean(softmax, objs.labels[:], index=objs.table["id"]), rtol=1e-5)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from typing import Any, Callable, Iterator, Optional, Sequence
 
-__all__ = ["TaskRunner", "ThreadTasks", "ClusterTasks", "task_runner"]
+__all__ = ["TaskRunner", "ThreadTasks", "ClusterTasks", "task_runner", "chunk_groups"]
 
 
 class TaskRunner:
@@ -116,3 +116,17 @@ class ClusterTasks(TaskRunner):
 def task_runner(client: Any = None, workers: int = 1) -> TaskRunner:
     """A `ClusterTasks` on `client`, or `workers` threads here."""
     return ThreadTasks(workers) if client is None else ClusterTasks(client)
+
+
+def chunk_groups(n: int, runner: TaskRunner) -> list[list[int]]:
+    """Items ``0..n-1`` in consecutive groups, one task each.
+
+    One item per task on threads, where a task costs nothing and each result
+    is reported as it comes; about eight tasks per worker on a cluster, where
+    each task has a fixed cost (scheduling, a round trip).
+
+    >>> chunk_groups(3, ThreadTasks(2))
+    [[0], [1], [2]]
+    """
+    size = max(1, n // (8 * runner.workers)) if runner.remote else 1
+    return [list(range(i, min(n, i + size))) for i in range(0, n, size)]

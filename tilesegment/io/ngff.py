@@ -1,16 +1,22 @@
-"""OME-Zarr (NGFF) metadata and pyramid arithmetic, as pure functions.
+"""OME-Zarr (NGFF) metadata and pyramid arithmetic.
 
-Nothing here touches a store: the sinks call these to know what to write.
+Most of this module is pure functions that say what to write. Three read and
+write a zarr group's OME attributes where its NGFF version keeps them
+(`ngff_version`, `read_ome`, `write_ome`): under ``"ome"`` in 0.5 (zarr v3),
+at the top of the attributes in 0.4 (zarr v2). Every module that reads or
+writes OME metadata goes through them, so the two layouts are told apart in
+one place.
 """
 
 from __future__ import annotations
 
 import itertools
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["axes_metadata", "storage_order", "pyramid_factors", "multiscales", "downsample"]
+__all__ = ["axes_metadata", "storage_order", "pyramid_factors", "multiscales", "downsample", "ngff_version",
+           "read_ome", "write_ome"]
 
 #: NGFF axis type of each axis name we write.
 _TYPES = {"c": "channel", "t": "time"}
@@ -145,3 +151,26 @@ def downsample(block: np.ndarray, factor: Sequence[int], labels: bool) -> np.nda
         total = part if total is None else total + part
     mean = total / float(2 ** len(halved)) if halved else data
     return np.rint(mean).astype(block.dtype) if block.dtype.kind in "ui" else mean.astype(block.dtype)
+
+
+def ngff_version(group: Any) -> str:
+    """The NGFF version of a zarr group: ``"0.5"`` (zarr v3, or attributes under ``"ome"``), else ``"0.4"``."""
+    return "0.5" if "ome" in group.attrs or group.metadata.zarr_format == 3 else "0.4"
+
+
+def read_ome(group: Any) -> dict:
+    """The OME metadata of a zarr group, in either NGFF version (empty when it has none)."""
+    attrs = group.attrs.asdict()
+    return dict(attrs.get("ome", attrs)) if ngff_version(group) == "0.5" else dict(attrs)
+
+
+def write_ome(group: Any, meta: dict) -> None:
+    """Write the OME metadata `meta` where the group's NGFF version keeps it.
+
+    0.5 replaces the ``"ome"`` attribute; 0.4 adds the keys to the top of the
+    attributes (next to others such as ``tilesegment``), replacing those it names.
+    """
+    if ngff_version(group) == "0.5":
+        group.attrs["ome"] = meta
+    else:
+        group.attrs.update(meta)

@@ -16,7 +16,7 @@ import numpy as np
 from ..contracts import Region, Sink
 from ..errors import OutputExistsError, UsageError
 from .manifest import Manifest
-from .ngff import downsample, multiscales, pyramid_factors
+from .ngff import downsample, multiscales, ngff_version, pyramid_factors, write_ome
 from .remote import is_url
 
 __all__ = ["Sink", "MemorySink", "ZarrSink", "BlockSink", "is_local_path", "palette", "NGFF_VERSIONS",
@@ -159,7 +159,7 @@ class ZarrSink:
                 self._final = self._path = Path(output)
             self.group = zarr.open_group(self._url or self._path, mode="r+", **zarr_options)
             self.array = self.group["0"]
-            found = "0.4" if self.group.metadata.zarr_format == 2 else "0.5"
+            found = ngff_version(self.group)
             if found != self.ngff:
                 raise UsageError(f"cannot resume {str(output)!r}: it is NGFF {found}, this run writes "
                                  f"NGFF {self.ngff}; pass ngff={found!r} (CLI: --ngff {found})")
@@ -188,6 +188,7 @@ class ZarrSink:
         self._pool = ThreadPoolExecutor(max(1, writers), thread_name_prefix="tilesegment-write")
         self._slots = threading.BoundedSemaphore(2 * max(1, writers))
         self._futures: list[Future] = []
+        self._scratch: list[str] = []
 
     @property
     def _zarr_format(self) -> int:
@@ -219,6 +220,17 @@ class ZarrSink:
             **options,
         )
 
+    def scratch(self, name: str, dtype: np.dtype) -> Any:
+        """A temporary array shaped and chunked like the output, in its group; `close` deletes it.
+
+        For passes that need the output's pixels twice: `label_objects` writes
+        the numbered objects here, and its chunk steps read them back into the
+        output (a step cannot write over the pixels its neighbours still read).
+        """
+        array = self._create(name, self.array.shape, self.array.chunks, dtype)
+        self._scratch.append(name)
+        return array
+
     def _metadata(self, factors: list[tuple[int, ...]]) -> dict:
         """The group's OME attributes for the pyramid `factors`, in this sink's NGFF version."""
         meta = multiscales(self._names, self._pixel_size, self._title, factors, self.ngff)
@@ -239,13 +251,6 @@ class ZarrSink:
                 meta["image-label"]["properties"] = [
                     {"label-value": k, "class": name} for k, name in enumerate(self._class_names)]
         return meta
-
-    def _write_metadata(self, factors: list[tuple[int, ...]]) -> None:
-        meta = self._metadata(factors)
-        if self.ngff == "0.4":
-            self.group.attrs.update(meta)  # 0.4 keeps its keys at the top of the attributes
-        else:
-            self.group.attrs["ome"] = meta
 
     def _build_pyramid(self) -> list[tuple[int, ...]]:
         """Write the downsampled levels `pyramid_factors` asks for; return their factors.
@@ -324,7 +329,9 @@ class ZarrSink:
             for future in self._futures:
                 future.result()
             self._raise_failed()
-            self._write_metadata(self._build_pyramid())
+            for name in self._scratch:
+                del self.group[name]
+            write_ome(self.group, self._metadata(self._build_pyramid()))
             if self.manifest is not None:  # includes blocks of earlier, resumed runs
                 self.failed_tiles = self.manifest.failed_tiles()
             # Always written: it marks the store as tilesegment's, the only kind that

@@ -1,0 +1,201 @@
+"""Whole objects from a label map: instance ids across chunks, a table, QuPath GeoJSON.
+
+`label_objects` finds the connected components of each class of a label map
+chunk by chunk and joins them across chunk faces (see `tilesegment._components`),
+so the instance labels equal ``scipy.ndimage.label`` of the whole map, class
+by class, in memory bounded by a band of chunks plus a table that grows with
+the number of objects. Objects are numbered 1..N by their first pixel in
+raster order (row-major), so the numbering is deterministic and the same on a
+cluster as locally. Chunk steps (`tilesegment.steps`) may then run over the
+numbered objects.
+
+The rooms: `input` reads the map, `passes` labels, numbers and writes it,
+`export` is the result (table, outlines, GeoJSON).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Optional, Sequence, Union
+
+import numpy as np
+
+from ..contracts import ChunkStep
+from ..errors import UsageError
+from ..io.ngff import read_ome, write_ome
+from ..report import Cancel, Reporter, as_reporter
+from ..steps import chain, chunk_regions, map_overlap
+from ..tasks import TaskRunner, task_runner
+from .export import Objects
+from .input import DEFAULT_CHUNK, check_classes, open_input
+from .passes import ChunkTask, check_outputs, chunk_edge, finish_sink, measure, open_sink, write
+
+__all__ = ["label_objects", "Objects", "write_class_names", "DEFAULT_CHUNK"]
+
+
+def label_objects(
+    labels: Any,
+    output: Union[None, str, os.PathLike, Any] = None,
+    *,
+    classes: Optional[Sequence[int]] = None,
+    connectivity: int = 1,
+    probabilities: Any = None,
+    class_names: Union[None, Sequence[str], dict] = None,
+    chunks: Union[None, int, Sequence[int]] = None,
+    overwrite: bool = False,
+    progress: Union[bool, Callable[[int, int], Any], Reporter] = True,
+    client: Any = None,
+    cancel: Cancel = None,
+    steps: Sequence[Union[str, ChunkStep]] = (),
+) -> Objects:
+    """Find whole objects in a label map: connected components per class, across chunks.
+
+    Parameters
+    ----------
+    labels : path, zarr group or array, numpy or dask array
+        The OME-Zarr written by `segment` (labels; or probabilities/logits,
+        read as their argmax), or any 2-D (Y, X) or 3-D (Z, Y, X) integer map.
+    output : None, path or zarr store
+        Where the instance labels go. None: into a `segment` output as the
+        NGFF label image ``labels/objects`` (pyramid and image-label metadata,
+        so napari shows it over the image); for arrays, into memory (numpy).
+    classes : sequence of int, optional
+        Classes whose components are objects (default: every class except 0).
+        Components of different classes are always different objects.
+    connectivity : int
+        1 (face neighbours, as ``scipy.ndimage.label``) up to the number of
+        axes (all neighbours, diagonals included).
+    probabilities : path or array, optional
+        (C, Y, X) class probabilities of the same run, for a labels map: adds
+        the mean probability of each object's class to the table.
+    class_names : sequence or dict, optional
+        Name per class value, for the table and the GeoJSON classification
+        (default: those recorded in the segment output by the CLI and
+        `write_class_names`, else "class K").
+    chunks : int or tuple, optional
+        Processing chunk edge (default: the stored chunks, joined up to about
+        a megapixel; 1024 for numpy maps).
+    overwrite : bool
+        Replace existing instance labels.
+    progress : bool, callable or Reporter
+        As in `segment`: a bar, none, a callable ``(done, total)`` counting
+        chunk steps (each chunk is labelled, then written: 2 per chunk, 3
+        with `steps`), or a `tilesegment.report.Reporter`.
+    client : dask.distributed.Client, optional
+        Label chunks as tasks on this cluster (the map and the output must be
+        zarr paths all workers reach). The result equals a local run's.
+    cancel : threading.Event or callable, optional
+        As in `segment`: stops the pass between chunks while they are
+        labelled, with `Cancelled`; nothing is written then, and the segment
+        output is left as it was. Writing, the second half (with the steps),
+        is not cancelled once begun.
+    steps : sequence of ChunkStep or str
+        Post-processing of the instance labels, in order, after the
+        numbering (`tilesegment.steps`): `ChunkStep` objects, or names
+        registered in `tilesegment.registry.steps`. The steps' result
+        replaces the numbered labels in the output (the numbered map is kept
+        meanwhile in a scratch array of the output, deleted at the end). The
+        table describes the objects as numbered; outlines and GeoJSON are
+        refused after steps.
+
+    Returns
+    -------
+    Objects
+        ``.labels`` (ids 1..N in raster order of each object's first pixel,
+        0 background), ``.table``, ``.to_geojson()``, ``.to_table()``.
+
+    Raises
+    ------
+    InputError
+        Not a labels image (float or RGB data, wrong number of axes).
+    UsageError
+        A class out of range, a bad connectivity, an unknown step.
+    OutputExistsError
+        Instance labels already there, without `overwrite`.
+
+    Examples
+    --------
+    >>> import numpy as np, tilesegment as ts
+    >>> objs = ts.label_objects(np.array([[1, 1, 0, 2], [0, 0, 0, 2], [1, 0, 1, 1]]), progress=False)
+    >>> objs.labels
+    array([[1, 1, 0, 2],
+           [0, 0, 0, 2],
+           [3, 0, 4, 4]], dtype=uint32)
+    >>> objs.table[["id", "class", "area"]].values.tolist()
+    [[1, 1, 2], [2, 2, 2], [3, 1, 1], [4, 1, 2]]
+    """
+    inp = open_input(labels, chunks, probabilities)
+    if class_names is not None:
+        names = class_names if isinstance(class_names, dict) else dict(enumerate(class_names))
+        inp.names = {**inp.names, **{int(k): str(v) for k, v in names.items()}}
+    if not isinstance(connectivity, (int, np.integer)) or not 1 <= connectivity <= inp.ndim:
+        raise UsageError(f"connectivity {connectivity!r} must be 1 (face neighbours) to {inp.ndim} "
+                         f"(all neighbours) for a {inp.ndim}-D map")
+    wanted = check_classes(inp, classes)
+    step = chain(steps)
+    where = check_outputs(inp, output, overwrite)
+    if client is not None and where is None:
+        raise UsageError("a distributed run writes the instance labels to a zarr path the workers share; "
+                         "pass a segment output or output=PATH")
+    workers = max(1, min(4, os.cpu_count() or 1))
+    reporter = as_reporter(progress, cancel, unit="chunk")
+    stepped = 0 if step is None else len(chunk_regions(inp.shape, chunk_edge(inp)))
+    reporter.start(2 * inp.grid.n_chunks + stepped, "objects")  # label every chunk, write it, step it
+    try:
+        return _label_and_write(ChunkTask(inp, wanted, int(connectivity)), step, where, overwrite,
+                                task_runner(client, workers), reporter)
+    finally:
+        reporter.close()
+
+
+def _label_and_write(task: ChunkTask, step: Optional[ChunkStep], where: Any, overwrite: bool, runner: TaskRunner,
+                     reporter: Reporter) -> Objects:
+    inp = task.input
+    merged = measure(task, runner, reporter)
+    dtype = merged.lookups[0].dtype if merged.lookups else np.uint32
+    names = () if step is None else (step.name,)
+    if where is None:
+        result = np.zeros(inp.shape, dtype)
+        write(task, merged, result, runner, reporter)
+        if step is not None:
+            result = map_overlap(step, result, np.zeros(inp.shape, step.dtype), chunk_edge(inp), runner=runner,
+                                 reporter=reporter)
+        return Objects(result, merged, inp, names)
+    sink = open_sink(inp, where, dtype if step is None else step.dtype, overwrite, runner.workers)
+    sink.keep = runner.remote  # other processes write into it
+    try:
+        if step is None:
+            write(task, merged, sink.array, runner, reporter)
+        else:
+            numbered = sink.scratch("numbered", dtype)
+            write(task, merged, numbered, runner, reporter)
+            map_overlap(step, numbered, sink.array, runner=runner, reporter=reporter)
+    except BaseException:
+        sink.abort()
+        raise
+    return Objects(finish_sink(sink, where), merged, inp, names)
+
+
+def write_class_names(output: Union[str, os.PathLike], names: Sequence[str]) -> None:
+    """Record class names in a segment output (``tilesegment.classes``, and the
+    ``image-label`` properties of label images that have them).
+
+    `label_objects` reads them back for the table and the GeoJSON classification.
+
+    Parameters
+    ----------
+    output : path
+        A segment output (OME-Zarr group), NGFF 0.5 or 0.4.
+    names : sequence of str
+        The name of each class value, from 0.
+    """
+    import zarr
+
+    group = zarr.open_group(output, mode="r+")
+    names = [str(name) for name in names]
+    group.attrs["tilesegment"] = {**dict(group.attrs.get("tilesegment", {})), "classes": names}
+    ome = read_ome(group)
+    if "image-label" in ome:
+        label = dict(ome["image-label"])
+        label["properties"] = [{"label-value": k, "class": name} for k, name in enumerate(names)]
+        write_ome(group, {**ome, "image-label": label})
