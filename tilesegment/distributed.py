@@ -20,6 +20,7 @@ import numpy as np
 from .errors import UsageError
 from .geometry import Geometry, Pair
 from .io.sources import ReadOptions
+from .models.planes import PlaneWise
 
 __all__ = ["run_on_cluster", "BlockSpec"]
 
@@ -66,7 +67,7 @@ def _compute_blocks(spec: BlockSpec, blocks: list[int], model: Any) -> tuple[lis
         raise UsageError(f"{spec.image} has axes {source.plan_axes} on this worker but "
                          f"{spec.axes.upper()} on the client; is it the same file?")
     with Tiler(source, spec.geometry, spec.tile_size, chunk_size=spec.chunk_size, padding=spec.padding,
-               normalization=getattr(model, "normalization", None), on_error=spec.on_error) as tiler:
+               normalization=model.normalization, on_error=spec.on_error) as tiler:
         plan = tiler.plan
         mine = np.zeros(plan.n_blocks, bool)
         mine[blocks] = True
@@ -157,7 +158,8 @@ def run_on_cluster(job, client, reporter):
             precision=job.precision, array_path=os.fspath(sink.path / "0"),
             manifest_root=os.fspath(sink.path) if sink.manifest is not None else None,
             compute=job.compute, on_error=job.tiler.on_error, run_id=uuid.uuid4().hex,
-            axes=plan.axes, network_ndim=plan.geometry.ndim - getattr(job.model, "stack_axes", 0),
+            axes=plan.axes,
+            network_ndim=plan.geometry.ndim - (job.model.stack_axes if isinstance(job.model, PlaneWise) else 0),
         )
         pending = np.setdiff1d(np.arange(plan.n_blocks), job.done_blocks)
         groups = _groups(plan, pending, min_tiles=4 * job.batch_size)
