@@ -240,3 +240,29 @@ def test_true_fp32_switches_tf32_off_while_any_user_runs_and_restores_it():
         assert cudnn.allow_tf32 and matmul.allow_tf32  # the caller's setting is back
     finally:
         cudnn.allow_tf32, matmul.allow_tf32 = before
+
+
+def test_default_budget_ratios_per_purpose(monkeypatch):
+    import os
+
+    from tilesegment.executor import default_budget
+
+    ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    cpu = torch.device("cpu")
+    assert default_budget(cpu, "plan") == min(8 << 30, ram // 4)
+    assert default_budget(cpu, "limit") == int(ram * 0.8)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10_000, 20_000))
+    cuda = torch.device("cuda", 0)
+    assert (default_budget(cuda, "plan"), default_budget(cuda, "limit")) == (7000, 9000)
+    with pytest.raises(ValueError, match="purpose"):
+        default_budget(cpu, "other")
+
+
+def test_an_executor_runs_its_own_copy_and_leaves_the_callers_module_as_it_was(net):
+    before = {k: (v.data_ptr(), v.stride()) for k, v in net.state_dict().items()}
+    net.train()
+    first, second = Executor(net, "cpu"), Executor(net, "cpu", channels_last=False)
+    assert first.model is not net and second.model is not net and first.model is not second.model
+    assert net.training and not first.model.training
+    assert {k: (v.data_ptr(), v.stride()) for k, v in net.state_dict().items()} == before
+    net.eval()

@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import tilesegment as ts
-from tilesegment.testing import assert_exact
+from tilesegment.testing import assert_exact, whole_image_logits
 
 from conftest import small_unet
 
@@ -145,3 +145,190 @@ def test_unet_activation_bytes_equal_the_meta_probe(ndim, depth, channels, class
     extra = data.draw(st.tuples(*[st.integers(0, 3)] * ndim))
     size = tuple(m + k * s for m, k, s in zip(geom.min_input, extra, geom.step))
     assert net.activation_bytes(size) == estimate_bytes_per_tile(net, channels, size, analytic=False)
+
+
+# -- the Model contract, the loaders, the meta-device trace ----------------------------
+
+
+class _Scripted(torch.nn.Module):
+    """A Python wrapper around a TorchScript network, as a bioimage.io package with TorchScript weights."""
+
+    def __init__(self, network):
+        super().__init__()
+        self.network = network
+
+    def forward(self, x):
+        return self.network(x)
+
+
+def test_describe_gives_a_plain_module_the_model_facts_and_keeps_native_backends():
+    from tilesegment.contracts import Model
+    from tilesegment.models import ProbedModel, describe
+
+    net = ts.UNet(3, 2, base_channels=4, depth=2)
+    assert describe(net) is net and isinstance(net, Model)
+    plain = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 5, 3))
+    plain.normalization = ([0.5] * 3, [0.2] * 3)
+    model = describe(plain)
+    assert isinstance(model, ProbedModel) and isinstance(model, Model)
+    assert (model.geometry.halo, model.in_channels, model.num_classes) == ((2, 2), 3, 5)
+    assert model.normalization == plain.normalization and model.metadata == {}
+    assert describe(model) is model
+    with pytest.raises(ts.ModelError, match="torch.nn.Module"):
+        describe("not a module")
+
+
+def test_identity_is_the_manifest_hash_of_today_for_every_kind_of_model():
+    import hashlib
+
+    from tilesegment.io.manifest import model_hash
+    from tilesegment.models import describe
+
+    def hash_of_before(module):  # io.manifest.model_hash as it was before the Model contract
+        digest = hashlib.sha256(type(module).__name__.encode())
+        for name, tensor in sorted(module.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    net = small_unet(seed=3)
+    plain = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3))
+    for module in (net, plain, torch.jit.script(net), ts.PlaneWise(net, 1)):
+        assert describe(module).identity() == model_hash(module) == hash_of_before(module)
+    assert ts.UNet(3, 3, base_channels=4, depth=2).identity() != net.identity()
+
+
+def test_a_third_party_backend_that_states_the_facts_is_used_as_is():
+    from tilesegment.contracts import Model
+    from tilesegment.models import ModelBase, describe
+
+    class Mean(ModelBase):  # a 3x3 mean filter, one class
+        geometry = ts.Geometry(halo=1, step=1, shrink=2)
+        in_channels, num_classes = 1, 1
+
+        def forward(self, x):
+            return torch.nn.functional.avg_pool2d(x, 3, stride=1)
+
+    model = Mean()
+    assert describe(model) is model and isinstance(model, Model)
+    image = np.random.default_rng(0).random((40, 36)).astype(np.float32)
+    out = ts.segment(image, model, tile_size=16, mode="logits", device="cpu", precision="fp32", progress=False)
+    ref = torch.nn.functional.avg_pool2d(torch.from_numpy(np.pad(image, 1, mode="reflect"))[None, None], 3, stride=1)
+    np.testing.assert_allclose(out[0], ref[0, 0].numpy(), rtol=1e-6)
+
+
+def test_trace_handles_torchscript_whole_and_as_a_part_without_touching_the_weights():
+    from tilesegment._probe import ScriptedPart, trace
+    from tilesegment.executor import estimate_bytes_per_tile
+
+    net = small_unet(seed=1)
+    scripted = torch.jit.script(net)
+    wrapped = _Scripted(scripted)
+    size = net.geometry.input_size(16)
+    before = {k: v.clone() for k, v in scripted.state_dict().items()}
+    layers = []
+    out = trace(wrapped, (1, 3, *size), lambda layer, inputs, output: layers.append(layer))
+    assert out.shape == (1, 3, 16, 16) and out.device.type == "meta"
+    assert len(layers) == 1 and isinstance(layers[0], ScriptedPart) and layers[0].original is scripted
+    assert wrapped.network is scripted  # put back after the trace
+    for k, v in scripted.state_dict().items():
+        assert v.device.type == "cpu" and torch.equal(v, before[k])
+    # A TorchScript part counts as 64 float maps of its input, as a whole TorchScript model does.
+    expected = 64 * 3 * size[0] * size[1] * 4
+    assert estimate_bytes_per_tile(scripted, 3, size) == expected
+    assert estimate_bytes_per_tile(wrapped, 3, size) == expected
+    traced = _Scripted(torch.jit.trace(net, torch.zeros(1, 3, *size)))
+    assert estimate_bytes_per_tile(traced, 3, size) == expected  # was 0: hooks inside never fired
+
+
+def test_a_model_with_torchscript_children_runs_with_a_memory_budget_and_equals_whole_image():
+    from tilesegment.executor import Executor
+
+    net = small_unet(seed=2)
+    model = _Scripted(torch.jit.script(net))
+    geom = net.geometry
+    executor = Executor(model, "cpu", precision="fp32", geometry=geom, tile_size=(16, 16), memory_budget=1 << 30)
+    assert executor.bytes_per_tile > 0
+    image = np.random.default_rng(5).integers(0, 256, (50, 44, 3), dtype=np.uint8)
+    out = ts.segment(image, model, tile_size=16, mode="logits", device="cpu", precision="fp32",
+                     memory_budget=1 << 30, progress=False)
+    assert_exact(out, whole_image_logits(image, net))
+
+
+def test_executors_replicate_a_torchscript_model_and_leave_the_callers_alone():
+    from tilesegment.executor import Executor
+
+    scripted = torch.jit.script(small_unet(seed=4))
+    before = {k: (v.clone(), v.data_ptr(), v.stride()) for k, v in scripted.state_dict().items()}
+    first, second = Executor(scripted, "cpu"), Executor(scripted, "cpu")
+    models = [first.model.module, second.model.module]
+    assert models[0] is not models[1] and scripted not in models
+    for name, (value, pointer, stride) in before.items():
+        now = scripted.state_dict()[name]
+        assert now.device.type == "cpu" and now.data_ptr() == pointer and now.stride() == stride
+        assert torch.equal(now, value)
+        assert models[0].state_dict()[name].data_ptr() != models[1].state_dict()[name].data_ptr()
+    # The executors' copies are channels-last, as for Python modules.
+    weight = next(p for p in models[0].parameters() if p.ndim == 4)
+    assert weight.is_contiguous(memory_format=torch.channels_last)
+    x = np.random.default_rng(0).random((1, 3, 68, 68), dtype=np.float32)
+    np.testing.assert_array_equal(first(x).numpy(), second(x).numpy())
+
+
+def test_model_loaders_are_registered_and_asked_in_priority_order():
+    from tilesegment.registry import model_loaders
+
+    ours = ["module", "demo", "bioimageio", "onnx", "torch-file", "factory"]
+    assert [name for name in model_loaders.names() if name in ours] == ours
+    for loader in model_loaders:
+        for spec in (None, 3, "", "\0", "x" * 5000, object()):
+            assert loader.can_load(spec) in (True, False)  # cheap, and never raises
+
+
+class ZooLoader:
+    name, priority = "zoo", 5
+
+    def can_load(self, spec):
+        return isinstance(spec, str) and spec.startswith("zoo://")
+
+    def load(self, spec):
+        return ts.UNet(1, 2, base_channels=2, depth=1).eval()
+
+
+def test_a_loader_registered_by_hand_is_used():
+    from tilesegment.registry import model_loaders
+
+    model_loaders.register("zoo", ZooLoader())
+    try:
+        model = ts.load_model("zoo://tiny")
+        assert isinstance(model, ts.UNet) and model.config["in_channels"] == 1
+        assert ts.segment(np.zeros((20, 20)), "zoo://tiny", tile_size=4, device="cpu", progress=False).shape == (20, 20)
+    finally:
+        model_loaders.unregister("zoo")
+    with pytest.raises(ts.ModelError, match="not found"):
+        ts.load_model("zoo://tiny")
+
+
+def test_a_loader_from_an_entry_point_is_used(tmp_path, monkeypatch):
+    from importlib.metadata import EntryPoint
+
+    from tilesegment import registry
+
+    (tmp_path / "zoo_plugin.py").write_text(
+        "import tilesegment as ts\n\n"
+        "class ZooLoader:\n"
+        "    name, priority = 'zoo', 5\n"
+        "    def can_load(self, spec):\n"
+        "        return isinstance(spec, str) and spec.startswith('zoo://')\n"
+        "    def load(self, spec):\n"
+        "        return ts.UNet(1, 2, base_channels=2, depth=1).eval()\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    point = EntryPoint(name="zoo", value="zoo_plugin:ZooLoader", group="tilesegment.models")
+    monkeypatch.setattr(registry, "entry_points", lambda group: [point] if group == point.group else [])
+    loaders = registry.model_loaders
+    monkeypatch.setattr(loaders, "_entries", dict(loaders._entries))  # undone after the test
+    monkeypatch.setattr(loaders, "_loaded", False)  # entry points are read again
+    assert "zoo" in loaders.names()
+    assert isinstance(ts.load_model("zoo://tiny"), ts.UNet)
+    assert isinstance(ts.load_model("demo"), ts.UNet)  # ours are still there

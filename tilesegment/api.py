@@ -11,16 +11,17 @@ from typing import Any, Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from ._probe import model_in_channels, model_out_channels
+from ._probe import model_out_channels
 from .errors import ModelError, UsageError
-from .executor import PRECISIONS, Executor, auto_batch_size, default_precision, resolve_devices
+from .executor import PRECISIONS, Executor, auto_batch_size, default_budget, default_precision, resolve_devices
 from .options import ComputeOptions, JobSpec, PlanOptions
 from .geometry import Geometry, Pair, compact
-from .io.manifest import input_identity, model_hash
+from .io.manifest import input_identity
 from .io.output import Output
 from .io.remote import is_url
 from .io.sinks import is_local_path
 from .io.sources import ImageLike, ReadOptions
+from .models.base import describe
 from .models.load import ModelSpec, load_model
 from .models.planes import PlaneWise
 from .report import Cancel, Reporter, RunStats, as_reporter, progress_of
@@ -64,7 +65,7 @@ def auto_tile_size(
             from .executor import estimate_bytes_per_tile
 
             if memory_budget is None:
-                memory_budget = int(torch.cuda.mem_get_info(device)[0] * 0.7)
+                memory_budget = default_budget(device, "plan")
             for t in (1024, 2048):
                 if 2 * estimate_bytes_per_tile(model, in_channels, geometry.input_size(t)) <= memory_budget:
                     target = (t, t)
@@ -89,10 +90,7 @@ def _auto_volume_tile(shape, geometry: Geometry, device: torch.device, model, in
     from .executor import estimate_bytes_per_tile
 
     if budget is None:
-        if device.type == "cuda":
-            budget = int(torch.cuda.mem_get_info(device)[0] * 0.7)
-        else:
-            budget = min(8 << 30, int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 4))
+        budget = default_budget(device, "plan")
     for edge in (256, 128, 64, 32):
         tile = volume_tile(edge, geometry, shape)
         if model is None or 2 * estimate_bytes_per_tile(model, in_channels, geometry.input_size(tile)) <= budget:
@@ -148,7 +146,7 @@ class Job:
     @property
     def class_names(self) -> Optional[list]:
         """Class names the model carries (checkpoint metadata ``classes``), if any."""
-        return getattr(self.model, "metadata", {}).get("classes")
+        return self.model.metadata.get("classes")
 
     @property
     def pending(self) -> np.ndarray:
@@ -220,7 +218,8 @@ class Job:
         plan = self.plan
         return JobSpec(
             image=self.image_path, read=self.read, storage_options=self.storage_options,
-            network_ndim=plan.geometry.ndim - getattr(self.model, "stack_axes", 0), axes=plan.axes,
+            network_ndim=plan.geometry.ndim - (self.model.stack_axes if isinstance(self.model, PlaneWise) else 0),
+            axes=plan.axes,
             geometry=plan.geometry,
             plan=PlanOptions(plan.tile_size, plan.chunk_size, self.tiler.padding), compute=self.compute,
             mode=self.mode, num_classes=self.num_classes, on_error=self.tiler.on_error, tissue=self.tissue,
@@ -308,8 +307,8 @@ def prepare(
     destination = Output(output, overwrite=overwrite, resume=resume, ngff=ngff, storage_options=storage_options)
     destination.check(image)
     ngff = destination.ngff
-    model = load_model(model)
-    geometry = Geometry.of(model)
+    model = describe(load_model(model))
+    geometry = model.geometry
     devices = resolve_devices(device)
     read = ReadOptions(axes=axes, level=level, series=series, channels=channels, mpp=mpp)
     source = read.open(image, storage_options, ndim=geometry.ndim)
@@ -320,8 +319,8 @@ def prepare(
     else:
         tile_size = _within_image(tile_size, source.shape, geometry)
     tiler = Tiler(source, geometry, tile_size=tile_size, chunk_size=chunk_size, padding=padding,
-                  normalization=getattr(model, "normalization", None), on_error=on_error)
-    identity = model_hash(model)  # of the network itself, however it is run
+                  normalization=model.normalization, on_error=on_error)
+    identity = model.identity()  # of the network itself, however it is run
     if tiler.plan.geometry.ndim > geometry.ndim:  # a 2-d network over a Z/T stack
         model = PlaneWise(model, tiler.plan.geometry.ndim - geometry.ndim)
     if tissue_mask is not None and tiler.plan.geometry.ndim != 2:
@@ -335,7 +334,7 @@ def prepare(
         raise UsageError(f"batch_size {batch_size} must be at least 1")
     mask = load_mask(tissue_mask, source)
     tissue = None if mask is None else tiler.plan.tiles_touching(mask, margin=0)
-    num_classes = model_out_channels(model, Geometry.of(model))
+    num_classes = model.num_classes or model_out_channels(model, model.geometry)
     record, done = None, None
     if output is not None and (is_local_path(output) or is_url(output)):
         record = {
@@ -557,10 +556,7 @@ def _check_tile_fits(model, device: torch.device, channels: int, plan, budget: O
     from .executor import estimate_bytes_per_tile
 
     if budget is None:
-        if device.type == "cuda":
-            budget = int(torch.cuda.mem_get_info(device)[0] * 0.9)
-        else:
-            budget = int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * 0.8)
+        budget = default_budget(device, "limit")
     need = estimate_bytes_per_tile(model, channels, plan.input_size)
     # The estimate sums every layer's output, an upper bound some 2-4x the real peak.
     if need / 4 > budget:
@@ -573,7 +569,7 @@ def _check_tile_fits(model, device: torch.device, channels: int, plan, budget: O
 
 
 def _check_channels(model, tiler: Tiler) -> None:
-    expected = model_in_channels(model)
+    expected = model.in_channels
     got = tiler.source.channels
     if expected is not None and expected != got:
         raise ModelError(

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from ._probe import trace
 from .geometry import Geometry, Pair
 
 __all__ = [
@@ -29,30 +30,24 @@ def count_flops(model: nn.Module, in_channels: int, input_size: Pair) -> int:
     """Floating-point operations (multiply + add = 2) of one forward pass on one input.
 
     Counts convolutions, transposed convolutions and linear layers, which are
-    all but a negligible part of a U-Net's work; measured on the meta device.
+    all but a negligible part of a U-Net's work; measured on the meta device
+    (`tilesegment._probe.trace`). TorchScript parts cannot be looked into
+    and count 0.
     """
-    from torch.func import functional_call
-
     total = 0
 
-    def hook(module, inputs, output):
+    def count(layer: nn.Module, inputs: tuple, output) -> None:
         nonlocal total
-        if isinstance(module, (nn.Conv2d, nn.Conv3d)):
-            k = math.prod(module.kernel_size)
-            total += 2 * output.numel() * (module.in_channels // module.groups) * k
-        elif isinstance(module, (nn.ConvTranspose2d, nn.ConvTranspose3d)):
-            k = math.prod(module.kernel_size)
-            total += 2 * inputs[0].numel() * module.out_channels * k
-        elif isinstance(module, nn.Linear):
-            total += 2 * output.numel() * module.in_features
+        if isinstance(layer, (nn.Conv2d, nn.Conv3d)):
+            k = math.prod(layer.kernel_size)
+            total += 2 * output.numel() * (layer.in_channels // layer.groups) * k
+        elif isinstance(layer, (nn.ConvTranspose2d, nn.ConvTranspose3d)):
+            k = math.prod(layer.kernel_size)
+            total += 2 * inputs[0].numel() * layer.out_channels * k
+        elif isinstance(layer, nn.Linear):
+            total += 2 * output.numel() * layer.in_features
 
-    state = {k: torch.empty_like(v, device="meta") for k, v in [*model.named_parameters(), *model.named_buffers()]}
-    handles = [m.register_forward_hook(hook) for m in model.modules()]
-    try:
-        functional_call(model, state, (torch.empty(1, in_channels, *input_size, device="meta"),), strict=False)
-    finally:
-        for h in handles:
-            h.remove()
+    trace(model, (1, in_channels, *input_size), count)
     return total
 
 
@@ -188,12 +183,12 @@ def bench(
 
     import numpy as np
 
-    from ._probe import model_in_channels
     from .api import prepare, segment, volume_tile
+    from .models.base import describe
     from .models.load import load_model
 
-    net = load_model(model)
-    geometry = Geometry.of(net)
+    net = describe(load_model(model))
+    geometry = net.geometry
     volume = geometry.ndim == 3
     if image is None:
         shape = (max(8, size // 32), size // 8, size // 8, 1) if volume else (size, size, 3)
@@ -207,7 +202,7 @@ def bench(
                         tile_size=tuple(st * 8 for st in geometry.step))
         if tile_sizes in ("auto", None):
             tile_sizes = auto_tile_sizes(geometry, first.plan.shape)
-        in_channels = model_in_channels(net) or first.tiler.source.channels
+        in_channels = net.in_channels or first.tiler.source.channels
         # Warm up (numba compilation, oneDNN/cuDNN set-up) outside the measurements.
         warm = np.zeros((*(st * 4 for st in geometry.step), in_channels), np.float32)
         segment(warm, net, tile_size=tuple(st * 2 for st in geometry.step), device=first.devices[0],

@@ -11,9 +11,9 @@ numba kernels crop and reduce them in one pass.
 from __future__ import annotations
 
 import contextlib
-import copy
 import gc
 import math
+import os
 import threading
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
@@ -22,8 +22,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._probe import ScriptedPart, trace
 from .errors import TileSegmentError, UsageError
 from .geometry import Geometry, Pair
+from .models.base import ModelBase, describe, moved
 from .modes import Mode, get_mode
 
 __all__ = [
@@ -31,6 +33,7 @@ __all__ = [
     "Output",
     "PRECISIONS",
     "auto_batch_size",
+    "default_budget",
     "estimate_bytes_per_tile",
     "reduce_logits",
     "resolve_device",
@@ -165,8 +168,9 @@ class Executor:
     Parameters
     ----------
     model : torch.nn.Module
-        The network, put in eval mode; it is copied to `device` (and to
-        channels-last) when it lives elsewhere, so the caller's weights stay put.
+        The network; the executor runs its own copy on `device` (the model's
+        ``replicate``, see `tilesegment.models.describe`), in eval mode and
+        channels-last, so the caller's module stays where it is, unchanged.
     device : str or torch.device
         ``"auto"`` picks CUDA when available.
     precision : {"auto", "fp32", "bf16", "fp16"}
@@ -184,8 +188,8 @@ class Executor:
         Largest batch to run at once; larger batches are split. Halved
         automatically on out-of-memory errors.
     memory_budget : int, optional
-        Bytes the executor may use for activations (default on CUDA: 70 % of
-        the free memory); batches whose measured or estimated need exceeds it
+        Bytes the executor may use for activations (default on CUDA:
+        `default_budget`, 70 % of the free memory); batches whose measured or estimated need exceeds it
         are split as if the device ran out of memory.
     reduce_on_device : bool, optional
         Crop and reduce on the device (default: on CUDA only; on CPU the
@@ -222,7 +226,9 @@ class Executor:
         # (0.055 vs 0.108 s for a 700^2 tile, base 8; docs/benchmarks.md); NDHWC for
         # 3-d networks (0.55 vs 0.66 s for a 40 x 168^2 input, base 8, depth 2).
         self.channels_last = True if channels_last is None else channels_last
-        model = _to_device(model, self.device, self.channels_last)
+        model = describe(model).replicate(self.device)
+        if self.channels_last:
+            _to_channels_last(model)
         self.model = torch.compile(model) if compile else model
         on_device = cuda if reduce_on_device is None else reduce_on_device
         self._reduce = (
@@ -232,17 +238,14 @@ class Executor:
         )
         self.max_batch = max_batch
         if memory_budget is None and cuda:
-            memory_budget = int(torch.cuda.mem_get_info(self.device)[0] * 0.7)
+            memory_budget = default_budget(self.device, "plan")
         self.memory_budget = memory_budget
         # A meta-device upper bound until the first CUDA batch measures the real peak.
         self.bytes_per_tile: Optional[float] = None
         self._measure = cuda
         if memory_budget is not None and geometry is not None and tile_size is not None:
-            from ._probe import model_in_channels
-
-            self.bytes_per_tile = estimate_bytes_per_tile(
-                model, model_in_channels(model) or 1, geometry.input_size(tile_size)
-            )
+            self.bytes_per_tile = estimate_bytes_per_tile(model, model.in_channels or 1,
+                                                          geometry.input_size(tile_size))
         self._copy_stream = torch.cuda.Stream(self.device) if cuda else None
         self._affine = None
         if input_affine is not None:
@@ -408,52 +411,70 @@ def memory_format(rank: int) -> torch.memory_format:
     return {4: torch.channels_last, 5: torch.channels_last_3d}.get(rank, torch.contiguous_format)
 
 
-def _to_device(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
-    """The model in eval mode on `device` (channels-last if asked); the caller's weights
-    are copied, never moved or converted in place."""
-    model = model.eval()
-    if not channels_last and all(p.device == device for p in [*model.parameters(), *model.buffers()]):
-        return model
-    if isinstance(model, torch.jit.ScriptModule):
-        return model.to(device)  # cannot be deep-copied; TorchScript keeps NCHW
-    model = copy.deepcopy(model).to(device)
-    if not channels_last:
-        return model
+def _to_channels_last(model: nn.Module) -> None:
+    """Convert the weights of `model` (an executor's own copy) to channels-last, in place."""
     # The convolutions' rank decides (a 2-d network run over a stack has 4-d weights
     # but 5-d inputs); torch converts only the weights of that rank.
     rank = next((p.ndim for p in model.parameters() if p.ndim >= 4), 4)
-    return model.to(memory_format=memory_format(rank))
+    moved(model, memory_format=memory_format(rank))
+
+
+def default_budget(device: torch.device, purpose: str = "plan") -> int:
+    """Bytes of memory a run may count on for activations on `device`, by `purpose`.
+
+    The activation estimates (`estimate_bytes_per_tile`) sum every layer's
+    output: an upper bound, some 2-4x the real peak. The ratios:
+
+    - ``"plan"`` (batch size, tile size, splitting batches before they run):
+      on CUDA 70 % of the free memory; the rest is for cuDNN's workspaces,
+      the caching allocator's fragmentation and the reduced outputs in
+      flight. On CPU a quarter of the RAM, at most 8 GiB: the host also
+      holds the prefetched batches, the chunk buffers being written and
+      other processes (only volumes' tile sizes ask; CPU batches are 1).
+    - ``"limit"`` (refuse a tile that cannot fit at all): on CUDA 90 % of
+      the free memory, on CPU 80 % of the RAM; what is there, less a margin.
+
+    Parameters
+    ----------
+    device : torch.device
+    purpose : {"plan", "limit"}
+
+    Returns
+    -------
+    int
+        Bytes.
+    """
+    if purpose not in ("plan", "limit"):
+        raise ValueError(f"memory budget purpose {purpose!r} is unknown; use 'plan' or 'limit'")
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+        return int(free * (0.7 if purpose == "plan" else 0.9))
+    ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return min(8 << 30, ram // 4) if purpose == "plan" else int(ram * 0.8)
 
 
 def estimate_bytes_per_tile(model: nn.Module, in_channels: int, input_size: Pair, analytic: bool = True) -> int:
     """Upper bound on activation bytes of one tile: the sum of all layer outputs.
 
-    Models that compute it in closed form (``model.activation_bytes(input_size)``,
-    as `UNet` does) are asked (unless `analytic` is False); others are run once
-    on the meta device with a hook on every layer.
+    Models that know it in closed form (``activation_bytes``, as `UNet`
+    does) are asked (unless `analytic` is False); others are traced once on
+    the meta device (`tilesegment._probe.trace`). A TorchScript part, whose
+    layers cannot be seen, counts as 64 float maps of its input.
     """
-    from torch.func import functional_call
-
-    if analytic and callable(getattr(model, "activation_bytes", None)):
-        return int(model.activation_bytes(tuple(input_size)))
+    if analytic and isinstance(model, ModelBase):
+        known = model.activation_bytes(tuple(input_size))
+        if known is not None:
+            return int(known)
     total = 0
 
-    def hook(_module, _inputs, output):
+    def count(layer: nn.Module, inputs: tuple, output) -> None:
         nonlocal total
-        if isinstance(output, torch.Tensor):
+        if isinstance(layer, ScriptedPart):
+            total += 64 * inputs[0].numel() * 4
+        elif isinstance(output, torch.Tensor):
             total += output.numel() * output.element_size()
 
-    x = torch.empty(1, in_channels, *input_size, device="meta")
-    if isinstance(model, torch.jit.ScriptModule):  # no hooks: assume 64 float maps of the input
-        return 64 * x.numel() * 4
-    state = {k: torch.empty_like(v, device="meta") for k, v in [*model.named_parameters(), *model.named_buffers()]}
-    leaves = [m for m in model.modules() if not list(m.children())]
-    handles = [m.register_forward_hook(hook) for m in leaves]
-    try:
-        functional_call(model, state, (x,), strict=False)
-    finally:
-        for h in handles:
-            h.remove()
+    trace(model, (1, in_channels, *input_size), count)
     return total
 
 
@@ -462,14 +483,13 @@ def auto_batch_size(
 ) -> int:
     """Tiles per batch: 1 on CPU (fastest there); on CUDA what fits the memory budget.
 
-    The budget defaults to 70 % of the device's free memory; the per-tile need
-    comes from a meta-device probe (an upper bound) and is refined by the
-    executor's measured peak on the first batch.
+    The budget defaults to `default_budget` (70 % of the device's free
+    memory); the per-tile need comes from a meta-device trace (an upper
+    bound) and is refined by the executor's measured peak on the first batch.
     """
     if device.type != "cuda":
         return 1
     if budget is None:
-        free, _total = torch.cuda.mem_get_info(device)
-        budget = int(free * 0.7)
+        budget = default_budget(device, "plan")
     per_tile = max(1, estimate_bytes_per_tile(model, in_channels, input_size))
     return int(max(1, min(64, math.floor(budget / per_tile))))

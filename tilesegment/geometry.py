@@ -148,9 +148,11 @@ class Geometry:
     def of(cls, model: object, in_channels: int | None = None) -> "Geometry":
         """Return the geometry of `model`.
 
-        Analytic for models that define a ``geometry`` attribute (the built-in
-        `UNet`); any other ``torch.nn.Module`` is probed by shape inference on
-        the ``meta`` device, which computes nothing and allocates nothing.
+        Declared by the model (`tilesegment.models.describe`): analytic for the
+        built-in `UNet`, read from the file for ONNX and bioimage.io models, a
+        ``geometry`` attribute a module sets; any other ``torch.nn.Module`` is
+        probed by shape inference on the ``meta`` device, which computes
+        nothing and allocates nothing.
 
         Parameters
         ----------
@@ -163,17 +165,14 @@ class Geometry:
         Raises
         ------
         ModelError
-            If the model's output size does not grow one for one with its
-            input, so that no halo/step describes it.
+            If `model` is not a module, or its output size does not grow one
+            for one with its input, so that no halo/step describes it.
         """
         if isinstance(model, Geometry):
             return model
-        own = getattr(model, "geometry", None)
-        if isinstance(own, Geometry):
-            return own
-        from ._probe import probe_geometry
+        from .models.base import describe
 
-        return probe_geometry(model, in_channels)
+        return describe(model, in_channels).geometry
 
     @property
     def stack_axes(self) -> int:

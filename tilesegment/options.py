@@ -115,7 +115,7 @@ class JobSpec:
             raise UsageError(f"{self.image} has axes {source.plan_axes} on this worker but "
                              f"{self.axes.upper()} on the client; is it the same file?")
         tiler = Tiler(source, self.geometry, self.plan.tile_size, chunk_size=self.plan.chunk_size,
-                      padding=self.plan.padding, normalization=getattr(model, "normalization", None),
+                      padding=self.plan.padding, normalization=model.normalization,
                       on_error=self.on_error)
         return Job(model=model, tiler=tiler, mode=self.mode, compute=self.compute, tissue=self.tissue,
                    image_path=self.image, read=self.read, num_classes=self.num_classes,

@@ -19,6 +19,7 @@ import torch
 from .geometry import Geometry
 from .io.mirror import normalization_affine
 from .io.sources import ImageLike, open_image
+from .models.base import describe
 
 __all__ = ["whole_image_logits", "planewise_logits", "relative_error", "assert_exact",
            "assert_labels_match"]
@@ -49,7 +50,7 @@ def whole_image_logits(
     shape = source.shape
     pixels = source.read_region((0,) * len(shape), shape)
     scale, offset = normalization_affine(
-        source.dtype, source.channels, getattr(model, "normalization", None)
+        source.dtype, source.channels, describe(model).normalization
     )
     n_in = geometry.input_size(shape)
     pad = [(h, m - n - h) for h, m, n in zip(geometry.halo, n_in, shape)] + [(0, 0)]

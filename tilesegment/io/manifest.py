@@ -10,7 +10,6 @@ attributes (``tilesegment``) and the folder is removed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -26,12 +25,10 @@ _FOLDER = ".tilesegment"
 
 
 def model_hash(model: Any) -> str:
-    """SHA-256 of a module's architecture name and weights (first 16 hex digits)."""
-    digest = hashlib.sha256(type(model).__name__.encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
+    """The resume identity of a model: ``describe(model).identity()`` (`tilesegment.models.describe`)."""
+    from ..models.base import describe
+
+    return describe(model).identity()
 
 
 def input_identity(image: Any, source) -> dict:

@@ -30,6 +30,7 @@ from torch import nn
 
 from ..errors import ModelError
 from ..geometry import Geometry
+from .base import ModelBase
 
 __all__ = ["BioimageioModel", "load_bioimageio", "is_bioimageio", "check_test_tensors"]
 
@@ -165,7 +166,7 @@ def geometry_of(descr: Any) -> Geometry:
     return Geometry(halo=tuple(halo), step=tuple(step), min_input=tuple(min_input), shrink=tuple(shrink))
 
 
-class BioimageioModel(nn.Module):
+class BioimageioModel(ModelBase):
     """A bioimage.io model with its per-pixel pre/postprocessing, as one torch module.
 
     Made by `load_bioimageio`; ``forward`` takes ``(N, C, H, W)`` float32 as
@@ -183,7 +184,7 @@ class BioimageioModel(nn.Module):
         self.post = nn.Sequential(*post)
         self.geometry = geometry
         self.in_channels = in_channels
-        self.normalization = None
+        self.num_classes = int(test_tensors[1].shape[1])  # (batch, channel, y, x), as checked at load
         #: Plain values only (the description holds open files): the executor copies models.
         self.name = name
         self.source = source

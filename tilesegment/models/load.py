@@ -1,11 +1,13 @@
-"""Save and load models: our checkpoint, TorchScript, ONNX, or ``"package.module:factory"``."""
+"""Save and load models: our checkpoint, TorchScript, ONNX, or ``"package.module:factory"``.
+
+Which loader takes which spec is in `tilesegment.models.loaders`.
+"""
 
 from __future__ import annotations
 
 import importlib
 import os
 import pickle
-import re
 import sys
 import zipfile
 from pathlib import Path
@@ -23,8 +25,6 @@ ModelSpec = Union[nn.Module, str, os.PathLike]
 _FORMAT = "tilesegment.checkpoint"
 _VERSION = 1
 _ARCHITECTURES = {"UNet": UNet}
-#: ``package.module:factory``: dotted module names, a colon, a callable's name.
-_FACTORY = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
 #: The bundled demo model; see tilesegment/models/train_demo.py and docs/demo.md.
 DEMO_MODEL = Path(__file__).with_name("demo_unet.pt")
 
@@ -85,6 +85,11 @@ def save_model(model: nn.Module, path: Union[str, os.PathLike], *, format: str =
 def load_model(spec: ModelSpec) -> nn.Module:
     """Return a ready-to-run module (eval mode) from `spec`.
 
+    Each model loader of `tilesegment.registry.model_loaders` is asked in
+    turn (`tilesegment.models.loaders` has ours; other packages add theirs
+    through the ``tilesegment.models`` entry point group), and the first
+    that can load `spec` does.
+
     Parameters
     ----------
     spec : nn.Module, path or str
@@ -101,34 +106,16 @@ def load_model(spec: ModelSpec) -> nn.Module:
     ModelError
         If the file is missing or is none of the above; the message says which.
     """
-    if isinstance(spec, nn.Module):
-        return spec.eval()
-    text = os.fspath(spec)
-    if text == "demo":
-        return _load_file(DEMO_MODEL).eval()
-    path = Path(text)
-    if path.is_file() and _is_bioimageio(path):
-        from .bioimageio import load_bioimageio
+    from .. import registry
 
-        return load_bioimageio(path)
-    if path.is_file() and path.suffix.lower() == ".onnx":
-        from .onnx import OnnxModel
-
-        return OnnxModel(path).eval()
-    if path.is_file():
-        return _load_file(path).eval()
-    if _FACTORY.fullmatch(text):
-        return _load_factory(text).eval()
+    loader = registry.model_loaders.first(lambda entry: entry.can_load(spec))
+    if loader is not None:
+        return loader.load(spec)
+    text = os.fspath(spec) if isinstance(spec, (str, os.PathLike)) else spec
     raise ModelError(
         f"model {text!r} not found; pass a checkpoint path (*.pt), an ONNX file (*.onnx), a "
         "bioimage.io rdf.yaml or package .zip, or 'package.module:factory'"
     )
-
-
-def _is_bioimageio(path: Path) -> bool:
-    from .bioimageio import is_bioimageio
-
-    return is_bioimageio(path)
 
 
 def _load_file(path: Path) -> nn.Module:

@@ -27,6 +27,7 @@ from torch import nn
 
 from ..errors import ModelError
 from ..geometry import Geometry
+from .base import ModelBase, describe
 
 __all__ = ["OnnxModel", "export_onnx", "GEOMETRY_KEY", "NORMALIZATION_KEY"]
 
@@ -46,7 +47,7 @@ def _import_ort():
     return onnxruntime
 
 
-class OnnxModel(nn.Module):
+class OnnxModel(ModelBase):
     """An ONNX segmentation network, run by onnxruntime, usable as a torch module.
 
     Parameters
@@ -115,8 +116,9 @@ class OnnxModel(nn.Module):
         self._sessions: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._shapes: dict[tuple[int, int], tuple[int, ...]] = {}
-        # The hash of the file and its external data as a buffer: the manifest's model hash
-        # (state_dict) then tells ONNX models apart, so resume refuses another model.
+        # The hash of the file and its external data as a buffer: `identity()` (the state dict's
+        # hash) then tells ONNX files apart, and so does that of any module holding this one
+        # (a bioimage.io package with ONNX weights).
         self.register_buffer("onnx_sha256", torch.tensor(list(_digest(data, external)), dtype=torch.uint8))
         try:
             session = self._session("cpu")
@@ -285,7 +287,7 @@ class OnnxModel(nn.Module):
 
     def __deepcopy__(self, memo: dict) -> "OnnxModel":
         # Sessions cannot be copied; they are thread-safe and shared by the copies
-        # (the executor deep-copies its model before moving it to a device).
+        # (`replicate` deep-copies the model for each executor).
         new = self.__class__.__new__(self.__class__)
         for key, value in self.__dict__.items():
             # Module bookkeeping (hooks, buffers, shape cache) is copied; sessions are shared.
@@ -367,11 +369,12 @@ def export_onnx(
     Parameters
     ----------
     model : torch.nn.Module
-        The network (any module; its geometry from `Geometry.of`).
+        The network (any module; its geometry and normalization from
+        `tilesegment.models.describe`).
     path : str or path-like
         Destination ``*.onnx`` file.
     in_channels : int, optional
-        Input channels (default: from the first convolution).
+        Input channels (default: the model's, `tilesegment.models.describe`).
     geometry : Geometry, optional
         Stored in the file's metadata (default: ``Geometry.of(model)``), so
         loading needs no probe.
@@ -393,12 +396,10 @@ def export_onnx(
         import onnx
     except ImportError:
         raise ModelError("exporting ONNX needs the onnx package: pip install onnx") from None
-    from .._probe import model_in_channels
-
     path = Path(path)
-    model = model.eval()
-    geometry = Geometry.of(model) if geometry is None else geometry
-    in_channels = in_channels or model_in_channels(model)
+    facts = describe(model.eval())
+    geometry = facts.geometry if geometry is None else geometry
+    in_channels = in_channels or facts.in_channels
     if in_channels is None:
         raise ModelError("cannot tell the model's input channels; pass in_channels=")
     example = torch.zeros(1, in_channels, *geometry.min_input)
@@ -420,7 +421,7 @@ def export_onnx(
     props = {GEOMETRY_KEY: json.dumps({"halo": list(geometry.halo), "step": list(geometry.step),
                                        "min_input": list(geometry.min_input),
                                        "shrink": list(geometry.shrink)})}
-    normalization = getattr(model, "normalization", None)
+    normalization = facts.normalization
     if normalization is not None:
         props[NORMALIZATION_KEY] = json.dumps([list(normalization[0]), list(normalization[1])])
     props.update({f"tilesegment.{k}": json.dumps(v) for k, v in metadata.items()})

@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..geometry import Geometry
+from .base import ModelBase, describe
 
 __all__ = ["PlaneWise"]
 
 
-class PlaneWise(nn.Module):
+class PlaneWise(ModelBase):
     """`net` applied to every plane of a stack: a 2-d network over Z or T.
 
     Takes ``(N, C, *stack, H, W)`` and returns ``(N, K, *stack, h, w)``; the
@@ -40,12 +40,12 @@ class PlaneWise(nn.Module):
 
     def __init__(self, net: nn.Module, stack_axes: int) -> None:
         super().__init__()
+        facts = describe(net)
         self.net = net
         self.stack_axes = int(stack_axes)
-        self.geometry = Geometry.of(net).stacked(self.stack_axes)
-        for name in ("normalization", "metadata", "in_channels"):  # what the run reads off a model
-            if hasattr(net, name):
-                setattr(self, name, getattr(net, name))
+        self.geometry = facts.geometry.stacked(self.stack_axes)
+        self.normalization, self.metadata = facts.normalization, dict(facts.metadata)
+        self.in_channels, self.num_classes = facts.in_channels, facts.num_classes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c = x.shape[:2]

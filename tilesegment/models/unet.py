@@ -10,6 +10,7 @@ from torch import nn
 
 from ..errors import ModelError
 from ..geometry import Geometry
+from .base import ModelBase
 
 __all__ = ["UNet"]
 
@@ -36,7 +37,7 @@ def _centre_crop(skip: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return skip
 
 
-class UNet(nn.Module):
+class UNet(ModelBase):
     """U-Net with valid convolutions, as in the paper.
 
     Each level has two 3x3 valid convolutions with ReLU; the contracting path
@@ -111,6 +112,7 @@ class UNet(nn.Module):
         if ndim != 2 or pooling is not None:  # today's 2-D checkpoints keep today's config
             self.config.update(ndim=ndim, pooling=[list(f) for f in factors])
         self.factors = factors
+        self.in_channels = int(in_channels)
         self.num_classes = int(num_classes)
         self.normalization = _check_normalization(normalization, in_channels)
         widths = [base_channels * 2**d for d in range(depth + 1)]
@@ -147,7 +149,7 @@ class UNet(nn.Module):
         return Geometry(halo=tuple(halo), step=tuple(step), min_input=tuple(min_input),
                         shrink=tuple(2 * h for h in halo))
 
-    def activation_bytes(self, input_size: Sequence[int]) -> int:
+    def activation_bytes(self, input_size: Sequence[int]) -> int:  # type: ignore[override]
         """Bytes of every layer's float32 output for one input of `input_size`, in closed form.
 
         The sum that `tilesegment.executor.estimate_bytes_per_tile` takes over
