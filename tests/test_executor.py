@@ -213,33 +213,49 @@ def test_resolve_devices_lists_and_rejects():
             resolve_devices("cuda")
 
 
-def test_true_fp32_switches_tf32_off_while_any_user_runs_and_restores_it():
+_TF32_FLAGS = ["fp32_precision", "cudnn.fp32_precision", "cudnn.conv.fp32_precision", "cuda.matmul.fp32_precision"]
+
+
+def _flag(path: str):
+    *parents, name = path.split(".")
+    owner = torch.backends
+    for p in parents:
+        owner = getattr(owner, p)
+    return owner, name
+
+
+@pytest.mark.skipif(not hasattr(torch.backends.cudnn, "conv"), reason="torch < 2.9: legacy TF32 flags only")
+@pytest.mark.parametrize("flag", _TF32_FLAGS)
+def test_exact_fp32_turns_tf32_off_whichever_new_flag_set_it_and_restores_it(flag):
     import threading
 
-    from tilesegment.executor import true_fp32
+    from tilesegment.process import exact_fp32, tf32_enabled
 
-    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
-    before = (cudnn.allow_tf32, matmul.allow_tf32)
-    cudnn.allow_tf32 = matmul.allow_tf32 = True
+    before = {f: getattr(*_flag(f)) for f in _TF32_FLAGS}
     try:
+        for f in _TF32_FLAGS:
+            setattr(*_flag(f), "none")
+        setattr(*_flag(flag), "tf32")  # the caller's choice, through torch >= 2.9's API
+        assert tf32_enabled()
         inside, release = threading.Event(), threading.Event()
 
         def other_executor():
-            with true_fp32():
+            with exact_fp32():
                 inside.set()
                 release.wait(5)
 
         thread = threading.Thread(target=other_executor)
         thread.start()
         inside.wait(5)
-        with true_fp32():
-            assert not cudnn.allow_tf32 and not matmul.allow_tf32
-        assert not cudnn.allow_tf32  # the other thread is still in its fp32 pass
+        with exact_fp32():  # no "mix of the legacy and new APIs" error
+            assert not tf32_enabled()
+        assert not tf32_enabled()  # the other thread is still in its block
         release.set()
         thread.join()
-        assert cudnn.allow_tf32 and matmul.allow_tf32  # the caller's setting is back
+        assert tf32_enabled() and getattr(*_flag(flag)) == "tf32"  # the caller's setting is back
     finally:
-        cudnn.allow_tf32, matmul.allow_tf32 = before
+        for f, value in before.items():
+            setattr(*_flag(f), value)
 
 
 def test_default_budget_ratios_per_purpose(monkeypatch):

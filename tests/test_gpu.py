@@ -36,16 +36,20 @@ def test_auto_means_every_gpu_and_bf16_where_supported():
     assert default_precision(devices[0]) == ("bf16" if torch.cuda.is_bf16_supported() else "fp32")
 
 
-def test_fp32_on_cuda_is_exact_even_with_the_callers_tf32_on(big, image):
+def test_fp32_on_cuda_is_exact_inside_exact_fp32_and_refused_with_tf32_on(big, image):
     expected = whole_image_logits(image, big)
-    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
-    before = (cudnn.allow_tf32, matmul.allow_tf32)
-    cudnn.allow_tf32 = matmul.allow_tf32 = True  # PyTorch's default for convolutions on Ampere+
+    cudnn, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    before = (cudnn.fp32_precision, matmul.fp32_precision)
+    cudnn.fp32_precision = matmul.fp32_precision = "tf32"  # PyTorch's default for convolutions on Ampere+
     try:
-        fp32 = ts.segment(image, big, tile_size=256, mode="logits", device="cuda", precision="fp32",
-                          progress=False)
+        with pytest.raises(ts.UsageError, match="exact_fp32"):
+            ts.segment(image, big, tile_size=256, device="cuda", precision="fp32", progress=False)
+        with ts.exact_fp32():
+            fp32 = ts.segment(image, big, tile_size=256, mode="logits", device="cuda", precision="fp32",
+                              progress=False)
+        assert (cudnn.fp32_precision, matmul.fp32_precision) == ("tf32", "tf32")  # restored
     finally:
-        cudnn.allow_tf32, matmul.allow_tf32 = before
+        cudnn.fp32_precision, matmul.fp32_precision = before
     assert_exact(fp32, expected, what="fp32 on CUDA")
 
 

@@ -426,11 +426,11 @@ def test_a_tiff_axes_override_may_name_z_and_plans_of_four_axes_name_them(tmp_pa
 
 
 def test_only_the_cli_turns_off_glibcs_growing_mmap_threshold_for_volumes(monkeypatch, tmp_path):
-    import tilesegment._heap as heap
+    import tilesegment.process as process
     from tilesegment.cli import main
 
     calls = []
-    monkeypatch.setattr(heap, "return_large_buffers", lambda: calls.append(1) or True)
+    monkeypatch.setattr(process, "return_large_buffers", lambda: calls.append(1) or True)
     volume = np.zeros((2, 20, 20), np.float32)
     ts.segment(volume, NETS[(1, 1, "anisotropic")], tile_size=(2, 16, 16), progress=False)
     assert calls == []  # a library call leaves the caller's process as it is

@@ -24,6 +24,7 @@ __version__ = "0.1.0"
 #: and zarr (seconds) before they are needed.
 _LAZY = {
     "Job": "api",
+    "exact_fp32": "process",
     "prepare": "api",
     "segment": "api",
     "RunStats": "report",
@@ -75,6 +76,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # what static checkers and IDEs see
     from .api import Job, prepare, segment
+    from .process import exact_fp32
     from .contracts import Reporter
     from .geometry import Geometry
     from .io.output import Output

@@ -295,8 +295,8 @@ class _client:
 
 def _return_large_buffers(client) -> None:
     """Volume runs free tens of MB per tile; the CLI owns its process (and its workers'), so it
-    makes glibc return such buffers (`tilesegment._heap`). Library callers decide for themselves."""
-    from ._heap import return_large_buffers
+    makes glibc return such buffers (`tilesegment.process`). Library callers decide for themselves."""
+    from .process import return_large_buffers
 
     return_large_buffers()
     if client is not None:
@@ -305,6 +305,7 @@ def _return_large_buffers(client) -> None:
 
 def _segment_one(args, image: str, output: str, client, resume: Optional[bool] = None) -> int:
     from .api import prepare
+    from .process import exact_fp32
 
     resume = args.resume if resume is None else resume
     if resume and not args.overwrite and "://" not in output and Path(output).is_dir() and _finished_earlier(
@@ -339,7 +340,8 @@ def _segment_one(args, image: str, output: str, client, resume: Optional[bool] =
     if job.resume:
         say(f"resume   {len(job.done_blocks)} of {plan.n_blocks} blocks were finished by an earlier run")
     try:
-        _, run = job.run(progress=not args.quiet, client=client)
+        with exact_fp32():  # the command owns its process: fp32 means true fp32 (tilesegment.process)
+            _, run = job.run(progress=not args.quiet, client=client)
     except BaseException:
         if not args.overwrite:  # an overwrite run writes beside the old output: nothing to resume
             _say_resumable(output, plan.n_blocks, args.storage_options)

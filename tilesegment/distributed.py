@@ -12,6 +12,7 @@ so a retry is harmless). The client finishes the pyramid and metadata.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from dataclasses import dataclass, replace
@@ -40,11 +41,14 @@ def _compute_blocks(spec: JobSpec, model: Any, target: BlockTarget, blocks: list
 
     from .io.manifest import Manifest
     from .io.sinks import BlockSink
+    from .process import exact_fp32
     from .runner import run_blocks
 
     sink = BlockSink(zarr.open_array(target.array_path, mode="r+"),
                      Manifest(target.manifest_root) if target.manifest_root else None)
-    with spec.open(model) as job:
+    # A worker process runs tasks, not the caller's code: an fp32 task turns TF32 off for itself.
+    exact = exact_fp32() if spec.compute.precision == "fp32" else contextlib.nullcontext()
+    with spec.open(model) as job, exact:
         done = run_blocks(job, blocks, sink=sink, executors=[_worker_executor(job, target.run_id)], threads=(1, 1))
     return blocks, done.failed_tiles
 

@@ -14,7 +14,6 @@ import contextlib
 import gc
 import math
 import os
-import threading
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -27,6 +26,7 @@ from .errors import TileSegmentError, UsageError
 from .geometry import Geometry, Pair
 from .models.base import ModelBase, describe, moved
 from .modes import Mode, get_mode
+from .process import tf32_enabled
 
 __all__ = [
     "Executor",
@@ -38,7 +38,6 @@ __all__ = [
     "reduce_logits",
     "resolve_device",
     "resolve_devices",
-    "true_fp32",
 ]
 
 DeviceLike = Union[str, torch.device]
@@ -95,38 +94,6 @@ def default_precision(device: torch.device) -> str:
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return "bf16"
     return "fp32"
-
-
-_tf32_lock = threading.Lock()
-_tf32_users = 0
-_tf32_saved: tuple[bool, bool] = (True, True)
-
-
-@contextlib.contextmanager
-def true_fp32():
-    """Switch TF32 off while any fp32 forward pass runs, and restore it after the last one.
-
-    TF32 convolutions (PyTorch's default on Ampere and later) cost ~1e-3
-    relative error and with it exactness; fp32 here means true fp32. The
-    switches are process-wide, so they are flipped only while fp32 work runs
-    (counted across threads: executors on several GPUs may overlap) and the
-    caller's own settings come back afterwards. cuDNN reads them when a
-    kernel is chosen, on the host, so kernels still queued are unaffected.
-    """
-    global _tf32_users, _tf32_saved
-    with _tf32_lock:
-        if _tf32_users == 0:
-            _tf32_saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-            torch.backends.cudnn.allow_tf32 = False
-            torch.backends.cuda.matmul.allow_tf32 = False
-        _tf32_users += 1
-    try:
-        yield
-    finally:
-        with _tf32_lock:
-            _tf32_users -= 1
-            if _tf32_users == 0:
-                torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = _tf32_saved
 
 
 class Output:
@@ -340,10 +307,16 @@ class Executor:
             return Output(y.float().cpu(), reduced=False)
 
     def precision_context(self) -> contextlib.AbstractContextManager:
-        """Autocast for bf16/fp16; for fp32 on CUDA, true fp32 (`true_fp32`)."""
+        """Autocast for bf16/fp16. fp32 on CUDA must be true fp32: with TF32 on (PyTorch's
+        default for convolutions) it is refused, and `tilesegment.exact_fp32` is the fix."""
         if self.precision != "fp32":
             return torch.autocast(self.device.type, dtype=_DTYPES[self.precision])
-        return true_fp32() if self.device.type == "cuda" else contextlib.nullcontext()
+        if self.device.type == "cuda" and tf32_enabled():
+            raise UsageError(
+                f"precision fp32 on {self.device} would run convolutions in TF32 (on in this process, "
+                "PyTorch's default), which is not exact; run inside 'with tilesegment.exact_fp32():' "
+                "(TF32 off for the block, your settings restored after) or use precision='bf16'")
+        return contextlib.nullcontext()
 
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
         if not self.channels_last:

@@ -106,6 +106,8 @@ def run_blocks(
     todo, skipped = np.flatnonzero(tiles & tissue), np.flatnonzero(tiles & ~tissue)
     executors = list(executors) if executors is not None else make_executors(job)
     readers, writers = threads if threads is not None else (job.readers, job.writers)
+    for executor in executors:
+        executor.precision_context()  # fp32 with TF32 on is refused here, before anything is written
     normalize = not executors[0].takes_raw
     # Reading starts here, so the first batch is read while the output is created.
     batches = job.tiler.batches(
