@@ -15,7 +15,7 @@ from ._probe import model_out_channels
 from .errors import ModelError, UsageError
 from .executor import PRECISIONS, Executor, auto_batch_size, default_budget, default_precision, resolve_devices
 from .options import ComputeOptions, JobSpec, PlanOptions
-from .geometry import Geometry, Pair, compact
+from .geometry import Geometry, Shape, compact
 from .io.manifest import input_identity
 from .io.output import Output
 from .io.remote import is_url
@@ -34,13 +34,13 @@ __all__ = ["segment", "prepare", "Job", "RunStats", "auto_tile_size"]
 
 
 def auto_tile_size(
-    shape: Pair,
+    shape: Shape,
     geometry: Geometry,
     device: torch.device,
     model: Optional[torch.nn.Module] = None,
     in_channels: int = 3,
     memory_budget: Optional[int] = None,
-) -> Pair:
+) -> Shape:
     """Default tile size per axis, from the cost model of the halo against memory.
 
     Images: computed pixels per written pixel fall with the tile size (1.87

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ._probe import trace
-from .geometry import Geometry, Pair
+from .geometry import Geometry, Shape
 
 __all__ = [
     "PEAK_TFLOPS",
@@ -26,7 +26,7 @@ PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, 
                "A10": 125.0, "L4": 121.0, "V100": 125.0, "RTX 4090": 165.0}
 
 
-def count_flops(model: nn.Module, in_channels: int, input_size: Pair) -> int:
+def count_flops(model: nn.Module, in_channels: int, input_size: Shape) -> int:
     """Floating-point operations (multiply + add = 2) of one forward pass on one input.
 
     Counts convolutions, transposed convolutions and linear layers, which are
@@ -51,7 +51,7 @@ def count_flops(model: nn.Module, in_channels: int, input_size: Pair) -> int:
     return total
 
 
-def flops_per_pixel(model: nn.Module, in_channels: int, geometry: Geometry, tile_size: Pair) -> float:
+def flops_per_pixel(model: nn.Module, in_channels: int, geometry: Geometry, tile_size: Shape) -> float:
     """FLOPs per *written* output pixel at `tile_size` (halo overhead included)."""
     n_in = geometry.input_size(tile_size)
     return count_flops(model, in_channels, n_in) / math.prod(tile_size)
@@ -121,7 +121,7 @@ def _rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def auto_tile_sizes(geometry: Geometry, shape: Pair) -> list[int]:
+def auto_tile_sizes(geometry: Geometry, shape: Shape) -> list[int]:
     """Tile sizes worth trying for an image: 128 to 2048 (multiples of the step), not past the
     image; for a volume, y/x edges of 32 to 256 (see `bench`)."""
     step = geometry.step[-1]

@@ -23,14 +23,14 @@ from torch import nn
 
 from ._probe import ScriptedPart, trace
 from .errors import TileSegmentError, UsageError
-from .geometry import Geometry, Pair
+from .geometry import Geometry, Shape
 from .models.base import ModelBase, describe, moved
 from .modes import Mode, get_mode
 from .process import tf32_enabled
 
 __all__ = [
     "Executor",
-    "Output",
+    "InFlight",
     "PRECISIONS",
     "auto_batch_size",
     "default_budget",
@@ -96,7 +96,7 @@ def default_precision(device: torch.device) -> str:
     return "fp32"
 
 
-class Output:
+class InFlight:
     """A batch result that may still be in flight from the device.
 
     `numpy()` waits for the device-to-host copy (and nothing else) and returns
@@ -125,8 +125,8 @@ class Output:
 @dataclass(frozen=True)
 class _Reduce:
     mode: str
-    crop: Pair
-    tile: Pair
+    crop: Shape
+    tile: Shape
 
 
 class Executor:
@@ -176,7 +176,7 @@ class Executor:
         precision: str = "auto",
         mode: Optional[str] = None,
         geometry: Optional[Geometry] = None,
-        tile_size: Optional[Pair] = None,
+        tile_size: Optional[Shape] = None,
         channels_last: Optional[bool] = None,
         compile: bool = False,
         max_batch: Optional[int] = None,
@@ -247,9 +247,9 @@ class Executor:
 
     # -- running ---------------------------------------------------------------------
 
-    def __call__(self, data: np.ndarray) -> Output:
+    def __call__(self, data: np.ndarray) -> InFlight:
         """Start the network on a ``(N, C, *input_size)`` batch (``(N, C, h, w)``, or
-        ``(N, C, d, h, w)`` for volumes); return its `Output`.
+        ``(N, C, d, h, w)`` for volumes); return its `InFlight` result.
 
         Batches larger than the executor may run at once are split; on an
         out-of-memory error the limit is halved and the batch retried, so no
@@ -278,7 +278,7 @@ class Executor:
         self.max_batch = max(1, n // 2)
         return self._split(data)
 
-    def _split(self, data: np.ndarray) -> Output:
+    def _split(self, data: np.ndarray) -> InFlight:
         limit = max(1, min(len(data) // 2 if self.max_batch is None else self.max_batch, len(data) - 1))
         outputs = [self(data[i : i + limit]) for i in range(0, len(data), limit)]
         parts = [o.numpy() for o in outputs]
@@ -286,9 +286,9 @@ class Executor:
         finite = None
         if reduced:
             finite = torch.from_numpy(~np.concatenate([o.nonfinite for o in outputs]))
-        return Output(torch.from_numpy(np.concatenate(parts)), reduced, finite=finite)
+        return InFlight(torch.from_numpy(np.concatenate(parts)), reduced, finite=finite)
 
-    def _run(self, data: np.ndarray) -> Output:
+    def _run(self, data: np.ndarray) -> InFlight:
         with torch.inference_mode():
             x = self._to_device(torch.from_numpy(data))
             measure = self._measure
@@ -304,7 +304,7 @@ class Executor:
                 self.bytes_per_tile, self._measure = peak / len(data), False
             if self._reduce is not None:
                 return self._reduced_to_host(y)
-            return Output(y.float().cpu(), reduced=False)
+            return InFlight(y.float().cpu(), reduced=False)
 
     def precision_context(self) -> contextlib.AbstractContextManager:
         """Autocast for bf16/fp16. fp32 on CUDA must be true fp32: with TF32 on (PyTorch's
@@ -352,20 +352,20 @@ class Executor:
         scale, offset = (v.view(shape) for v in self._affine)
         return torch.addcmul(offset, x.to(torch.float32), scale)
 
-    def _reduced_to_host(self, y: torch.Tensor) -> Output:
+    def _reduced_to_host(self, y: torch.Tensor) -> InFlight:
         r = self._reduce
         y = y[(slice(None), slice(None), *(slice(c, c + t) for c, t in zip(r.crop, r.tile)))].float()
         finite = torch.isfinite(y).flatten(1).all(1)  # reduction would hide NaN/Inf
         y = reduce_logits(y, r.mode)
         if self.device.type != "cuda":
-            return Output(y.cpu(), reduced=True, finite=finite.cpu())
+            return InFlight(y.cpu(), reduced=True, finite=finite.cpu())
         host = torch.empty(y.shape, dtype=y.dtype, pin_memory=True)
         host.copy_(y, non_blocking=True)
         host_finite = torch.empty(finite.shape, dtype=torch.bool, pin_memory=True)
         host_finite.copy_(finite, non_blocking=True)
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(self.device))
-        return Output(host, reduced=True, event=event, finite=host_finite)
+        return InFlight(host, reduced=True, event=event, finite=host_finite)
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
@@ -426,7 +426,7 @@ def default_budget(device: torch.device, purpose: str = "plan") -> int:
     return min(8 << 30, ram // 4) if purpose == "plan" else int(ram * 0.8)
 
 
-def estimate_bytes_per_tile(model: nn.Module, in_channels: int, input_size: Pair, analytic: bool = True) -> int:
+def estimate_bytes_per_tile(model: nn.Module, in_channels: int, input_size: Shape, analytic: bool = True) -> int:
     """Upper bound on activation bytes of one tile: the sum of all layer outputs.
 
     Models that know it in closed form (``activation_bytes``, as `UNet`
@@ -452,7 +452,7 @@ def estimate_bytes_per_tile(model: nn.Module, in_channels: int, input_size: Pair
 
 
 def auto_batch_size(
-    model: nn.Module, device: torch.device, in_channels: int, input_size: Pair, budget: Optional[int] = None
+    model: nn.Module, device: torch.device, in_channels: int, input_size: Shape, budget: Optional[int] = None
 ) -> int:
     """Tiles per batch: 1 on CPU (fastest there); on CUDA what fits the memory budget.
 

@@ -13,13 +13,12 @@ from typing import Sequence, Union
 
 from .errors import InvalidTileSize, ModelError
 
-__all__ = ["Geometry", "Pair", "Shape", "as_pair", "as_shape", "axis_names", "compact"]
+__all__ = ["Geometry", "Shape", "ShapeLike", "as_shape", "axis_names", "compact"]
 
 #: Sizes over the spatial axes: ``(y, x)`` for images, ``(z, y, x)`` for volumes.
 Shape = tuple[int, ...]
-Pair = Shape  # the 2-D name, kept for readability where only images are meant
-PairLike = Union[int, Sequence[int]]
-ShapeLike = PairLike
+#: One int for every axis, or one per axis.
+ShapeLike = Union[int, Sequence[int]]
 
 
 def axis_names(ndim: int) -> str:
@@ -50,10 +49,6 @@ def as_shape(value: ShapeLike, ndim: int, name: str = "value") -> Shape:
         )
     return values
 
-
-def as_pair(value: PairLike, name: str = "value") -> Pair:
-    """Return ``(y, x)`` from an int or a pair of ints."""
-    return as_shape(value, 2, name)
 
 
 @dataclass(frozen=True)
@@ -202,18 +197,18 @@ class Geometry:
     # -- arithmetic -----------------------------------------------------------------
 
     @property
-    def crop(self) -> Pair:
+    def crop(self) -> Shape:
         """Index in the network output of the tile's first pixel (0 for valid nets)."""
         return tuple(h - s // 2 for h, s in zip(self.halo, self.shrink))  # type: ignore[return-value]
 
-    def is_valid_input(self, n_in: PairLike) -> bool:
+    def is_valid_input(self, n_in: ShapeLike) -> bool:
         """Whether the network accepts an input of size `n_in` exactly."""
         return all(
             n >= m and (n - m) % st == 0
             for n, m, st in zip(as_shape(n_in, self.ndim), self.min_input, self.step)
         )
 
-    def output_size(self, n_in: PairLike) -> Pair:
+    def output_size(self, n_in: ShapeLike) -> Shape:
         """Network output size for a valid input size `n_in`.
 
         Raises
@@ -233,7 +228,7 @@ class Geometry:
                 )
         return tuple(n - s for n, s in zip(n_in, self.shrink))  # type: ignore[return-value]
 
-    def input_size(self, n_out: PairLike) -> Pair:
+    def input_size(self, n_out: ShapeLike) -> Shape:
         """Smallest valid network input whose output covers a tile of `n_out` pixels.
 
         The input spans the tile plus `halo` on both sides, rounded up to a
@@ -252,7 +247,7 @@ class Geometry:
         """Valid network input sizes below `stop`, per axis."""
         return tuple(range(m, stop, st) for m, st in zip(self.min_input, self.step))  # type: ignore[return-value]
 
-    def check_tile_size(self, tile_size: PairLike) -> Pair:
+    def check_tile_size(self, tile_size: ShapeLike) -> Shape:
         """Return `tile_size` per axis if every edge is a positive multiple of the step.
 
         Raises

@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .geometry import Geometry, Pair
+from .geometry import Geometry, Shape
 from .io.sources import ReadOptions
 
 __all__ = ["PlanOptions", "ComputeOptions", "JobSpec", "ReadOptions"]
@@ -37,8 +37,8 @@ class PlanOptions:
         Pixels outside the image: "reflect", "symmetric", "edge" or "constant".
     """
 
-    tile_size: Pair
-    chunk_size: Pair
+    tile_size: Shape
+    chunk_size: Shape
     padding: str = "reflect"
 
 

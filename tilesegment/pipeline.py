@@ -2,7 +2,7 @@
 
 Reading and gathering run ahead in the tiler's thread pool; each executor
 thread pulls the next batch, starts it on its device and hands the in-flight
-`Output` on; the calling thread waits only for results and stitches them.
+`InFlight` result on; the calling thread waits only for results and stitches them.
 Queues are bounded, so memory stays O(batch). An error in any stage stops
 every stage and is re-raised in the caller, with no thread left behind.
 """

@@ -8,7 +8,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 
 from .errors import InvalidTileSize
-from .geometry import Geometry, Pair, PairLike, as_pair, as_shape, axis_names
+from .geometry import Geometry, Shape, ShapeLike, as_shape, axis_names
 
 __all__ = ["TilePlan", "Tile", "Block"]
 
@@ -19,9 +19,9 @@ class Tile:
 
     index: int
     block: int
-    origin: Pair
-    size: Pair
-    input_origin: Pair
+    origin: Shape
+    size: Shape
+    input_origin: Shape
 
 
 @dataclass(frozen=True)
@@ -33,8 +33,8 @@ class Block:
     """
 
     index: int
-    start: Pair
-    stop: Pair
+    start: Shape
+    stop: Shape
     tiles: range
 
 
@@ -55,10 +55,10 @@ class TilePlan:
     Build with `TilePlan.build`.
     """
 
-    shape: Pair
+    shape: Shape
     geometry: Geometry
-    tile_size: Pair
-    chunk_size: Pair
+    tile_size: Shape
+    chunk_size: Shape
     origins: np.ndarray  # (n_tiles, ndim) int64
     block_origins: np.ndarray  # (n_blocks, ndim) int64
     block_tiles: np.ndarray  # (n_blocks + 1,) int64: tiles of block b are [bt[b], bt[b+1])
@@ -72,10 +72,10 @@ class TilePlan:
     @classmethod
     def build(
         cls,
-        shape: PairLike,
+        shape: ShapeLike,
         geometry: Geometry,
-        tile_size: PairLike,
-        chunk_size: Optional[PairLike] = None,
+        tile_size: ShapeLike,
+        chunk_size: Optional[ShapeLike] = None,
         axes: Optional[str] = None,
         source_chunks: Optional[Sequence[int]] = None,
     ) -> "TilePlan":
@@ -179,12 +179,12 @@ class TilePlan:
     # -- sizes -----------------------------------------------------------------------
 
     @property
-    def input_size(self) -> Pair:
+    def input_size(self) -> Shape:
         """Network input size of every tile."""
         return self.geometry.input_size(self.tile_size)
 
     @property
-    def block_size(self) -> Pair:
+    def block_size(self) -> Shape:
         """Edge of a full block: the larger of tile and chunk size, per axis."""
         return tuple(max(t, c) for t, c in zip(self.tile_size, self.chunk_size))  # type: ignore[return-value]
 
@@ -241,7 +241,7 @@ class TilePlan:
         mask = blocks if blocks.dtype == bool else np.isin(np.arange(self.n_blocks), blocks)
         return np.repeat(mask, np.diff(self.block_tiles))
 
-    def tiles_touching(self, mask: np.ndarray, margin: Optional[PairLike] = None) -> np.ndarray:
+    def tiles_touching(self, mask: np.ndarray, margin: Optional[ShapeLike] = None) -> np.ndarray:
         """Which tiles overlap a True pixel of `mask` within `margin` pixels of their own area.
 
         `mask` covers the whole image at any resolution (scaled by shape).
@@ -259,7 +259,7 @@ class TilePlan:
         (my, mx), (ny, nx) = mask.shape, self.shape
         table = np.zeros((my + 1, mx + 1), np.int64)
         table[1:, 1:] = mask.cumsum(0).cumsum(1)
-        margin = np.asarray(self.geometry.halo if margin is None else as_pair(margin, "margin"))
+        margin = np.asarray(self.geometry.halo if margin is None else as_shape(margin, self.geometry.ndim, "margin"))
         start = self.origins - margin
         stop = self.origins + np.asarray(self.tile_size) + margin
         y0 = np.clip(np.floor(np.clip(start[:, 0], 0, ny) * my / ny), 0, my - 1).astype(np.int64)
@@ -274,7 +274,7 @@ class TilePlan:
         return self.n_tiles * int(np.prod(self.input_size)) / int(np.prod(self.shape))
 
 
-def _with_stack(value: PairLike, stack: int, ndim: int, fill) -> tuple:
+def _with_stack(value: ShapeLike, stack: int, ndim: int, fill) -> tuple:
     """`value` over all `ndim` plan axes: as given when it names each, else `fill` on
     the `stack` leading axes and `value` on the network's."""
     if not isinstance(value, (int, np.integer)) and len(tuple(value)) == ndim:

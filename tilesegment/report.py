@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Union
 
 from .contracts import Reporter
-from .geometry import Pair
+from .geometry import Shape
 
 __all__ = ["RunStats", "Reporter", "TqdmReporter", "CallbackReporter", "as_reporter"]
 
@@ -26,8 +26,8 @@ class RunStats:
     """What a `segment` run did: sizes and timing."""
 
     tiles: int
-    tile_size: Pair
-    input_size: Pair
+    tile_size: Shape
+    input_size: Shape
     batch_size: int
     device: str
     seconds: float

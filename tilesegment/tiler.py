@@ -11,7 +11,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 
 from .errors import TileReadError, UsageError
-from .geometry import Geometry, PairLike, axis_names
+from .geometry import Geometry, ShapeLike, axis_names
 from .io.chunks import DEFAULT_CACHE_BYTES, VOLUME_CACHE_BYTES, ChunkCache
 from .io.mirror import gather_nd, normalization_affine, pad_indices
 from .io.sources import ImageLike, ImageSource, open_image
@@ -101,9 +101,9 @@ class Tiler:
         self,
         image: ImageLike,
         geometry: Geometry,
-        tile_size: PairLike = 512,
+        tile_size: ShapeLike = 512,
         *,
-        chunk_size: Optional[PairLike] = None,
+        chunk_size: Optional[ShapeLike] = None,
         padding: str = "reflect",
         normalization: Optional[tuple[Sequence[float], Sequence[float]]] = None,
         axes: Optional[str] = None,
