@@ -1,8 +1,9 @@
 """Run the stages concurrently: readers -> executors (a thread per device) -> stitcher.
 
 Reading and gathering run ahead in the tiler's thread pool; each executor
-thread pulls the next batch, starts it on its device and hands the in-flight
-`InFlight` result on; the calling thread waits only for results and stitches them.
+thread pulls the next batch, starts it on its device and hands the result
+on while it is still in flight (`InFlight`); the calling thread waits only
+for results and stitches them.
 Queues are bounded, so memory stays O(batch). An error in any stage stops
 every stage and is re-raised in the caller, with no thread left behind.
 """
