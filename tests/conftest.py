@@ -12,6 +12,11 @@ import tilesegment as ts
 
 SHARED_SVS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "small_HE.svs"
 
+#: tests/plugins holds installable plug-ins that test_formats puts on the path of its own
+#: subprocesses; collecting the folder would put it on this process's path, and its entry
+#: points in every test's registry.
+collect_ignore = ["plugins"]
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: runs on CUDA and asserts the GPU contract; skipped without CUDA")

@@ -178,7 +178,7 @@ def test_a_job_runs_twice_from_a_file_and_closes_it_when_done(rgb_tiff, net):
     first, _ = job.run(progress=False)
     second, _ = job.run(progress=False)  # the TIFF is still open: a GUI may run a job again
     np.testing.assert_array_equal(first, second)
-    handles = [r for r in job.tiler.source._resources if hasattr(r, "filehandle")]
+    handles = [r for r in job.tiler.source.backend.resources if hasattr(r, "filehandle")]
     assert handles and not handles[0].filehandle.closed
     with job:
         pass

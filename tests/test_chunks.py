@@ -115,7 +115,7 @@ def test_tiff_tiles_decoded_from_the_file_equal_tifffile_reads(tmp_path, compres
     tifffile.imwrite(path, image, tile=(64, 48), compression=compression,
                      photometric="rgb" if len(shape) == 3 else "minisblack")
     source = ts.open_image(path)
-    assert source._decode_chunk is not None and source.chunk_shape == (64, 48)
+    assert source.backend.decode_chunk is not None and source.chunk_shape == (64, 48)
     for cy in range(-(-shape[0] // 64)):
         for cx in range(-(-shape[1] // 48)):
             y0, x0 = cy * 64, cx * 48
@@ -134,7 +134,7 @@ def test_tiff_channel_order_applies_to_decoded_tiles(tmp_path):
 
 def test_real_slide_tiles_decode_like_the_zarr_store(shared_svs):
     source = ts.open_image(shared_svs)
-    assert source._decode_chunk is not None
+    assert source.backend.decode_chunk is not None
     cy, cx = source.chunk_shape
     ny, nx = source.shape
     last = ((ny - 1) // cy, (nx - 1) // cx)
@@ -205,7 +205,7 @@ def test_tiles_a_tiff_leaves_out_read_as_its_fill_value(tmp_path):
             f.seek(spot)
             f.write(b"\0" * n)
     source = ts.open_image(path)
-    assert source._decode_chunk is not None
+    assert source.backend.decode_chunk is not None
     np.testing.assert_array_equal(source.read_chunk(0, 1), source.read(0, 128, 128, 256))
     assert not source.read_chunk(0, 1).any() and source.read_chunk(0, 0).any()
     tiler = ts.Tiler(path, ts.Geometry(halo=8, step=16), tile_size=64)

@@ -135,7 +135,7 @@ def test_remote_tiff_is_read_lazily_in_ranges(big_tiff_on_s3):
     source = ts.open_image(url, storage_options={"block_size": 1 << 16})
     try:
         region = source.read(1000, 1128, 1500, 1628)
-        handle = source._resources[-1]
+        handle = source.backend.resources[-1]
         fetched = handle.cache.total_requested_bytes
     finally:
         source.close()
@@ -207,7 +207,7 @@ def test_http_url_and_explicit_storage_options_read_the_same_pixels(s3, big_tiff
     via_http = ts.open_image(f"{base}/big.tif", storage_options={"block_size": 1 << 16})
     assert via_http.name == "big.tif" and via_http.shape == (2048, 2048)
     np.testing.assert_array_equal(via_http.read(0, 64, 1984, 2048), image[:64, 1984:])
-    assert via_http._resources[-1].cache.total_requested_bytes < os.path.getsize(path) / 20
+    assert via_http.backend.resources[-1].cache.total_requested_bytes < os.path.getsize(path) / 20
     via_http.close()
     import s3fs
 

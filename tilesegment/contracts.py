@@ -100,10 +100,13 @@ class Reader(Protocol):
       dependency names the extra to install).
     - `priority`: readers are asked lowest first; specific formats use 10-40,
       catch-alls (arrays) 100.
+    - `formats`: what it reads, in words ("TIFF, SVS, OME-TIFF"), for the
+      message that lists what is supported when no reader takes a file.
     """
 
     name: str
     priority: int
+    formats: str
 
     def can_open(self, target: Any) -> bool: ...
 

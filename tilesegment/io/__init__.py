@@ -1,5 +1,5 @@
 """Image sources, mirror-padded gathering and output sinks."""
 
-from .sources import ImageSource, open_image
+from .sources import Backend, ImageSource, open_image
 
-__all__ = ["ImageSource", "open_image"]
+__all__ = ["Backend", "ImageSource", "open_image"]

@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 from ..errors import InputError, UsageError
 
-__all__ = ["is_url", "filesystem", "open_remote_file", "url_name", "join", "BLOCK_SIZE"]
+__all__ = ["is_url", "filesystem", "filesystem_options", "open_remote_file", "url_name", "join", "BLOCK_SIZE"]
 
 #: Bytes fetched per range request of a remote TIFF when a read misses the cache: large
 #: enough to take a run of tiles at once, small enough that reading a region of a slide
@@ -40,9 +40,23 @@ def url_name(url: str) -> str:
     return urlsplit(url).path.rstrip("/").rsplit("/", 1)[-1]
 
 
-def _split_options(storage_options: Optional[dict]) -> tuple[dict, int]:
-    options = dict(storage_options or {})
-    return options, int(options.pop("block_size", BLOCK_SIZE))
+def filesystem_options(storage_options: Optional[dict]) -> dict:
+    """`storage_options` as fsspec takes them: without ``block_size``, which is ours.
+
+    ``block_size`` sizes the range requests of a remote TIFF (`open_remote_file`);
+    fsspec filesystems would refuse it, or pass it on to their HTTP client.
+
+    Parameters
+    ----------
+    storage_options : dict, optional
+        The user's options (None: none).
+
+    Returns
+    -------
+    dict
+        A new dict; `storage_options` is not changed.
+    """
+    return {k: v for k, v in (storage_options or {}).items() if k != "block_size"}
 
 
 def filesystem(url: str, storage_options: Optional[dict] = None, *, error=UsageError):
@@ -52,7 +66,7 @@ def filesystem(url: str, storage_options: Optional[dict] = None, *, error=UsageE
     """
     import fsspec
 
-    options, _ = _split_options(storage_options)
+    options = filesystem_options(storage_options)
     protocol = url.split("://", 1)[0].lower()
     try:
         return fsspec.core.url_to_fs(url, **options)
@@ -75,7 +89,7 @@ def open_remote_file(url: str, storage_options: Optional[dict] = None):
         If the object does not exist, cannot be reached, or its protocol's
         package is missing.
     """
-    _, block_size = _split_options(storage_options)
+    block_size = int((storage_options or {}).get("block_size", BLOCK_SIZE))
     fs, path = filesystem(url, storage_options, error=InputError)
     try:
         return fs.open(path, "rb", block_size=block_size, cache_type="readahead")

@@ -104,6 +104,10 @@ class ResampledSource:
         """The base image's overview: it pictures the same area, and costs no resampling."""
         return self.base.overview(max_edge)
 
+    def reopen(self) -> "ResampledSource":
+        """The same resampling of the base source opened again (`ImageSource.reopen`)."""
+        return replace(self, base=self.base.reopen())
+
     def close(self) -> None:
         self.base.close()
 
@@ -132,9 +136,8 @@ def at_pixel_size(source, mpp: float):
             f"mpp {mpp} is finer than {source.name}'s {finest:.4g} um/px; choose mpp >= {finest:.4g}"
         )
     usable = [i for i, lv in enumerate(levels) if lv.pixel_size and max(lv.pixel_size) <= mpp * 1.001]
-    if usable and usable[-1] != 0 and getattr(source, "_open_level", None) is not None:
-        index = usable[-1]
-        source = replace(source, array=source._open_level(index), pixel_size=levels[index].pixel_size)
+    if usable and usable[-1] != 0 and source.backend.open_level is not None:
+        source = source.at_level(usable[-1])
     factor = tuple(mpp / p for p in source.pixel_size)
     if all(abs(f - 1) < 1e-3 for f in factor):
         return source

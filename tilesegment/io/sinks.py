@@ -17,7 +17,7 @@ from ..contracts import Region, Sink
 from ..errors import OutputExistsError, UsageError
 from .manifest import Manifest
 from .ngff import downsample, multiscales, ngff_version, pyramid_factors, write_ome
-from .remote import is_url
+from .remote import filesystem_options, is_url
 
 __all__ = ["Sink", "MemorySink", "ZarrSink", "BlockSink", "is_local_path", "palette", "NGFF_VERSIONS",
            "check_ngff"]
@@ -151,9 +151,8 @@ class ZarrSink:
         self.keep = False
         self._url = output if is_url(output) else None
         self._storage_options = storage_options
-        # zarr takes storage_options only with URLs; block_size is for remote TIFF inputs.
-        zarr_options = ({"storage_options": {k: v for k, v in (storage_options or {}).items()
-                                             if k != "block_size"}} if self._url else {})
+        # zarr takes storage_options only with URLs.
+        zarr_options = {"storage_options": filesystem_options(storage_options)} if self._url else {}
         if resume:
             if self._url is None:
                 self._final = self._path = Path(output)
@@ -393,7 +392,7 @@ def _store_has_group(store: Any, storage_options: Optional[dict] = None) -> bool
 
     options = {}
     if is_url(store):
-        options["storage_options"] = {k: v for k, v in (storage_options or {}).items() if k != "block_size"}
+        options["storage_options"] = filesystem_options(storage_options)
     try:
         zarr.open_group(store, mode="r", **options)
         return True

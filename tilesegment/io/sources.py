@@ -1,20 +1,29 @@
-"""Open images lazily: TIFF family (tifffile), zarr, numpy and dask arrays."""
+"""Open images lazily: `ImageSource`, the hooks a reader gives it (`Backend`), and `open_image`.
+
+`open_image` asks each reader of `tilesegment.registry.readers` in turn
+whether the target is one of its files (ours, one per format family, are in
+`tilesegment.io.formats`; other packages add theirs through an entry point),
+opens it with the first that says yes, then applies what every format shares:
+channel order, the axes a 3-d network keeps, a read of the last pixel, and
+resampling to a pixel size.
+"""
 
 from __future__ import annotations
 
 import functools
 import os
-import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 
-from ..errors import InputError
-from .remote import is_url, open_remote_file, url_name
+from ..errors import InputError, UsageError
+from ..registry import readers
+from .remote import is_url, url_name
 
-__all__ = ["ImageSource", "Level", "ReadOptions", "open_image", "ImageLike"]
+__all__ = ["ImageSource", "Backend", "Level", "ReadOptions", "Origin", "open_image", "ImageLike",
+           "default_axes", "check_level", "unreadable"]
 
 ImageLike = Union[str, os.PathLike, np.ndarray, Any]
 #: Axes a plan runs over, in the order plans (and outputs) keep them: T and Z are
@@ -29,6 +38,45 @@ class Level:
 
     shape: tuple[int, ...]
     pixel_size: Optional[tuple[float, ...]] = None
+
+
+@dataclass(frozen=True)
+class Backend:
+    """What a reader gives an `ImageSource` besides the array it reads: its ways into the file.
+
+    Every part is optional; a source of an array in memory needs none. A
+    reader (ours in `tilesegment.io.formats`, or a plug-in's) fills in what
+    its format has, and the source does the rest (channel order, regions,
+    overviews).
+
+    Attributes
+    ----------
+    open_level : callable, optional
+        ``open_level(index)`` returns the array of pyramid level `index`
+        (one of `ImageSource.levels`), with the axes of the source's array.
+        `ImageSource.at_level`, `ImageSource.overview` and ``mpp=`` read
+        coarser levels through it; without it they have only the array.
+    decode_chunk : callable, optional
+        ``decode_chunk(*index)`` decodes the stored chunk at grid position
+        `index` (one int per plan axis, on the grid of
+        `ImageSource.chunk_shape`) of the source's array, as a
+        ``(*plan_axes, C)`` numpy array with all the file's channels, clipped
+        to the image. For formats with a faster way than slicing the array
+        (a TIFF tile read with ``os.pread`` and decoded in one call); without
+        it a chunk is read as a region.
+    thumbnails : tuple of ((int, int), callable)
+        Other small pictures of the whole image (an SVS thumbnail), as
+        ``((y, x), open)`` pairs where ``open()`` returns an array with the
+        source's axes. `ImageSource.overview` reads the cheapest picture.
+    resources : tuple
+        Open files and the like (anything with ``close()``) that
+        `ImageSource.close` closes, in this order.
+    """
+
+    open_level: Optional[Callable[[int], Any]] = None
+    decode_chunk: Optional[Callable[..., np.ndarray]] = None
+    thumbnails: tuple[tuple[tuple[int, int], Callable[[], Any]], ...] = ()
+    resources: tuple = ()
 
 
 @dataclass(frozen=True, eq=False)
@@ -56,11 +104,20 @@ class ImageSource:
     name : str
         What to call the image in messages.
     format : str
-        What the file is ("svs", "ome-tiff", "ndpi", "qptiff", "tiff", "ome-zarr", "zarr", "array").
+        What the file is ("svs", "ome-tiff", "ndpi", "qptiff", "tiff", "ome-zarr", "zarr", "array",
+        or a plug-in reader's name for it).
     levels : tuple of Level
         The pyramid of the file (shape and pixel size per level), if any.
     channel_order : tuple of int, optional
         Channels to read, in this order (``channels=`` of `open_image`).
+    backend : Backend
+        The reader's ways into the file: other levels, a chunk decoder,
+        thumbnails, files to close.
+    keep_axes : str
+        Stack axes kept even with one element (``"Z"`` for a 3-d network:
+        a one-plane volume).
+    origin : Origin, optional
+        What `open_image` opened, and how, for `reopen`.
     """
 
     array: Any
@@ -70,13 +127,9 @@ class ImageSource:
     format: str = "array"
     levels: tuple["Level", ...] = ()
     channel_order: Optional[tuple[int, ...]] = None
-    _open_level: Optional[Callable[[int], Any]] = field(default=None, repr=False)
-    _resources: tuple = field(default=(), repr=False)
-    _decode_chunk: Optional[Callable[[int, int], np.ndarray]] = field(default=None, repr=False)
-    #: Other small pictures of the whole image (an SVS thumbnail): ((Y, X), open) pairs.
-    _thumbnails: tuple = field(default=(), repr=False)
-    #: Stack axes kept even with one element (Z for a 3-d network: a one-plane volume).
+    backend: Backend = field(default=Backend(), repr=False)
     keep_axes: str = ""
+    origin: Optional["Origin"] = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         axes = self.axes.upper()
@@ -163,8 +216,8 @@ class ImageSource:
     def read_chunk(self, *index: int) -> np.ndarray:
         """Decode the stored chunk at grid position `index` (one int per plan axis) as a
         ``(*plan_axes, C)`` array, clipped to the image."""
-        if self._decode_chunk is not None:
-            return self._pick_channels(self._decode_chunk(*index))
+        if self.backend.decode_chunk is not None:
+            return self._pick_channels(self.backend.decode_chunk(*index))
         edges, shape = self.chunk_shape, self.shape
         return self.read_region(tuple(i * e for i, e in zip(index, edges)),
                                 tuple(min(n, (i + 1) * e) for i, e, n in zip(index, edges, shape)))
@@ -220,23 +273,62 @@ class ImageSource:
         """
         if self.ndim != 2:
             raise InputError(f"{self.name} has axes {self.plan_axes}: only 2-d images have an overview")
+        backend = self.backend
         candidates = [(self.shape, lambda: self.array)]
-        if self._open_level is not None:
-            candidates += [(lv.shape, lambda i=i: self._open_level(i)) for i, lv in enumerate(self.levels)]
-        candidates += list(self._thumbnails)
+        if backend.open_level is not None:
+            candidates += [(lv.shape, lambda i=i: backend.open_level(i)) for i, lv in enumerate(self.levels)]
+        candidates += list(backend.thumbnails)
         candidates = [c for c in candidates if c[0][0] <= self.shape[0] and c[0][1] <= self.shape[1]]
         fine_enough = [c for c in candidates if max(c[0]) >= max_edge]
         _, open_picture = min(fine_enough, key=lambda c: c[0][0] * c[0][1]) if fine_enough else max(
             candidates, key=lambda c: c[0][0] * c[0][1])
-        source = replace(self, array=open_picture(), levels=(), _resources=(), _decode_chunk=None,
-                         _thumbnails=())
+        source = replace(self, array=open_picture(), levels=(), backend=Backend(), origin=None)
         ny, nx = source.shape
         step = max(1, int(np.ceil(max(ny, nx) / max_edge)))
         return source.read(0, ny, 0, nx, step=step)
 
+    def at_level(self, index: int) -> "ImageSource":
+        """The same image at pyramid level `index` of `levels`, sharing this source's files.
+
+        Raises
+        ------
+        InputError
+            If there is no such level, or the reader cannot open levels
+            (`Backend.open_level`).
+        """
+        check_level(index, len(self.levels), self.name)
+        if self.backend.open_level is None:
+            raise InputError(f"{self.name} cannot open its pyramid levels one by one; "
+                             f"open it with level={index} instead")
+        origin = None if self.origin is None else replace(
+            self.origin, options=replace(self.origin.options, level=index))
+        # The chunk decoder decodes the array of the level this source was opened at.
+        return replace(self, array=self.backend.open_level(index), pixel_size=self.levels[index].pixel_size,
+                       backend=replace(self.backend, decode_chunk=None), origin=origin)
+
+    def reopen(self) -> "ImageSource":
+        """An equivalent open source: the same pixels, read with the same options.
+
+        A source that `open_image` opened is opened again with the same
+        arguments (after `close`, or in another process); one built by hand
+        around an array is copied, sharing the array.
+
+        Raises
+        ------
+        UsageError
+            If this source was built by hand around open files
+            (`Backend.resources`), which it cannot open again.
+        """
+        if self.origin is not None:
+            return self.origin.open()
+        if self.backend.resources:
+            raise UsageError(f"{self.name} was built around open files, not opened with open_image, "
+                             "so it cannot open them again; open it with open_image")
+        return replace(self)
+
     def close(self) -> None:
         """Close files the source holds open."""
-        for resource in self._resources:
+        for resource in self.backend.resources:
             resource.close()
 
 
@@ -268,9 +360,54 @@ class ReadOptions:
         return open_image(image, **self.to_dict(), storage_options=storage_options, ndim=ndim)
 
 
-def _default_axes(shape: tuple[int, ...], spatial: int = 2) -> str:
-    """Axes of an array that does not say: images by default, volumes for a 3-d network
-    (`spatial` = 3): (Z, Y, X) and (C, Z, Y, X)."""
+@dataclass(frozen=True)
+class Origin:
+    """What `open_image` opened a source from, and with which options: enough to open it again.
+
+    Attributes
+    ----------
+    image : path, URL or array
+        The `image` argument of `open_image`.
+    options : ReadOptions
+        The options of the source itself (the level it reads; no ``mpp``:
+        resampling wraps the source, see `ResampledSource`).
+    storage_options : dict, optional
+        As given to `open_image`.
+    ndim : int
+        Spatial axes of the network the source was opened for.
+    """
+
+    image: Any
+    options: ReadOptions
+    storage_options: Optional[dict] = None
+    ndim: int = 2
+
+    def open(self) -> "ImageSource":
+        """Open `image` again with the same options."""
+        return self.options.open(self.image, self.storage_options, self.ndim)
+
+
+def default_axes(shape: tuple[int, ...], spatial: int = 2) -> str:
+    """Axes of an array that does not say: images by default, volumes for a 3-d network.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        The array's shape.
+    spatial : int
+        Spatial axes of the network: 2 reads (Y, X), (Y, X, S) with S in
+        {3, 4}, else (C, Y, X); 3 reads (Z, Y, X) and (C, Z, Y, X).
+
+    Returns
+    -------
+    str
+        One letter per axis, e.g. ``"YXS"``.
+
+    Raises
+    ------
+    InputError
+        If the number of axes leaves the axes open (pass ``axes=``).
+    """
     if spatial == 3 and len(shape) in (3, 4):
         return "ZYX" if len(shape) == 3 else "CZYX"
     if len(shape) == 2:
@@ -298,11 +435,13 @@ def open_image(
 
     Parameters
     ----------
-    image : path, numpy array, zarr array or dask array
+    image : path, URL, numpy array, zarr array or dask array
         A TIFF-family file (SVS, OME-TIFF, NDPI, QPTIFF, generic tiled
         TIFF), an OME-Zarr (NGFF 0.4 or 0.5) or zarr array path, or an array
         of shape (Y, X), (Y, X, S) with S in {3, 4}, or (C, Y, X); with
         ``ndim=3``, (Z, Y, X) or (C, Z, Y, X). Files say their own axes.
+        The first reader of `tilesegment.registry.readers` (by priority)
+        whose ``can_open`` accepts `image` opens it; a plug-in adds formats.
     axes : str, optional
         Override the axes, one letter per dimension (``T``, ``Z``, ``Y``,
         ``X``, ``C``/``S``; other letters must have size 1), e.g. ``"ZYX"``
@@ -336,26 +475,72 @@ def open_image(
     """
     if hasattr(image, "read") and hasattr(image, "channels"):  # already a source
         return image
-    if is_url(image):
-        source = _open_url(image, axes, level if mpp is None else 0, series, storage_options, ndim)
-    elif isinstance(image, (str, os.PathLike)):
-        path = Path(image)
-        if not path.exists():
-            raise InputError(f"input {str(path)!r} does not exist; check the path")
-        opener = _open_zarr if path.is_dir() or path.suffix == ".zarr" else _open_tiff
-        source = opener(path, axes, level if mpp is None else 0, series, ndim=ndim)
-    else:
-        source = _open_array(image, axes, level, ndim)
-    if channels is not None:
-        source = replace(source, channel_order=tuple(int(c) for c in channels))
-    if ndim >= 3 and "Z" in source.axes:
-        source = replace(source, keep_axes="Z")
+    options = ReadOptions(axes, level if mpp is None else 0, series, channels)  # mpp picks the level later
+    reader = readers.first(lambda r: r.can_open(image))
+    if reader is None:
+        raise _not_opened(image)
+    source = reader.open(image, axes=axes, level=options.level, series=series,
+                         storage_options=storage_options, ndim=ndim)
+    source = replace(
+        source,
+        channel_order=options.channels,
+        keep_axes="Z" if ndim >= 3 and "Z" in source.axes else source.keep_axes,
+        origin=Origin(image, options, None if storage_options is None else dict(storage_options), ndim),
+    )
     _check_readable(source)
     if mpp is not None:
         from .resample import at_pixel_size
 
         return at_pixel_size(source, float(mpp))
     return source
+
+
+def check_level(level: int, count: int, name: str) -> None:
+    """Refuse a pyramid `level` outside ``0..count - 1`` of the image called `name`.
+
+    Raises
+    ------
+    InputError
+        Naming the levels there are.
+    """
+    if not 0 <= level < count:
+        raise InputError(
+            f"level {level} is out of range for {name}: it has {count} level(s), 0..{count - 1}"
+        )
+
+
+def unreadable(name: str, reason: str) -> InputError:
+    """The error for a file that is no image a reader can read, listing what the readers read.
+
+    Parameters
+    ----------
+    name : str
+        The file, as messages call it.
+    reason : str
+        Why it could not be read (a format library's message).
+    """
+    supported = ", ".join(reader.formats for reader in readers)
+    return InputError(f"input {name!r} is not a readable TIFF-family image ({reason}); supported: {supported}")
+
+
+def _not_opened(image: Any) -> InputError:
+    """Why no reader took `image`: missing, a folder, or a file of no known format."""
+    if is_url(image):
+        return unreadable(url_name(image), "no reader takes a URL with this name; a zarr store's URL ends "
+                                           "in .zarr or /")
+    if not isinstance(image, (str, os.PathLike)):
+        return InputError(f"cannot use a {type(image).__name__} as an image")
+    path = Path(image)
+    if not path.exists():
+        return InputError(f"input {str(path)!r} does not exist; check the path")
+    if path.is_dir():
+        return InputError(_folder_hint(path))
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as exc:
+        return unreadable(path.name, str(exc))
+    return unreadable(path.name, f"no reader knows a file that starts with {head!r}" if head else "empty file")
 
 
 def _check_readable(source: ImageSource) -> None:
@@ -369,209 +554,6 @@ def _check_readable(source: ImageSource) -> None:
             f"cannot read the end of {source.name} ({type(exc).__name__}: {exc}); the file is "
             "truncated or corrupt, or needs a codec that is not installed (pip install imagecodecs)"
         ) from None
-
-
-def _open_array(image: Any, axes: Optional[str], level: int, ndim: int = 2) -> ImageSource:
-    if not hasattr(image, "shape") or not hasattr(image, "dtype"):
-        try:
-            image = np.asarray(image)
-        except Exception as exc:
-            raise InputError(f"cannot use a {type(image).__name__} as an image: {exc}") from exc
-    if level != 0:
-        raise InputError(f"level {level} is out of range: an array has only level 0")
-    shape = tuple(image.shape)
-    return ImageSource(image, axes or _default_axes(shape, ndim), name=f"array {shape}")
-
-
-def _check_level(level: int, count: int, name: str) -> None:
-    if not 0 <= level < count:
-        raise InputError(
-            f"level {level} is out of range for {name}: it has {count} level(s), 0..{count - 1}"
-        )
-
-
-def _tiff_format(tif) -> str:
-    for flag, name in (("is_svs", "svs"), ("is_ndpi", "ndpi"), ("is_qpi", "qptiff"), ("is_ome", "ome-tiff")):
-        if getattr(tif, flag, False):
-            return name
-    return "tiff"
-
-
-def _open_url(url: str, axes: Optional[str], level: int, series: int,
-              storage_options: Optional[dict], ndim: int = 2) -> ImageSource:
-    """A remote TIFF through a range-reading file object, or a remote zarr store."""
-    name = url_name(url)
-    if name.lower().endswith(".zarr") or url.split("?", 1)[0].endswith("/"):
-        return _open_zarr(url, axes, level, series, storage_options, ndim)
-    handle = open_remote_file(url, storage_options)
-    try:
-        source = _open_tiff(handle, axes, level, series, name=name)
-    except BaseException:
-        handle.close()
-        raise
-    # tifffile leaves file objects it was given open: close it with the source.
-    return replace(source, _resources=(*source._resources, handle))
-
-
-def _open_tiff(path: Any, axes: Optional[str], level: int, series: int,
-               name: Optional[str] = None, ndim: int = 2) -> ImageSource:
-    """A TIFF-family file from a path or a seekable binary file object (named `name`)."""
-    import tifffile
-    import zarr
-
-    name = name or Path(path).name
-    try:
-        tif = tifffile.TiffFile(path, name=name) if not isinstance(path, (str, os.PathLike)) \
-            else tifffile.TiffFile(path)
-        all_series = tif.series
-    except Exception as exc:
-        raise InputError(
-            f"input {name!r} is not a readable TIFF-family image ({exc}); "
-            "supported: TIFF, SVS, OME-TIFF, NDPI, QPTIFF, OME-Zarr"
-        ) from None
-    resources: tuple = (tif,)  # closed again if anything below fails
-    try:
-        if not 0 <= series < len(all_series):
-            raise InputError(
-                f"series {series} is out of range for {name}: it has {len(all_series)} "
-                f"series, 0..{len(all_series) - 1}"
-            )
-        chosen = all_series[series]
-        _check_level(level, len(chosen.levels), name)
-        native = chosen.levels[0].axes
-
-        def open_level(index: int):
-            return zarr.open_array(chosen.aszarr(level=index), mode="r")
-
-        try:
-            array = open_level(level)
-        except Exception as exc:
-            raise InputError(f"cannot read {name} (level {level}): {exc}") from None
-        named = (axes or chosen.levels[level].axes).upper()  # an override names every level's axes
-        plan = ImageSource(array, named, name=name).plan_axes
-        base, z = _tiff_pixel_size(tif), _tiff_z_spacing(tif)
-        levels = []
-        for lv in chosen.levels:  # TIFF pyramids shrink y and x only
-            scale = chosen.levels[0].shape[named.index("X")] / lv.shape[named.index("X")]
-            # An unknown z spacing is taken as the x pixel size: isotropic, the neutral guess.
-            size = None if base is None else {"Y": base[0] * scale, "X": base[1] * scale, "Z": z or base[1]}
-            levels.append(Level(tuple(int(lv.shape[named.index(a)]) for a in plan),
-                                None if size is None else tuple(size.get(a, 1.0) for a in plan)))
-        # Remote files (file objects) are read through tifffile's own range requests.
-        local = isinstance(path, (str, os.PathLike))
-        decoder = _TileDecoder.of(path, chosen.levels[level]) if local and not axes else None
-        if decoder is not None:
-            resources = (tif, decoder)
-        return ImageSource(
-            array, axes or chosen.levels[level].axes, levels[level].pixel_size, name=name,
-            format=_tiff_format(tif), levels=tuple(levels), _open_level=open_level,
-            _resources=resources, _decode_chunk=decoder,
-            _thumbnails=_tiff_thumbnails(all_series, chosen, native),
-        )
-    except Exception:
-        for resource in resources:
-            resource.close()
-        raise
-
-
-def _tiff_thumbnails(all_series, chosen, axes: str) -> tuple:
-    """Other series that picture the whole of `chosen`, smaller (an SVS "Thumbnail"): same
-    axes and channels, same aspect ratio within 2 %. Labels and macro photos differ in aspect."""
-    import zarr
-
-    y, x = axes.index("Y"), axes.index("X")
-    full = chosen.levels[0].shape
-    found = []
-    for other in all_series:
-        shape = other.shape
-        if other is chosen or other.axes != axes or len(other.levels) != 1 or shape[y] >= full[y]:
-            continue
-        if [n for i, n in enumerate(shape) if i not in (y, x)] != [n for i, n in enumerate(full) if i not in (y, x)]:
-            continue
-        if abs(shape[y] / shape[x] - full[y] / full[x]) <= 0.02 * full[y] / full[x]:
-            found.append(((int(shape[y]), int(shape[x])), lambda s=other: zarr.open_array(s.aszarr(), mode="r")))
-    return tuple(found)
-
-
-class _TileDecoder:
-    """Decode one tile of a tiled TIFF page straight from the file.
-
-    tifffile's zarr store costs about 0.5 ms per tile on top of the 1.3 ms a
-    256-px JPEG tile takes to decode; reading the tile's bytes with `os.pread`
-    (thread-safe, no shared file position) and calling the page's own decoder
-    (which releases the GIL in imagecodecs) leaves only the decoding.
-    """
-
-    def __init__(self, path: Path, page, shape: tuple[int, int]) -> None:
-        self._fd = os.open(path, os.O_RDONLY)
-        self._page = page
-        self._shape = shape
-        self._tile = (int(page.tilelength), int(page.tilewidth))
-        self._across = -(-shape[1] // self._tile[1])
-
-    @classmethod
-    def of(cls, path: Path, series) -> Optional["_TileDecoder"]:
-        """A decoder for the single, tiled, 2-D (samples interleaved) page of `series`, else None."""
-        pages = getattr(series, "pages", ())
-        if len(pages) != 1:
-            return None
-        page = pages[0]
-        plain = getattr(page, "is_tiled", False) and getattr(page, "tiledepth", 1) == 1
-        interleaved = page.samplesperpixel == 1 or int(page.planarconfig) == 1
-        if not (plain and interleaved and series.axes in ("YX", "YXS")):
-            return None
-        shape = (int(page.imagelength), int(page.imagewidth))
-        return cls(path, page, shape)
-
-    def __call__(self, cy: int, cx: int) -> np.ndarray:
-        page, index = self._page, cy * self._across + cx
-        count, offset = int(page.databytecounts[index]), int(page.dataoffsets[index])
-        (hy, hx), (ny, nx) = self._tile, self._shape
-        shape = (min(hy, ny - cy * hy), min(hx, nx - cx * hx), int(page.samplesperpixel))
-        if not count:  # a tile the file leaves out (Philips slides: background): nodata, as tifffile
-            return np.full(shape, page.nodata or 0, page.dtype)
-        data = os.pread(self._fd, count, offset)
-        tile, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
-        return tile.reshape(*self._tile, -1)[: shape[0], : shape[1]]
-
-    def close(self) -> None:
-        os.close(self._fd)
-
-
-def _tiff_z_spacing(tif) -> Optional[float]:
-    """Micrometres between Z planes from OME (PhysicalSizeZ) or ImageJ (spacing); None if unknown."""
-    if tif.is_ome and tif.ome_metadata:
-        z = re.search(r'PhysicalSizeZ="([0-9.eE+-]+)"', tif.ome_metadata)
-        if z:
-            return float(z.group(1))
-    spacing = (getattr(tif, "imagej_metadata", None) or {}).get("spacing")
-    return float(spacing) if spacing else None
-
-
-def _tiff_pixel_size(tif) -> Optional[tuple[float, float]]:
-    """Micrometres per pixel from OME, Aperio or resolution tags; None if unknown."""
-    if tif.is_ome and tif.ome_metadata:
-        y = re.search(r'PhysicalSizeY="([0-9.eE+-]+)"', tif.ome_metadata)
-        x = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tif.ome_metadata)
-        if x and y:
-            return (float(y.group(1)), float(x.group(1)))
-    page = tif.pages[0]
-    if tif.is_svs:
-        mpp = re.search(r"MPP\s*=\s*([0-9.]+)", page.description or "")
-        if mpp:
-            return (float(mpp.group(1)),) * 2  # type: ignore[return-value]
-    tags = page.tags
-    unit = tags.get("ResolutionUnit")
-    # ImageJ says its unit in the description (unit=micron) and leaves the tag at NONE.
-    imagej_unit = (getattr(tif, "imagej_metadata", None) or {}).get("unit")
-    if "XResolution" in tags and "YResolution" in tags and (unit is not None or imagej_unit):
-        per_unit = {2: 25400.0, 3: 10000.0}.get(int(unit.value)) if unit is not None else None
-        if imagej_unit in ("micron", "um", "µm", "\\u00B5m"):
-            per_unit = 1.0
-        xres, yres = tags["XResolution"].value, tags["YResolution"].value
-        if per_unit and xres[0] and yres[0] and (xres[0], xres[1]) != (1, 1):
-            return (per_unit * yres[1] / yres[0], per_unit * xres[1] / xres[0])
-    return None
 
 
 def _folder_hint(folder: Path) -> str:
@@ -589,49 +571,3 @@ def _folder_hint(folder: Path) -> str:
             f"pass the quoted glob '{folder / ('*' + suffix)}' (CLI; in Python, loop over them)")
 
 
-def _open_zarr(path: Union[Path, str], axes: Optional[str], level: int, series: int = 0,
-               storage_options: Optional[dict] = None, ndim: int = 2) -> ImageSource:
-    import zarr
-
-    remote = is_url(path)
-    name = url_name(path) if remote else Path(path).name
-    options = {}
-    if remote:  # block_size is ours (remote TIFFs), not the filesystem's
-        options["storage_options"] = {k: v for k, v in (storage_options or {}).items() if k != "block_size"}
-    try:
-        node = zarr.open(str(path), mode="r", **options)
-    except Exception as exc:
-        if not remote and Path(path).is_dir():
-            raise InputError(_folder_hint(Path(path))) from None
-        raise InputError(f"input {str(path)!r} is not a zarr store ({exc})") from None
-    if not isinstance(node, zarr.Group):
-        _check_level(level, 1, name)
-        return ImageSource(node, axes or _default_axes(tuple(node.shape), ndim), name=name, format="zarr")
-    attrs = node.attrs.asdict()
-    multiscales = attrs.get("ome", attrs).get("multiscales")  # NGFF 0.5 nests under "ome"
-    if not multiscales:
-        raise InputError(
-            f"zarr group {str(path)!r} has no OME multiscales; pass the array path inside it"
-        )
-    ms = multiscales[0]
-    datasets = ms["datasets"]
-    _check_level(level, len(datasets), name)
-    names = [a["name"] if isinstance(a, dict) else a for a in ms.get("axes", [])]
-    if axes is None and names:
-        axes = "".join({"c": "C"}.get(n.lower(), n.upper()) for n in names)
-    chosen = node[datasets[level]["path"]]
-    axes = axes or _default_axes(tuple(chosen.shape), ndim)
-    plan = ImageSource(chosen, axes, name=name).plan_axes
-    levels = []
-    for ds in datasets:
-        array = node[ds["path"]]
-        pixel_size = None
-        for t in ds.get("coordinateTransformations", []):
-            if t.get("type") == "scale" and names and len(t["scale"]) == len(names):
-                by_name = {n.lower(): float(v) for n, v in zip(names, t["scale"])}
-                pixel_size = tuple(by_name.get(a.lower(), 1.0) for a in plan)
-        levels.append(Level(tuple(int(array.shape[axes.index(a)]) for a in plan), pixel_size))
-    return ImageSource(
-        chosen, axes, levels[level].pixel_size, name=name, format="ome-zarr", levels=tuple(levels),
-        _open_level=lambda i: node[datasets[i]["path"]],
-    )
