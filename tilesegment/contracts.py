@@ -95,7 +95,10 @@ class Reader(Protocol):
 
     - `can_open` is cheap (a suffix, a magic number, a directory entry) and
       never raises: False means "not mine", and the next reader is asked.
-    - `open` returns a `Source`, or raises `tilesegment.InputError` with one
+    - `open` returns a `tilesegment.io.sources.ImageSource` (over any
+      array-like, with a `tilesegment.io.sources.Backend` for levels, a chunk
+      decoder, thumbnails and files to close: `open_image` applies channels,
+      axes and resampling to it), or raises `tilesegment.InputError` with one
       line that says what was wrong and what to do (a missing optional
       dependency names the extra to install).
     - `priority`: readers are asked lowest first; specific formats use 10-40,
@@ -111,7 +114,7 @@ class Reader(Protocol):
     def can_open(self, target: Any) -> bool: ...
 
     def open(self, target: Any, *, axes: Optional[str], level: int, series: int,
-             storage_options: Optional[dict], ndim: int) -> Source: ...
+             storage_options: Optional[dict], ndim: int) -> Any: ...
 
 
 @runtime_checkable

@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 from ...errors import InputError
 from ...registry import readers
+from ..ngff import read_ome
 from ..remote import filesystem_options, is_url, url_name
 from ..sources import Backend, ImageSource, Level, check_level, default_axes
 
@@ -64,8 +65,7 @@ class ZarrReader:
 def _open_multiscales(node: Any, path: str, name: str, axes: Optional[str], level: int,
                       ndim: int) -> ImageSource:
     """Level `level` of the OME-Zarr image group `node`, with its pyramid, axes and pixel sizes."""
-    attrs = node.attrs.asdict()
-    multiscales = attrs.get("ome", attrs).get("multiscales")  # NGFF 0.5 nests under "ome"
+    multiscales = read_ome(node).get("multiscales")
     if not multiscales:
         raise InputError(
             f"zarr group {path!r} has no OME multiscales; pass the array path inside it"
