@@ -18,12 +18,13 @@ import time
 from contextlib import contextmanager
 from typing import Iterator
 
-#: (module, class, method, phase): the per-run work, timed while it runs.
+#: (module, class or None for a module-level function, name, phase): the per-run work, timed
+#: while it runs.
 WRAPPED = [
-    ("tilesegment.api", "Job", "executors", "executors (model copies)"),
+    ("tilesegment.runner", None, "make_executors", "executors (model copies)"),
     ("tilesegment.stitch", "Stitcher", "__init__", "output creation"),
     ("tilesegment.io.sinks", "ZarrSink", "_build_pyramid", "pyramid"),
-    ("tilesegment.io.sinks", "ZarrSink", "_write_metadata", "metadata"),
+    ("tilesegment.io.sinks", None, "write_ome", "metadata"),
     ("tilesegment.io.manifest", "Manifest", "finish", "manifest"),
     ("tilesegment.executor", "Executor", "__call__", "network"),
     ("tilesegment.stitch", "Stitcher", "close", "finish (close)"),
@@ -43,7 +44,8 @@ class PhaseClock:
 
         saved = []
         for module, cls, name, phase in WRAPPED:
-            owner = getattr(importlib.import_module(module), cls)
+            owner = importlib.import_module(module)
+            owner = owner if cls is None else getattr(owner, cls)
             original = getattr(owner, name)
             saved.append((owner, name, original))
             setattr(owner, name, self._timed(original, phase))

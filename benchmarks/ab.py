@@ -10,7 +10,8 @@ noise of a shared machine falls on both alike. The script must take
 ``--name`` and write ``results/<name>.json`` with a ``rows`` list (every
 script here does). Rows are matched by their text fields (stage, source...);
 each number is the median over the rounds. Output: results/<name>.{csv,json},
-one row per matched row and number: before, after, and after / before.
+one row per matched row and measured number (settings, the same in every
+run, are left out): before, after, and after / before.
 """
 
 from __future__ import annotations
@@ -72,8 +73,8 @@ def main() -> None:
                 continue
             b = [x[field] for x in before_rows if isinstance(x.get(field), (int, float))]
             a = [x[field] for x in after_rows if isinstance(x.get(field), (int, float))]
-            if not a or not b:
-                continue
+            if not a or not b or len(set(a) | set(b)) == 1:
+                continue  # a setting (size, batch), not a measurement
             mb, ma = float(np.median(b)), float(np.median(a))
             rows.append({**dict(k), "field": field, "before": round(mb, 4), "after": round(ma, 4),
                          "after_over_before": round(ma / mb, 3) if mb else None, "rounds": len(a)})

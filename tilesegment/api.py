@@ -184,6 +184,11 @@ class Job:
         return self.tiler.plan
 
     @property
+    def plan_options(self) -> PlanOptions:
+        """How the image is cut: tile size, output chunk size, padding."""
+        return PlanOptions(self.plan.tile_size, self.plan.chunk_size, self.tiler.padding)
+
+    @property
     def _on_cpu(self) -> bool:
         return all(d.type == "cpu" for d in self.devices)
 
@@ -221,7 +226,7 @@ class Job:
             network_ndim=plan.geometry.ndim - (self.model.stack_axes if isinstance(self.model, PlaneWise) else 0),
             axes=plan.axes,
             geometry=plan.geometry,
-            plan=PlanOptions(plan.tile_size, plan.chunk_size, self.tiler.padding), compute=self.compute,
+            plan=self.plan_options, compute=self.compute,
             mode=self.mode, num_classes=self.num_classes, on_error=self.tiler.on_error, tissue=self.tissue,
         )
 
@@ -339,8 +344,8 @@ def prepare(
     if output is not None and (is_local_path(output) or is_url(output)):
         record = {
             "input": input_identity(image, source), "model": identity, "mode": mode,
-            "tile_size": list(tiler.plan.tile_size), "chunk_size": list(tiler.plan.chunk_size),
-            "padding": padding, **read.to_dict(), "on_error": on_error,
+            **PlanOptions(tiler.plan.tile_size, tiler.plan.chunk_size, padding).to_dict(),
+            **read.to_dict(), "on_error": on_error,
             "precision": precision if precision != "auto" else default_precision(devices[0]),
             "tissue_mask": _mask_identity(tissue_mask, mask),
         }

@@ -41,6 +41,10 @@ class PlanOptions:
     chunk_size: Shape
     padding: str = "reflect"
 
+    def to_dict(self) -> dict:
+        """Plain values (JSON-ready), for the run record that resume compares."""
+        return {"tile_size": list(self.tile_size), "chunk_size": list(self.chunk_size), "padding": self.padding}
+
 
 @dataclass(frozen=True)
 class ComputeOptions:
