@@ -106,7 +106,9 @@ sys.path.insert(0, {here!r})
 import torch
 import tilesegment as ts
 from memory_scaling_3d import Threshold3d
+from tilesegment.process import return_large_buffers
 torch.set_num_threads({threads})
+return_large_buffers()  # as the CLI does for volume runs; a library call leaves the process alone
 start = time.perf_counter()
 ts.segment({volume!r}, Threshold3d(), {output!r}, tile_size={tile!r}, device="cpu", progress=False)
 seconds = time.perf_counter() - start
