@@ -29,6 +29,8 @@ PAGES = ["README.md"] + sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "
 SKIP = {
     ("README.md", "python -m venv .venv"): "installs the project; .ci/run does exactly this before the tests",
     ("README.md", "python -m pytest -q"): "the test suite itself, which CI runs",
+    ("docs/benchmarks.md", "python benchmarks/ab.py"):
+        "runs a benchmark several times on two checkouts (minutes); benchmarks measure, tests assert",
     ("docs/distributed.md", 'Client("tcp://scheduler:8786")'):
         "needs a dask scheduler at tcp://scheduler:8786 (tests/test_distributed.py runs the same on a LocalCluster)",
     ("docs/distributed.md", "dask worker tcp://"): "starts a dask scheduler and GPU workers",
