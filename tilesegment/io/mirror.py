@@ -1,4 +1,11 @@
-"""Gather mirror-padded, normalized network inputs straight from a source region."""
+"""Gather mirror-padded, normalized network inputs straight from a source region.
+
+Normalization is ``pixel * scale + offset`` rounded to float32 once (the
+product and the sum in float64, both exact for 8- and 16-bit pixels and
+float32 factors), as the fused multiply-add with which an executor
+normalizes raw batches on its device (`tilesegment.executor.Executor`,
+``input_affine``): a tile's input is the same bit for bit on either side.
+"""
 
 from __future__ import annotations
 
@@ -73,7 +80,7 @@ def _gather_chw(region, iy, ix, scale, offset, normalize, out):  # pragma: no co
     for i in range(iy.shape[0]):
         y = iy[i]
         for c in range(channels):
-            sc, of = scale[c], offset[c]
+            sc, of = np.float64(scale[c]), np.float64(offset[c])
             fill = of if normalize else 0
             if y < 0:
                 out[c, i, :] = fill
@@ -84,7 +91,7 @@ def _gather_chw(region, iy, ix, scale, offset, normalize, out):  # pragma: no co
                 if x < 0:
                     out[c, i, j] = fill
                 elif normalize:
-                    out[c, i, j] = np.float32(row[x, c]) * sc + of
+                    out[c, i, j] = np.float32(np.float64(row[x, c]) * sc + of)
                 else:
                     out[c, i, j] = row[x, c]
 
@@ -99,10 +106,11 @@ def _gather_hwc(region, iy, ix, scale, offset, normalize, out):  # pragma: no co
         for j in range(ix.shape[0]):
             x = ix[j]
             for c in range(channels):
+                of = np.float64(offset[c])
                 if y < 0 or x < 0:
-                    out[i, j, c] = offset[c] if normalize else 0
+                    out[i, j, c] = of if normalize else 0
                 elif normalize:
-                    out[i, j, c] = np.float32(region[y, x, c]) * scale[c] + offset[c]
+                    out[i, j, c] = np.float32(np.float64(region[y, x, c]) * np.float64(scale[c]) + of)
                 else:
                     out[i, j, c] = region[y, x, c]
 
