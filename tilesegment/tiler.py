@@ -17,9 +17,13 @@ from .io.mirror import gather_nd, normalization_affine, pad_indices
 from .io.sources import ImageLike, ImageSource, open_image
 from .plan import TilePlan
 
-__all__ = ["Tiler", "Batch", "check_axes"]
+__all__ = ["Tiler", "Batch", "check_axes", "READ_AHEAD_BYTES"]
 
 Allocator = Callable[[tuple, np.dtype], np.ndarray]
+
+#: Bound on the tile inputs read ahead beyond `Tiler.batches`'s ``prefetch`` batches so
+#: that every reader thread has a tile (15 readers of 1200^2 RGB inputs: 65 MB in uint8).
+READ_AHEAD_BYTES = 512 << 20
 
 
 @dataclass(frozen=True, eq=False)
@@ -278,8 +282,11 @@ class Tiler:
         tiles : sequence of int, optional
             Plan indices to read (default: all); kept in the given order.
         prefetch : int
-            Batches read ahead of the consumer; memory is
-            ``(prefetch + 1) * batch`` inputs at most.
+            Batches read ahead of the consumer, and more while fewer tiles than
+            `workers` are queued, so that no reader thread idles for want of a
+            tile (small batches, many readers). Memory is ``(prefetch + 1) *
+            batch`` inputs, or `workers` plus a batch if that is more, and the
+            extra tiles stay within `READ_AHEAD_BYTES`.
         workers : int
             Reader threads (0 reads in the calling thread); each reads whole
             tiles, and a batch is ready when its tiles are. Decoding and the
@@ -309,6 +316,8 @@ class Tiler:
         tables = self._spans(self.plan.origins[order])
         cache = self.last_cache = self._chunk_cache(order, tables)
         groups = (order[i : i + int(batch_size)] for i in range(0, len(order), int(batch_size)))
+        dtype = np.dtype(np.float32) if normalize else self.input_dtype
+        tile_bytes = self.source.channels * int(np.prod(self.plan.input_size)) * dtype.itemsize
 
         def start(group, run):
             data = self._allocate(len(group), allocate, normalize, channels_last)
@@ -320,7 +329,7 @@ class Tiler:
             ok = np.asarray([r.result() if hasattr(r, "result") else r for r in reads], bool)
             return Batch(group, data, group[~ok])
 
-        return _BatchStream(groups, start, finish, prefetch, workers, cache)
+        return _BatchStream(groups, start, finish, prefetch, workers, cache, tile_bytes)
 
     def close(self) -> None:
         """Close the image file, if any."""
@@ -337,25 +346,33 @@ class _BatchStream(Iterator["Batch"]):
     """Batches read ahead by a thread pool; the first ones are submitted at once.
 
     At most ``prefetch + 1`` batches are submitted and not yet handed out, as
-    a generator reading ahead would keep. Tiles, not batches, are the unit of
-    work: every reader thread is busy even when few large batches are in
-    flight (a GPU's batch of 16 tiles at 1024).
+    a generator reading ahead would keep, or more while fewer tiles than
+    reader threads are (within `READ_AHEAD_BYTES`). Tiles, not batches, are
+    the unit of work: every reader thread is busy whether few large batches
+    are in flight (a GPU's batch of 16 tiles at 1024) or many small ones.
     """
 
     def __init__(self, groups: Iterator[np.ndarray], start: Callable, finish: Callable, prefetch: int,
-                 workers: int, cache: Optional[ChunkCache]) -> None:
+                 workers: int, cache: Optional[ChunkCache], tile_bytes: int) -> None:
         self._groups, self._start, self._finish = groups, start, finish
-        self._prefetch, self._cache = prefetch, cache
+        self._prefetch, self._workers, self._cache = prefetch, workers, cache
         self._pending: deque = deque()
+        self._queued, self._tile_bytes = 0, tile_bytes  # tiles submitted and not yet handed out
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="tilesegment-read") if workers > 0 else None
         self._closed = False
-        while self._pool is not None and len(self._pending) <= prefetch and self._submit():
+        while self._pool is not None and self._wants_more() and self._submit():
             pass
+
+    def _wants_more(self) -> bool:
+        if len(self._pending) <= self._prefetch:
+            return True
+        return self._queued < self._workers and self._queued * self._tile_bytes < READ_AHEAD_BYTES
 
     def _submit(self) -> bool:
         group = next(self._groups, None)
         if group is not None:
             self._pending.append(self._start(group, self._pool.submit))
+            self._queued += len(group)
         return group is not None
 
     def __iter__(self) -> "_BatchStream":
@@ -370,10 +387,12 @@ class _BatchStream(Iterator["Batch"]):
                 if group is not None:
                     return self._finish(*self._start(group, lambda f, *a: f(*a)))
             else:
-                if len(self._pending) <= self._prefetch:
-                    self._submit()
+                while self._wants_more() and self._submit():
+                    pass
                 if self._pending:
-                    return self._finish(*self._pending.popleft())
+                    group, data, reads = self._pending.popleft()
+                    self._queued -= len(group)
+                    return self._finish(group, data, reads)
         except BaseException:
             self.close()
             raise
