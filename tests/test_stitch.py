@@ -142,3 +142,22 @@ def test_stitcher_takes_an_output_value_or_an_injected_sink(tmp_path):
         Output(tmp_path / "p.zarr", overwrite=True, resume=True)
     with pytest.raises(ts.UsageError, match="no unfinished run to resume"):  # complete: nothing to resume
         Output(tmp_path / "o.zarr", resume=True).check()
+
+
+def test_reduced_labels_need_the_class_count_their_label_metadata_names(tmp_path):
+    tiler, _ = _identity_tiler()
+    batch = tiler.batch([0, 1])
+    reduced = np.zeros((2, 1, *tiler.plan.tile_size), np.uint8)
+    for first in ("add", "fill"):
+        stitcher = ts.Stitcher(tiler.plan, tmp_path / f"{first}.zarr", mode="labels")
+        with pytest.raises(ts.UsageError, match=r"num_classes=K"):
+            stitcher.add(batch, reduced, reduced=True) if first == "add" else stitcher.fill([0])
+    with ts.Stitcher(tiler.plan, tmp_path / "o.zarr", mode="labels", num_classes=5) as stitcher:
+        stitcher.add(batch, reduced, reduced=True)
+        stitcher.fill(np.arange(2, tiler.plan.n_tiles))
+    attrs = zarr.open_group(tmp_path / "o.zarr").attrs
+    assert attrs["tilesegment"]["label_values"] == 5
+    assert attrs["ome"]["omero"]["channels"][0]["window"]["end"] == 4
+    with ts.Stitcher(tiler.plan, mode="labels") as in_memory:  # no metadata: no class count needed
+        in_memory.add(batch, reduced, reduced=True)
+        in_memory.fill(np.arange(2, tiler.plan.n_tiles))

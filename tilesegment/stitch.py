@@ -42,7 +42,9 @@ class Stitcher:
     mode : {"labels", "probabilities", "logits"} or Mode
         What to write per pixel (see `tilesegment.modes`).
     num_classes : int, optional
-        Output channels; taken from the first output when omitted.
+        Output channels; taken from the first output when omitted. Needed for
+        a file output of labels that arrive reduced (``add(..., reduced=True)``)
+        or are filled first, whose metadata names the label values.
     done_blocks : array of int, optional
         Blocks already written (from the manifest), or written by others.
     sink : Sink, optional
@@ -102,10 +104,16 @@ class Stitcher:
 
     # -- setup -----------------------------------------------------------------------
 
-    def _open(self, num_classes: int) -> None:
+    def _open(self, num_classes: Optional[int]) -> None:
+        """Make the sink; `num_classes` None: not known yet (a label map, reduced or filled first)."""
+        if num_classes is None and self._output is not None:
+            raise UsageError(
+                f"mode {self.mode.name!r} outputs that arrive reduced (or filled first) do not say how many "
+                "classes the network has, which the output's label metadata names; "
+                "pass Stitcher(..., num_classes=K)")
         self._num_classes = num_classes
         mode = self.mode
-        shape, dtype = self._stored(mode.shape(self.plan.shape, num_classes)), mode.dtype
+        shape, dtype = self._stored(mode.shape(self.plan.shape, num_classes or 1)), mode.dtype
         if self._output is None:
             self._sink = MemorySink(shape, dtype)
         else:
@@ -141,8 +149,8 @@ class Stitcher:
         indices = np.asarray(getattr(tiles, "indices", tiles), dtype=np.int64).reshape(-1)
         outputs = _as_numpy(outputs)
         self._check(indices, outputs, reduced)
-        if self._sink is None:
-            self._open(outputs.shape[1])
+        if self._sink is None:  # reduced labels have one channel, whatever the classes
+            self._open(outputs.shape[1] if self.mode.per_class or not reduced else None)
         kernel = crop_copy if reduced else self.mode.kernel
         crop = (0,) * len(self.plan.shape) if reduced else self.plan.geometry.crop
         for index, out in zip(indices, outputs):
@@ -172,7 +180,7 @@ class Stitcher:
         if self._sink is None:
             if self.mode.per_class:
                 raise UsageError("fill() before any output needs Stitcher(..., num_classes=K)")
-            self._open(1)
+            self._open(None)
         for index in np.asarray(getattr(tiles, "indices", tiles), dtype=np.int64).reshape(-1):
             if failed:
                 entry = {"tile": int(index), "origin": [int(v) for v in self.plan.origins[index]]}
