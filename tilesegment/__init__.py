@@ -25,6 +25,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "Job": "api",
     "exact_fp32": "process",
+    "cudnn_autotune": "process",
     "prepare": "api",
     "segment": "api",
     "RunStats": "report",
@@ -76,7 +77,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # what static checkers and IDEs see
     from .api import Job, prepare, segment
-    from .process import exact_fp32
+    from .process import cudnn_autotune, exact_fp32
     from .contracts import Reporter
     from .geometry import Geometry
     from .io.output import Output

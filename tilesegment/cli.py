@@ -305,7 +305,7 @@ def _return_large_buffers(client) -> None:
 
 def _segment_one(args, image: str, output: str, client, resume: Optional[bool] = None) -> int:
     from .api import prepare
-    from .process import exact_fp32
+    from .process import cudnn_autotune, exact_fp32
 
     resume = args.resume if resume is None else resume
     if resume and not args.overwrite and "://" not in output and Path(output).is_dir() and _finished_earlier(
@@ -340,7 +340,7 @@ def _segment_one(args, image: str, output: str, client, resume: Optional[bool] =
     if job.resume:
         say(f"resume   {len(job.done_blocks)} of {plan.n_blocks} blocks were finished by an earlier run")
     try:
-        with exact_fp32():  # the command owns its process: fp32 means true fp32 (tilesegment.process)
+        with exact_fp32(), cudnn_autotune():  # the command owns its process (tilesegment.process)
             _, run = job.run(progress=not args.quiet, client=client)
     except BaseException:
         if not args.overwrite:  # an overwrite run writes beside the old output: nothing to resume

@@ -8,27 +8,51 @@ turns them on by itself:
 - `exact_fp32`: TF32 off for CUDA convolutions and matmuls, so that
   ``precision="fp32"`` on a GPU is exact. An fp32 run on CUDA with TF32 on
   is refused with a message that names this context manager.
+- `cudnn_autotune`: cuDNN times the convolution algorithms for each new
+  input shape once and keeps the fastest (``torch.backends.cudnn.benchmark``);
+  a run has a handful of shapes and thousands of batches of each.
 - `return_large_buffers`: glibc returns freed buffers of 1 MiB and more to
   the system at once (volume runs; see `tilesegment._heap`).
 
-The ``tilesegment`` command owns its process and turns both on.
+The ``tilesegment`` command owns its process and turns them all on.
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
 from ._heap import return_large_buffers
 
-__all__ = ["exact_fp32", "tf32_enabled", "return_large_buffers"]
+__all__ = ["exact_fp32", "cudnn_autotune", "tf32_enabled", "return_large_buffers"]
 
-_lock = threading.Lock()
-_users = 0
-_saved: tuple = ()
+
+class _Shared:
+    """A process-wide setting that blocks in any thread may hold: `switch` (which returns
+    what it replaced) runs when the first block enters, `restore` when the last one leaves."""
+
+    def __init__(self, switch: Callable[[], Any], restore: Callable[[Any], None]) -> None:
+        self._switch, self._restore = switch, restore
+        self._lock = threading.Lock()
+        self._users = 0
+        self._saved: Any = None
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        with self._lock:
+            if self._users == 0:
+                self._saved = self._switch()
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._users -= 1
+                if self._users == 0:
+                    self._restore(self._saved)
 
 
 def _new_api() -> bool:
@@ -79,6 +103,9 @@ def _restore(saved: tuple) -> None:
         b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32 = saved
 
 
+_TF32_OFF = _Shared(_save_and_switch_off, _restore)
+
+
 @contextlib.contextmanager
 def exact_fp32() -> Iterator[None]:
     """Run the block with TF32 off for CUDA convolutions and matmuls; restore the settings after.
@@ -97,15 +124,39 @@ def exact_fp32() -> Iterator[None]:
     >>> with ts.exact_fp32():
     ...     pass  # ts.segment(image, net, device="cuda", precision="fp32")
     """
-    global _users, _saved
-    with _lock:
-        if _users == 0:
-            _saved = _save_and_switch_off()
-        _users += 1
-    try:
+    with _TF32_OFF.held():
         yield
-    finally:
-        with _lock:
-            _users -= 1
-            if _users == 0:
-                _restore(_saved)
+
+
+def _autotune_on() -> bool:
+    saved, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, True
+    return saved
+
+
+def _set_autotune(value: bool) -> None:
+    torch.backends.cudnn.benchmark = value
+
+
+_AUTOTUNE = _Shared(_autotune_on, _set_autotune)
+
+
+@contextlib.contextmanager
+def cudnn_autotune() -> Iterator[None]:
+    """Run the block with cuDNN autotuning on (``torch.backends.cudnn.benchmark``); restore it after.
+
+    cuDNN then times its convolution algorithms the first time it meets an
+    input shape, and keeps the fastest for that shape. A run has a few shapes
+    (the batch, the last batch, the halves of a split) and meets each
+    thousands of times, so the first batches pay a few seconds for a faster
+    rest. Process-wide and nestable across threads, as `exact_fp32`; the
+    ``tilesegment`` command enters it.
+
+    Examples
+    --------
+    >>> import tilesegment as ts
+    >>> with ts.cudnn_autotune():
+    ...     torch.backends.cudnn.benchmark
+    True
+    """
+    with _AUTOTUNE.held():
+        yield
