@@ -29,9 +29,9 @@ def _our_threads():
 class OOMAbove(torch.nn.Module):
     """Wraps a network and runs out of 'memory' for batches above `limit`."""
 
-    def __init__(self, net, limit):
+    def __init__(self, net, limit, error=lambda: torch.OutOfMemoryError("simulated")):
         super().__init__()
-        self.net, self.limit, self.sizes = net, limit, []
+        self.net, self.limit, self.sizes, self.error = net, limit, [], error
 
     @property
     def geometry(self):
@@ -45,7 +45,7 @@ class OOMAbove(torch.nn.Module):
             return self.net(x)
         self.sizes.append(len(x))
         if len(x) > self.limit:
-            raise torch.OutOfMemoryError("simulated")
+            raise self.error()
         return self.net(x)
 
 
@@ -282,3 +282,150 @@ def test_an_executor_runs_its_own_copy_and_leaves_the_callers_module_as_it_was(n
     assert net.training and not first.model.training
     assert {k: (v.data_ptr(), v.stride()) for k, v in net.state_dict().items()} == before
     net.eval()
+
+
+def test_auto_precision_follows_the_gpus_capability_not_emulated_bf16(monkeypatch):
+    from tilesegment.executor import default_precision
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    asked = []
+    for capability, expected in [((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability",
+                            lambda device=None, c=capability: asked.append(device) or c)
+        assert default_precision(torch.device("cuda", 1)) == expected
+    assert asked == [torch.device("cuda", 1)] * 4  # the executor's GPU, not the current one
+    assert default_precision(torch.device("cpu")) == "fp32"
+
+
+def test_the_model_runs_with_the_executors_device_current_in_its_thread(net, monkeypatch):
+    import contextlib
+
+    import tilesegment.executor as executor_module
+    from tilesegment.executor import device_scope
+
+    scope = device_scope(torch.device("cuda", 1))  # made, not entered: no CUDA needed
+    assert isinstance(scope, torch.cuda.device) and scope.idx == 1
+    assert isinstance(device_scope(torch.device("cpu")), contextlib.nullcontext)
+    entered = []
+
+    @contextlib.contextmanager
+    def recording(device):
+        entered.append((device, threading.current_thread().name))
+        yield
+
+    monkeypatch.setattr(executor_module, "device_scope", recording)
+    tiler = ts.Tiler(np.zeros((40, 40, 3), np.uint8), net.geometry, tile_size=16)
+    with ts.Stitcher(tiler.plan, mode="labels") as stitcher:
+        run_pipeline(tiler.batches(2), [Executor(net, "cpu")], stitcher)
+    assert entered and all(d == torch.device("cpu") and t.startswith("tilesegment-exec") for d, t in entered)
+
+
+class DictOutput(torch.nn.Module):
+    """torchvision's segmentation models return ``{"out": logits, "aux": ...}``."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        y = self.net(x)
+        return {"out": y, "aux": -y}
+
+
+def test_dict_outputs_are_unwrapped_as_the_probe_does(net, image):
+    expected = ts.segment(image, net, tile_size=16, mode="logits", progress=False)
+    assert_exact(ts.segment(image, DictOutput(net), tile_size=16, mode="logits", progress=False), expected)
+
+
+def test_cudnn_and_cublas_allocation_failures_count_as_out_of_memory():
+    from tilesegment.executor import _is_out_of_memory
+
+    out_of_memory = [
+        "CUDA out of memory. Tried to allocate 2.00 GiB",
+        "cuDNN error: CUDNN_STATUS_ALLOC_FAILED",
+        "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`",
+    ]
+    other = [
+        "cuDNN error: CUDNN_STATUS_NOT_SUPPORTED. This error may appear if you passed in a non-contiguous input.",
+        "CUDA error: CUBLAS_STATUS_EXECUTION_FAILED when calling `cublasSgemm( handle, opa, opb, m, n, k)`",
+        "Expected all tensors to be on the same device, but found at least two devices, cuda:0 and cuda:1!",
+    ]
+    assert [_is_out_of_memory(RuntimeError(m)) for m in out_of_memory] == [True] * 3
+    assert [_is_out_of_memory(RuntimeError(m)) for m in other] == [False] * 3
+
+
+@pytest.mark.parametrize("message", ["cuDNN error: CUDNN_STATUS_ALLOC_FAILED",
+                                     "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"])
+def test_an_allocation_failure_halves_the_batch_and_finishes(net, message):
+    model = OOMAbove(net, limit=2, error=lambda: RuntimeError(message))
+    ex = Executor(model, "cpu")
+    data = np.random.default_rng(0).random((5, 3, *net.geometry.input_size(16))).astype(np.float32)
+    out = ex(data).numpy()
+    assert out.shape[0] == 5 and model.sizes[0] == 5 and max(model.sizes[1:]) <= 2
+    with torch.inference_mode():
+        assert_exact(out, net(torch.from_numpy(data)).numpy())
+
+
+class Identity(torch.nn.Module):
+    geometry = ts.Geometry(halo=0, step=1)
+
+    def forward(self, x):
+        return x
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_host_and_device_normalization_agree_bit_for_bit(channels_last):
+    """Every uint8 value in every channel with ImageNet's mean and std: the host's gather
+    (float inputs) and the executor's ``input_affine`` (raw uint8 inputs) give the same bits."""
+    from tilesegment.io.mirror import gather, normalization_affine
+
+    imagenet = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    scale, offset = normalization_affine(np.uint8, 3, imagenet)
+    pixels = np.repeat(np.arange(256, dtype=np.uint8)[None, :, None], 3, axis=2)  # (1, 256, 3)
+    host = np.empty((1, 256, 3), np.float32).transpose(2, 0, 1) if channels_last else np.empty((3, 1, 256), np.float32)
+    gather(pixels, np.arange(1), np.arange(256), scale, offset, host)
+    ex = Executor(Identity(), "cpu", input_affine=(scale, offset), channels_last=channels_last)
+    device = ex(np.ascontiguousarray(pixels.transpose(2, 0, 1))[None]).numpy()[0]
+    assert device.dtype == host.dtype == np.float32
+    assert np.array_equal(device.view(np.uint32), host.view(np.uint32))
+
+
+def test_a_split_batch_returns_while_its_parts_are_in_flight(net, monkeypatch):
+    from tilesegment.executor import InFlight
+
+    waits = []
+    real = InFlight.numpy
+    monkeypatch.setattr(InFlight, "numpy", lambda self: waits.append(1) or real(self))
+    ex = Executor(net, "cpu", max_batch=2)
+    data = np.random.default_rng(0).random((5, 3, *net.geometry.input_size(16))).astype(np.float32)
+    result = ex(data)
+    assert waits == []  # nothing waited on: the next batch can start at once
+    out = result.numpy()
+    assert len(waits) == 3 and out.shape[0] == 5
+    with torch.inference_mode():
+        assert_exact(out, net(torch.from_numpy(data)).numpy())
+
+
+def test_a_compiled_model_sees_one_batch_size_and_the_padding_is_dropped(net, monkeypatch):
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: model)  # the batch sizes are the point
+    model = OOMAbove(net, limit=4)
+    ex = Executor(model, "cpu", compile=True)
+    data = np.random.default_rng(0).random((9, 3, *net.geometry.input_size(16))).astype(np.float32)
+    outputs = [ex(data[:7]).numpy(), ex(data[7:]).numpy()]  # 7: out of memory, then 3 + 3 + 1; then 2
+    assert model.sizes == [7, 3, 3, 3, 3]
+    assert [len(o) for o in outputs] == [7, 2]
+    with torch.inference_mode():
+        assert_exact(np.concatenate(outputs), net(torch.from_numpy(data)).numpy())
+
+
+def test_cudnn_autotune_is_on_inside_and_restored_after():
+    before = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = False
+        with ts.cudnn_autotune():
+            with ts.cudnn_autotune():  # nested: the outer block still holds it
+                assert torch.backends.cudnn.benchmark
+            assert torch.backends.cudnn.benchmark
+        assert torch.backends.cudnn.benchmark is False
+    finally:
+        torch.backends.cudnn.benchmark = before

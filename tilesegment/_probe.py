@@ -24,7 +24,8 @@ from torch import nn
 from .errors import ModelError
 from .geometry import Geometry
 
-__all__ = ["trace", "ScriptedPart", "probe_geometry", "model_in_channels", "model_out_channels", "model_ndim"]
+__all__ = ["trace", "ScriptedPart", "probe_geometry", "model_in_channels", "model_out_channels", "model_ndim",
+           "main_output"]
 
 _LIMIT = 4096
 
@@ -175,16 +176,28 @@ def _has_spatial_kernel(model: nn.Module) -> bool:
     return False
 
 
-def _output_shape(run, in_channels: int, *sizes: int):
-    x = torch.empty((1, in_channels, *sizes), device="meta")
-    try:
-        y = run(x)
-    except Exception:  # an invalid size raises anything from anywhere
-        return None
+def main_output(y: Any) -> Any:
+    """The segmentation in what a forward returns: the first element of a tuple or list,
+    the first value of a dict (torchvision's ``{"out": ..., "aux": ...}``), else `y` itself.
+
+    Examples
+    --------
+    >>> main_output({"out": "logits", "aux": "auxiliary"})
+    'logits'
+    """
     if isinstance(y, (tuple, list)):
         y = y[0]
     if isinstance(y, dict):
         y = next(iter(y.values()))
+    return y
+
+
+def _output_shape(run, in_channels: int, *sizes: int):
+    x = torch.empty((1, in_channels, *sizes), device="meta")
+    try:
+        y = main_output(run(x))
+    except Exception:  # an invalid size raises anything from anywhere
+        return None
     if not hasattr(y, "shape") or y.ndim != 2 + len(sizes) or min(y.shape[2:]) < 1:
         return None
     return tuple(int(s) for s in y.shape)

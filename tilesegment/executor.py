@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._probe import ScriptedPart, trace
+from ._probe import ScriptedPart, main_output, trace
 from .errors import TileSegmentError, UsageError
 from .geometry import Geometry, Shape
 from .models.base import ModelBase, describe, moved
@@ -90,10 +90,32 @@ def resolve_devices(device: Union[DeviceLike, Sequence[DeviceLike]] = "auto") ->
 
 
 def default_precision(device: torch.device) -> str:
-    """bf16 on GPUs that support it, fp32 elsewhere."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "fp32"
+    """The precision ``"auto"`` means on `device`: bf16 on GPUs of compute capability 8.0
+    and later (Ampere, Hopper), fp16 on older GPUs, fp32 elsewhere.
+
+    The capability of `device` itself decides, not that of the current device:
+    ``torch.cuda.is_bf16_supported()`` asks the current one, and by default
+    counts bf16 emulated in fp32 arithmetic (a T4 or V100) as supported.
+
+    Examples
+    --------
+    >>> default_precision(torch.device("cpu"))
+    'fp32'
+    """
+    if device.type != "cuda":
+        return "fp32"
+    major, _ = torch.cuda.get_device_capability(device)
+    return "bf16" if major >= 8 else "fp16"
+
+
+def device_scope(device: torch.device) -> contextlib.AbstractContextManager:
+    """Make `device` the current CUDA device of the calling thread for a block (nothing elsewhere).
+
+    Each executor runs in its own thread, whose current device is GPU 0
+    until set: whatever a model allocates on "the current device" (``torch.empty(...,
+    device="cuda")``, a custom kernel's stream) must land on the executor's own GPU.
+    """
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 class InFlight:
@@ -104,15 +126,17 @@ class InFlight:
     reduced it (CUDA) or it holds raw network outputs (CPU).
     """
 
-    def __init__(self, array: torch.Tensor, reduced: bool, event=None, finite=None) -> None:
+    def __init__(self, array: torch.Tensor, reduced: bool, event: Optional[torch.cuda.Event] = None,
+                 finite: Optional[torch.Tensor] = None) -> None:
         self._array = array
         self._event = event
         self._finite = finite
         self.reduced = reduced
 
     def numpy(self) -> np.ndarray:
+        """The result, once the copy from the device has arrived."""
         if self._event is not None:
-            self._event.synchronize()
+            self._event.synchronize()  # a blocking event: the thread sleeps, no core spins
         return self._array.numpy()
 
     @property
@@ -120,6 +144,23 @@ class InFlight:
         """Per tile, whether the network output had NaN/Inf (reduced outputs only; call
         after `numpy`). Raw outputs are checked by the stitcher."""
         return None if self._finite is None else ~self._finite.numpy()
+
+
+class _Parts(InFlight):
+    """The results of a batch that ran in parts (split to fit), all still in flight:
+    the device works through the parts while the executor takes the next batch."""
+
+    def __init__(self, parts: list[InFlight]) -> None:
+        self._parts = parts
+        self.reduced = parts[0].reduced
+
+    def numpy(self) -> np.ndarray:
+        return np.concatenate([p.numpy() for p in self._parts])
+
+    @property
+    def nonfinite(self) -> Optional[np.ndarray]:
+        flags = [p.nonfinite for p in self._parts]
+        return None if flags[0] is None else np.concatenate(flags)
 
 
 @dataclass(frozen=True)
@@ -197,6 +238,9 @@ class Executor:
         if self.channels_last:
             _to_channels_last(model)
         self.model = torch.compile(model) if compile else model
+        # A compiled model recompiles for every new batch size: smaller batches (the
+        # last one, the parts of a split) are padded to the largest that ran.
+        self._pad_to: Optional[int] = 0 if compile else None
         on_device = cuda if reduce_on_device is None else reduce_on_device
         self._reduce = (
             _Reduce(mode, geometry.crop, tuple(tile_size))
@@ -214,6 +258,7 @@ class Executor:
             self.bytes_per_tile = estimate_bytes_per_tile(model, model.in_channels or 1,
                                                           geometry.input_size(tile_size))
         self._copy_stream = torch.cuda.Stream(self.device) if cuda else None
+        self._uploaded = torch.cuda.Event(blocking=True) if cuda else None
         self._affine = None
         if input_affine is not None:
             scale, offset = (torch.as_tensor(np.asarray(v, np.float32), device=self.device)
@@ -280,31 +325,36 @@ class Executor:
 
     def _split(self, data: np.ndarray) -> InFlight:
         limit = max(1, min(len(data) // 2 if self.max_batch is None else self.max_batch, len(data) - 1))
-        outputs = [self(data[i : i + limit]) for i in range(0, len(data), limit)]
-        parts = [o.numpy() for o in outputs]
-        reduced = self._reduce is not None
-        finite = None
-        if reduced:
-            finite = torch.from_numpy(~np.concatenate([o.nonfinite for o in outputs]))
-        return InFlight(torch.from_numpy(np.concatenate(parts)), reduced, finite=finite)
+        return _Parts([self(data[i : i + limit]) for i in range(0, len(data), limit)])
 
     def _run(self, data: np.ndarray) -> InFlight:
-        with torch.inference_mode():
-            x = self._to_device(torch.from_numpy(data))
+        n = len(data)
+        with torch.inference_mode(), device_scope(self.device):
+            x = self._padded(self._to_device(torch.from_numpy(data)))
             measure = self._measure
             if measure:
                 torch.cuda.reset_peak_memory_stats(self.device)
                 before = torch.cuda.memory_allocated(self.device)
             with self.precision_context():
-                y = self.model(x)
-            if isinstance(y, (tuple, list)):
-                y = y[0]
+                y = main_output(self.model(x))[:n]
             if measure:
                 peak = torch.cuda.max_memory_allocated(self.device) - before
-                self.bytes_per_tile, self._measure = peak / len(data), False
+                self.bytes_per_tile, self._measure = peak / len(x), False
+            if self._pad_to is not None:
+                self._pad_to = max(self._pad_to, len(x))
             if self._reduce is not None:
                 return self._reduced_to_host(y)
             return InFlight(y.float().cpu(), reduced=False)
+
+    def _padded(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` with copies of its first tile appended up to the batch size the compiled model
+        knows (`compile` only); the padding's outputs are dropped."""
+        if self._pad_to is None:
+            return x
+        target = self._pad_to if self.max_batch is None else min(self._pad_to, self.max_batch)
+        if len(x) >= target:
+            return x
+        return self._layout(torch.cat((x, x[:1].expand(target - len(x), *x.shape[1:]))))
 
     def precision_context(self) -> contextlib.AbstractContextManager:
         """Autocast for bf16/fp16. fp32 on CUDA must be true fp32: with TF32 on (PyTorch's
@@ -338,7 +388,8 @@ class Executor:
         # compute, lets the host buffer be recycled safely as soon as we return.
         with torch.cuda.stream(self._copy_stream):
             x_dev = x.to(self.device, non_blocking=True)
-        self._copy_stream.synchronize()
+        self._uploaded.record(self._copy_stream)
+        self._uploaded.synchronize()  # blocking: the thread sleeps until the upload is done
         compute = torch.cuda.current_stream(self.device)
         compute.wait_stream(self._copy_stream)
         x_dev.record_stream(compute)
@@ -350,6 +401,7 @@ class Executor:
             return x
         shape = (1, -1) + (1,) * (x.ndim - 2)
         scale, offset = (v.view(shape) for v in self._affine)
+        # One rounding, as the host's `tilesegment.io.mirror.gather_nd`: the two agree bit for bit.
         return torch.addcmul(offset, x.to(torch.float32), scale)
 
     def _reduced_to_host(self, y: torch.Tensor) -> InFlight:
@@ -363,14 +415,19 @@ class Executor:
         host.copy_(y, non_blocking=True)
         host_finite = torch.empty(finite.shape, dtype=torch.bool, pin_memory=True)
         host_finite.copy_(finite, non_blocking=True)
-        event = torch.cuda.Event()
+        event = torch.cuda.Event(blocking=True)
         event.record(torch.cuda.current_stream(self.device))
         return InFlight(host, reduced=True, event=event, finite=host_finite)
 
 
+#: What a plain RuntimeError says when the device ran out of memory: TorchScript's CUDA
+#: out-of-memory, and cuDNN or cuBLAS failing to allocate their workspace.
+_OUT_OF_MEMORY = ("out of memory", "cudnn_status_alloc_failed", "cublas_status_alloc_failed")
+
+
 def _is_out_of_memory(exc: BaseException) -> bool:
-    # TorchScript modules raise a plain RuntimeError on CUDA out-of-memory.
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+    message = str(exc).lower()
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or any(m in message for m in _OUT_OF_MEMORY)
 
 
 def reduce_logits(y: torch.Tensor, mode: Union[str, Mode]) -> torch.Tensor:
