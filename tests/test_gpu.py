@@ -33,7 +33,10 @@ def image():
 def test_auto_means_every_gpu_and_bf16_where_supported():
     devices = resolve_devices("auto")
     assert devices == [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
-    assert default_precision(devices[0]) == ("bf16" if torch.cuda.is_bf16_supported() else "fp32")
+    for device in devices:  # native bf16 only: emulated bf16 (T4, V100) runs fp16
+        with torch.cuda.device(device):
+            native = torch.cuda.is_bf16_supported(including_emulation=False)
+        assert default_precision(device) == ("bf16" if native else "fp16")
 
 
 def test_fp32_on_cuda_is_exact_inside_exact_fp32_and_refused_with_tf32_on(big, image):
@@ -58,4 +61,84 @@ def test_reduced_precision_labels_agree_except_at_near_ties(big, image, precisio
     expected = whole_image_logits(image, big)
     labels = ts.segment(image, big, tile_size=256, device="cuda", precision=precision, progress=False)
     assert (labels == expected.argmax(0)).mean() >= 0.999
+    assert_labels_match(labels, expected, rtol=REDUCED_PRECISION_RTOL)
+
+
+class CurrentDevice(torch.nn.Module):
+    """Records the current CUDA device and allocates on it, as some models' code does."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.seen = net, []
+
+    @property
+    def geometry(self):
+        return self.net.geometry
+
+    def __deepcopy__(self, memo):
+        import copy
+
+        twin = CurrentDevice(copy.deepcopy(self.net, memo))
+        twin.seen = self.seen
+        return twin
+
+    def forward(self, x):
+        self.seen.append(torch.cuda.current_device())
+        return self.net(x) + torch.zeros(1, device="cuda")  # on "the current device"
+
+
+def test_each_executor_thread_runs_on_its_own_gpu(big, image):
+    devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    model = CurrentDevice(big)
+    ts.segment(image, model, tile_size=256, device=devices, progress=False)
+    assert set(model.seen) <= set(range(len(devices))) and model.seen
+
+
+def test_raw_uint8_normalized_on_the_gpu_equals_the_host_bit_for_bit():
+    from tilesegment.executor import Executor
+    from tilesegment.io.mirror import gather, normalization_affine
+
+    class Identity(torch.nn.Module):
+        geometry = ts.Geometry(halo=0, step=1)
+
+        def forward(self, x):
+            return x
+
+    scale, offset = normalization_affine(np.uint8, 3, ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
+    pixels = np.repeat(np.arange(256, dtype=np.uint8)[None, :, None], 3, axis=2)
+    host = np.empty((3, 1, 256), np.float32)
+    gather(pixels, np.arange(1), np.arange(256), scale, offset, host)
+    ex = Executor(Identity(), "cuda", precision="fp32", input_affine=(scale, offset))
+    with ts.exact_fp32():
+        device = ex(np.ascontiguousarray(pixels.transpose(2, 0, 1))[None]).numpy()[0]
+    assert np.array_equal(device.view(np.uint32), host.view(np.uint32))
+
+
+def test_every_reader_thread_works_when_feeding_a_gpu():
+    from test_tiler import SlowArray
+
+    source = SlowArray(np.zeros((256, 256, 3), np.uint8), seconds=0.05)
+    net = ts.UNet(3, 2, base_channels=4, depth=2).eval()
+    job = ts.prepare(source, net, tile_size=32, batch_size=2, device="cuda:0")
+    readers = job.readers
+    job.run(progress=False)
+    assert source.peak >= min(readers, job.plan.n_tiles)
+
+
+@pytest.mark.parametrize("autotune", [False, True])
+def test_cudnn_autotune_ab_keeps_the_labels(big, image, autotune, capsys):
+    """A/B of `ts.cudnn_autotune`: labels agree, and the time is printed for the GPU report."""
+    import contextlib
+    import time
+
+    expected = whole_image_logits(image, big)
+    scope = ts.cudnn_autotune() if autotune else contextlib.nullcontext()
+    with scope:
+        ts.segment(image, big, tile_size=256, device="cuda:0", progress=False)  # warm-up, autotuning
+        start = time.perf_counter()
+        labels = ts.segment(image, big, tile_size=256, device="cuda:0", progress=False)
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+    with capsys.disabled():
+        print(f"\ncudnn_autotune={autotune}: {seconds:.3f} s")
     assert_labels_match(labels, expected, rtol=REDUCED_PRECISION_RTOL)
