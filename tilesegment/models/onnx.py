@@ -65,10 +65,14 @@ class OnnxModel(ModelBase):
         is read from the model's ``tilesegment.geometry`` metadata, or found
         by running the network on growing small inputs (once, at load).
     providers : sequence, optional
-        onnxruntime execution providers for CUDA devices, e.g.
+        onnxruntime execution providers for CUDA devices, each a name or a
+        ``(name, options)`` pair, e.g.
         ``["TensorrtExecutionProvider", "CUDAExecutionProvider"]``. Default:
-        CUDA when onnxruntime-gpu offers it. CPU inputs always use the CPU
-        provider.
+        CUDA when onnxruntime-gpu offers it. tilesegment adds the options
+        that make the run's precision hold (fp32: ``use_tf32=0``) and bound
+        the arena by the memory budget (``gpu_mem_limit``); options given
+        here win over those, except ``device_id``, which is each session's
+        device. CPU inputs always use the CPU provider.
     threads : int, optional
         Intra-op threads of the CPU session (default: ``torch.get_num_threads()``,
         so torch and ONNX models share the cores alike).
@@ -77,6 +81,10 @@ class OnnxModel(ModelBase):
     -----
     On CUDA inputs the network reads the torch tensor in place and writes
     into a torch tensor (onnxruntime IO binding): no copy through the host.
+    Autocast does not reach inside onnxruntime; the executor's precision
+    (the autocast in force) picks the providers' options instead, and
+    `execution_providers` records what ran. A GPU provider that onnxruntime
+    cannot load is an error, not a silent run on the CPU.
 
     Raises
     ------
