@@ -151,6 +151,18 @@ def test_preprocessing_runs_per_tile_as_the_spec_defines(package):
     assert_exact(got, ref[:, :60, :60].numpy())
 
 
+def test_onnx_weights_count_in_the_memory_estimate(tmp_path):
+    """onnxruntime's layers are invisible to the meta-device trace; the ONNX graph counts them."""
+    pytest.importorskip("onnx")
+    from tilesegment.executor import estimate_bytes_per_tile
+
+    path, net = build_package(tmp_path, onnx_external=True)
+    model = ts.load_model(path)
+    size = model.geometry.input_size(256)
+    want = estimate_bytes_per_tile(net, model.in_channels, size)
+    assert want / 4 <= estimate_bytes_per_tile(model, model.in_channels, size) <= 4 * want
+
+
 def test_onnx_weights_with_external_data_load_from_the_package(tmp_path):
     pytest.importorskip("onnx")
     path, net = build_package(tmp_path, onnx_external=True)

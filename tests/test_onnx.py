@@ -226,3 +226,175 @@ def test_changed_external_data_is_another_model_for_resume(dynamo_export, tmp_pa
     assert main(["segment", str(rgb_tiff), str(out), "--model", str(model), "--tile-size", "32",
                  "--chunk-size", "32", "--resume", "--quiet"]) == 2
     assert "cannot resume" in capsys.readouterr().err
+
+
+# -- GPU providers, checked without a GPU: the options built, the providers loaded, the errors told ---
+
+def test_fp32_on_cuda_turns_tf32_off_and_bounds_the_arena():
+    from tilesegment.models.onnx import _provider_options
+
+    fp32 = _provider_options("CUDAExecutionProvider", "fp32", 3 << 30)
+    assert fp32 == {"use_tf32": "0", "gpu_mem_limit": str(3 << 30), "arena_extend_strategy": "kSameAsRequested"}
+    assert _provider_options("CUDAExecutionProvider", "bf16", None) == {"use_tf32": "1"}
+    assert _provider_options("TensorrtExecutionProvider", "fp32", 1 << 30) == {"trt_fp16_enable": "0"}
+    assert _provider_options("TensorrtExecutionProvider", "fp16", 1 << 30) == {"trt_fp16_enable": "1"}
+
+
+def test_the_executors_precision_reaches_the_onnx_session(tmp_path):
+    from tilesegment.executor import Executor
+    from tilesegment.models.onnx import _autocast_precision
+
+    model = ts.load_model(ts.save_model(small_unet(), tmp_path / "n.onnx", format="onnx"))
+    for precision in ("fp32", "bf16"):
+        with Executor(model, "cpu", precision=precision).precision_context():
+            assert _autocast_precision("cpu") == precision
+
+
+class _FakeOrt:
+    """onnxruntime as onnxruntime-gpu's build reports itself, for the provider list built."""
+
+    __version__ = "1.20.1"
+
+    @staticmethod
+    def get_available_providers():
+        return ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def test_gpu_providers_carry_the_device_the_precision_and_the_callers_options(tmp_path, monkeypatch):
+    import tilesegment.executor
+
+    monkeypatch.setattr(tilesegment.executor, "default_budget", lambda device, purpose: 5 << 30)
+    path = ts.save_model(small_unet(), tmp_path / "n.onnx", format="onnx")
+    mine = ("CUDAExecutionProvider", {"device_id": 0, "cudnn_conv_algo_search": "HEURISTIC", "gpu_mem_limit": 7})
+    model = OnnxModel(path, providers=["TensorrtExecutionProvider", mine])
+    with pytest.warns(RuntimeWarning, match="TensorRT runs fp32 layers in TF32.*NVIDIA_TF32_OVERRIDE=0"):
+        providers = model._gpu_providers(_FakeOrt, "cuda:1", "fp32")
+    assert providers == [
+        ("TensorrtExecutionProvider", {"trt_fp16_enable": "0", "device_id": "1"}),
+        ("CUDAExecutionProvider", {"use_tf32": "0", "gpu_mem_limit": 7, "arena_extend_strategy": "kSameAsRequested",
+                                   "cudnn_conv_algo_search": "HEURISTIC", "device_id": "1"}),
+        "CPUExecutionProvider",
+    ]
+    old = type("Ort", (_FakeOrt,), {"__version__": "1.17.3"})
+    with pytest.raises(ts.ModelError, match=r"onnxruntime 1.17.3 cannot run CUDA convolutions in true fp32"):
+        OnnxModel(path)._gpu_providers(old, "cuda:0", "fp32")
+    assert OnnxModel(path)._gpu_providers(old, "cuda:0", "bf16")[0][1]["use_tf32"] == "1"
+
+
+def test_a_cpu_build_of_onnxruntime_is_refused_for_cuda(tmp_path):
+    model = ts.load_model(ts.save_model(small_unet(), tmp_path / "n.onnx", format="onnx"))
+    with pytest.raises(ts.ModelError, match=r"n.onnx: this onnxruntime has no CUDA provider .*onnxruntime-gpu"):
+        model._session("cuda:0")
+
+
+@pytest.mark.filterwarnings("ignore:Specified provider")  # onnxruntime's own notice
+def test_a_gpu_provider_that_does_not_load_is_an_error_not_a_silent_cpu_run(tmp_path, monkeypatch):
+    import onnxruntime
+
+    import tilesegment.executor
+    from tilesegment.models.onnx import _check_loaded
+
+    gpu = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    with pytest.raises(ts.ModelError, match=r"m.onnx: onnxruntime could not load CUDAExecutionProvider on "
+                                            r"cuda:0 .*onnxruntime-gpu\[cuda,cudnn\].* would run on the CPU"):
+        _check_loaded("m.onnx", "cuda:0", gpu[1:], ["CPUExecutionProvider"], gpu)
+    with pytest.warns(RuntimeWarning, match="could not load TensorrtExecutionProvider on cuda:1; running with "
+                                            "CUDAExecutionProvider"):
+        _check_loaded("m.onnx", "cuda:1", gpu, gpu[1:], gpu)
+    _check_loaded("m.onnx", "cuda:0", gpu[1:], gpu[1:], gpu)  # all there: silent
+    # onnxruntime itself: a build that says it has CUDA, and whose CUDA provider does not load
+    # (this CPU build's), falls back to the CPU; the session made is refused.
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: gpu[1:])
+    monkeypatch.setattr(tilesegment.executor, "default_budget", lambda device, purpose: 1 << 30)
+    model = ts.load_model(ts.save_model(small_unet(), tmp_path / "n.onnx", format="onnx"))
+    with pytest.raises(ts.ModelError, match="could not load CUDAExecutionProvider on cuda:0"):
+        model._session("cuda:0")
+    assert list(model.execution_providers) == ["cpu"]  # what ran: the CPU session of the probe only
+    assert list(model.execution_providers["cpu"]) == ["CPUExecutionProvider"]
+
+
+#: onnxruntime's errors as its users reported them (microsoft/onnxruntime#22702, #16307, #10770;
+#: hacksider/Deep-Live-Cam#584, #645), paths shortened.
+ORT_OUT_OF_MEMORY = [
+    "[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code returned while running Conv node. "
+    "Name:'Conv_111' Status Message: /onnxruntime_src/onnxruntime/core/framework/bfc_arena.cc:376 void* "
+    "onnxruntime::BFCArena::AllocateRawInternal(size_t, bool, onnxruntime::Stream*, bool, "
+    "onnxruntime::WaitNotificationFn) Failed to allocate memory for requested buffer of size 13111296",
+    "[ONNXRuntimeError] : 1 : FAIL : cuda_call.cc:114 onnxruntime::CudaCall CUDA failure 2: out of memory ; "
+    "GPU=0 ; hostname=h ; file=cuda_stream_handle.cc ; line=175 ; expr=cudaStreamCreateWithFlags(&stream, "
+    "cudaStreamNonBlocking);",
+    "[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code returned while running Gemm node. "
+    "Name:'fc1' Status Message: cuda_call.cc:114 onnxruntime::CudaCall CUBLAS failure 3: "
+    "CUBLAS_STATUS_ALLOC_FAILED ; GPU=0 ; expr=cublasCreate(&cublas_handle_);",
+    "cuda_call.cc:114 onnxruntime::CudaCall CUDNN failure 2: CUDNN_STATUS_ALLOC_FAILED ; GPU=0 ; "
+    "expr=cudnnCreate(&cudnn_handle_);",
+    "[E:onnxruntime:Default, tensorrt_execution_provider.h:50 log] ../rtSafe/safeRuntime.cpp (25) - "
+    "Cuda Error in allocate: 2 (out of memory)",
+]
+ORT_OTHER = [
+    "[ONNXRuntimeError] : 1 : FAIL : Failed to create CUDAExecutionProvider",
+    "cuda_call.cc:114 onnxruntime::CudaCall CUDA failure 100: no CUDA-capable device is detected ; GPU=0",
+    "onnx runtime error 2: not enough space: expected 318080, got 314240",
+]
+
+
+@pytest.mark.parametrize("message", ORT_OUT_OF_MEMORY)
+def test_onnxruntime_out_of_memory_errors_are_recognised(message):
+    from tilesegment.models.onnx import _is_out_of_memory
+
+    assert _is_out_of_memory(message)
+
+
+@pytest.mark.parametrize("message", ORT_OTHER)
+def test_other_onnxruntime_errors_are_not_out_of_memory(message):
+    from tilesegment.models.onnx import _is_out_of_memory
+
+    assert not _is_out_of_memory(message)
+
+
+def test_a_device_binding_error_that_names_memory_types_is_not_out_of_memory(tmp_path):
+    """This onnxruntime's own error for CUDA memory bound to a CPU session: it names 'MemoryType'."""
+    from tilesegment.models.onnx import _is_out_of_memory
+
+    model = ts.load_model(ts.save_model(small_unet(), tmp_path / "n.onnx", format="onnx"))
+    binding = model._session("cpu").io_binding()
+    with pytest.raises(RuntimeError) as info:
+        binding.bind_input("input", "cuda", 0, np.float32, (1, 3, 44, 44), 1 << 20)
+    assert "MemoryType" in str(info.value) and not _is_out_of_memory(str(info.value))
+
+
+# -- memory estimate ------------------------------------------------------------------------------
+
+def test_onnx_memory_estimate_is_that_of_the_torch_network_and_so_is_the_automatic_batch(tmp_path):
+    from tilesegment.executor import auto_batch_size, estimate_bytes_per_tile
+
+    net = ts.UNet(3, 2, base_channels=16, depth=4).eval()
+    model = ts.load_model(ts.save_model(net, tmp_path / "n.onnx", format="onnx"))
+    output_only = 4 * 2 * 2048 * 2048  # what the meta-device trace saw of an ONNX model
+    for tile in (256, 2048):
+        size = net.geometry.input_size(tile)
+        onnx_bytes, torch_bytes = (estimate_bytes_per_tile(m, 3, size) for m in (model, net))
+        assert torch_bytes / 4 <= onnx_bytes <= 4 * torch_bytes
+    assert onnx_bytes > 100 * output_only
+    cuda = torch.device("cuda")  # only its type is read, with the budget given
+    batches = [auto_batch_size(m, cuda, 3, size, budget=40 << 30) for m in (model, net)]
+    assert batches[0] == batches[1] < 64
+
+
+def test_memory_estimate_of_a_dynamo_export_and_of_a_fixed_batch(dynamo_export, tmp_path):
+    from tilesegment.executor import estimate_bytes_per_tile
+
+    path, net = dynamo_export
+    size = net.geometry.input_size(512)
+    want = estimate_bytes_per_tile(net, 3, size)
+    assert want / 4 <= ts.load_model(str(path)).activation_bytes(size) <= 4 * want
+    fixed = ts.load_model(_raw_export(net, tmp_path / "fixed.onnx", batch_dynamic=False, batch=3,
+                                      size=net.geometry.min_input[0]))
+    assert want / 4 <= fixed.activation_bytes(size) <= 4 * want  # per tile, not per group of 3
+
+
+def test_memory_estimate_without_the_onnx_package_is_a_stated_bound(tmp_path, monkeypatch):
+    model = ts.load_model(ts.save_model(small_unet(), tmp_path / "n.onnx", format="onnx"))
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    with pytest.warns(RuntimeWarning, match="pip install onnx"):
+        assert model.activation_bytes((60, 60)) == 64 * 4 * 3 * 60 * 60

@@ -197,6 +197,13 @@ class BioimageioModel(ModelBase):
             y = y[0]
         return self.post(y)
 
+    def activation_bytes(self, input_size: tuple[int, ...]) -> Optional[int]:
+        """The network's own estimate, when it has one (ONNX weights, whose layers no trace sees).
+
+        The per-pixel pre- and postprocessing add a few maps of the input's size.
+        """
+        return self.network.activation_bytes(input_size) if isinstance(self.network, ModelBase) else None
+
     def extra_repr(self) -> str:
         return f"{self.name!r} ({self.weights_format}), geometry={self.geometry}"
 

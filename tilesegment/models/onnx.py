@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import threading
 import warnings
@@ -64,10 +65,14 @@ class OnnxModel(ModelBase):
         is read from the model's ``tilesegment.geometry`` metadata, or found
         by running the network on growing small inputs (once, at load).
     providers : sequence, optional
-        onnxruntime execution providers for CUDA devices, e.g.
+        onnxruntime execution providers for CUDA devices, each a name or a
+        ``(name, options)`` pair, e.g.
         ``["TensorrtExecutionProvider", "CUDAExecutionProvider"]``. Default:
-        CUDA when onnxruntime-gpu offers it. CPU inputs always use the CPU
-        provider.
+        CUDA when onnxruntime-gpu offers it. tilesegment adds the options
+        that make the run's precision hold (fp32: ``use_tf32=0``) and bound
+        the arena by the memory budget (``gpu_mem_limit``); options given
+        here win over those, except ``device_id``, which is each session's
+        device. CPU inputs always use the CPU provider.
     threads : int, optional
         Intra-op threads of the CPU session (default: ``torch.get_num_threads()``,
         so torch and ONNX models share the cores alike).
@@ -76,6 +81,10 @@ class OnnxModel(ModelBase):
     -----
     On CUDA inputs the network reads the torch tensor in place and writes
     into a torch tensor (onnxruntime IO binding): no copy through the host.
+    Autocast does not reach inside onnxruntime; the executor's precision
+    (the autocast in force) picks the providers' options instead, and
+    `execution_providers` records what ran. A GPU provider that onnxruntime
+    cannot load is an error, not a silent run on the CPU.
 
     Raises
     ------
@@ -116,6 +125,7 @@ class OnnxModel(ModelBase):
         self._sessions: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._shapes: dict[tuple[int, int], tuple[int, ...]] = {}
+        self._activations: dict[tuple[int, int], int] = {}
         # The hash of the file and its external data as a buffer: `identity()` (the state dict's
         # hash) then tells ONNX files apart, and so does that of any module holding this one
         # (a bioimage.io package with ONNX weights).
@@ -185,16 +195,38 @@ class OnnxModel(ModelBase):
             self._shapes[size] = tuple(int(s) for s in self._run_cpu(x).shape)
         return (batch, *self._shapes[size][1:])
 
+    def activation_bytes(self, input_size: Sequence[int]) -> int:  # type: ignore[override]
+        """Bytes of every intermediate tensor of the graph for one input of `input_size`.
+
+        onnxruntime's layers are invisible to the meta-device trace that
+        `tilesegment.executor.estimate_bytes_per_tile` runs for torch modules
+        (it would count the output alone), so the ONNX graph gives the same
+        sum: its shapes are inferred for this input (the ``onnx`` package's
+        shape inference) and every tensor a node writes is counted, as the
+        trace counts every layer's output. Tensors whose shape the inference
+        cannot tell (crops computed from shapes at run time) are left out,
+        as the trace leaves out torch functions that are not modules. Without
+        the ``onnx`` package the bound is 64 float32 maps of the input, the
+        count `estimate_bytes_per_tile` takes for a TorchScript part.
+        """
+        size = (int(input_size[0]), int(input_size[1]))
+        if size not in self._activations:
+            batch = self._fixed_batch or 1
+            shape = (batch, self.in_channels, *size)
+            self._activations[size] = _graph_activation_bytes(self._data, self._input_name, shape) // batch
+        return self._activations[size]
+
     # -- sessions ------------------------------------------------------------------------
 
-    def _session(self, device: str):
+    def _session(self, device: str, precision: str = "fp32"):
+        key = device if device == "cpu" else f"{device}/{precision}"
         with self._lock:
-            session = self._sessions.get(device)
+            session = self._sessions.get(key)
             if session is None:
-                session = self._sessions[device] = self._new_session(device)
+                session = self._sessions[key] = self._new_session(device, precision)
             return session
 
-    def _new_session(self, device: str):
+    def _new_session(self, device: str, precision: str):
         ort = _import_ort()
         options = ort.SessionOptions()
         options.log_severity_level = 4  # invalid sizes while probing are expected, not news
@@ -205,26 +237,57 @@ class OnnxModel(ModelBase):
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             providers: list[Any] = ["CPUExecutionProvider"]
         else:
-            index = int(device.split(":")[1]) if ":" in device else 0
-            available = ort.get_available_providers()
-            wanted = self._providers or ["CUDAExecutionProvider"]
-            providers = []
-            for p in wanted:
-                name = p[0] if isinstance(p, (tuple, list)) else p
-                if name not in available:
-                    continue
-                if name in ("CUDAExecutionProvider", "TensorrtExecutionProvider") and isinstance(p, str):
-                    p = (name, {"device_id": index})
-                providers.append(p)
-            if not any((p[0] if isinstance(p, tuple) else p) == "CUDAExecutionProvider" for p in providers):
-                raise ModelError(
-                    f"{self.name}: onnxruntime has no CUDA provider here (available: "
-                    f"{', '.join(available)}); pip install onnxruntime-gpu, or run on device='cpu'"
-                )
-            providers.append("CPUExecutionProvider")
+            providers = self._gpu_providers(ort, device, precision)
         # Unpickled on a machine without the file, the bytes still serve models without external data.
         model = str(self._path) if self._path is not None and self._path.is_file() else self._data
-        return ort.InferenceSession(model, sess_options=options, providers=providers)
+        session = ort.InferenceSession(model, sess_options=options, providers=providers)
+        if device != "cpu":
+            # onnxruntime falls back to the CPU, silently, when a provider's libraries fail to load.
+            _check_loaded(self.name, device, [_provider_name(p) for p in providers], session.get_providers(),
+                          ort.get_available_providers())
+        return session
+
+    def _gpu_providers(self, ort: Any, device: str, precision: str) -> list[Any]:
+        """The providers to ask for on `device`, with the options that make `precision` hold."""
+        from ..executor import default_budget
+
+        index = int(device.split(":")[1]) if ":" in device else 0
+        available = ort.get_available_providers()
+        wanted = [p for p in self._providers or ["CUDAExecutionProvider"] if _provider_name(p) in available]
+        if not wanted:
+            raise ModelError(
+                f"{self.name}: this onnxruntime has no CUDA provider (it has {', '.join(available)}); "
+                "pip install onnxruntime-gpu instead of onnxruntime, or run on device='cpu'"
+            )
+        names = [_provider_name(p) for p in wanted]
+        if precision == "fp32" and "CUDAExecutionProvider" in names and _version(ort) < (1, 18):
+            raise ModelError(f"onnxruntime {ort.__version__} cannot run CUDA convolutions in true fp32 "
+                             "(use_tf32 came with 1.18); pip install -U onnxruntime-gpu, or use precision='bf16'")
+        if (precision == "fp32" and "TensorrtExecutionProvider" in names
+                and os.environ.get("NVIDIA_TF32_OVERRIDE") != "0"):
+            warnings.warn("TensorRT runs fp32 layers in TF32 and onnxruntime has no option to turn that off; "
+                          "set NVIDIA_TF32_OVERRIDE=0 in the environment for true fp32", RuntimeWarning,
+                          stacklevel=2)
+        limit = default_budget(torch.device(device), "plan")
+        providers: list[Any] = []
+        for p in wanted:
+            name = _provider_name(p)
+            own = dict(p[1]) if isinstance(p, (tuple, list)) else {}
+            # The caller's options win, but not over the device: each executor's session has its own.
+            providers.append((name, {**_provider_options(name, precision, limit), **own, "device_id": str(index)}))
+        return providers + ["CPUExecutionProvider"]
+
+    @property
+    def execution_providers(self) -> dict[str, dict[str, dict[str, str]]]:
+        """What onnxruntime runs, per session made so far: providers and their options.
+
+        Keys are ``"cpu"`` and ``"<device>/<precision>"`` (``"cuda:0/fp32"``);
+        values map each provider that loaded to the options it runs with, as
+        onnxruntime reports them (``use_tf32``, ``gpu_mem_limit``...). The
+        sessions, and so this record, are shared with the model's replicas.
+        """
+        with self._lock:
+            return {key: session.get_provider_options() for key, session in self._sessions.items()}
 
     # -- running -------------------------------------------------------------------------
 
@@ -253,7 +316,7 @@ class OnnxModel(ModelBase):
     def _run_cuda(self, x: torch.Tensor) -> torch.Tensor:
         """IO binding: onnxruntime reads `x` and writes the result in device memory."""
         device = x.device
-        session = self._session(f"cuda:{device.index or 0}")
+        session = self._session(f"cuda:{device.index or 0}", _autocast_precision(device.type))
         dtype = torch.float16 if self._input_type == np.float16 else torch.float32
         x = x.detach().to(dtype).contiguous()  # NCHW: channels-last strides are not ONNX's
         shape = self._output_shape(tuple(x.shape[-2:]), x.shape[0])
@@ -277,7 +340,7 @@ class OnnxModel(ModelBase):
         try:
             session.run_with_iobinding(binding)
         except Exception as exc:
-            if "alloc" in str(exc).lower() or "memory" in str(exc).lower():
+            if _is_out_of_memory(str(exc)):
                 # Worded so the executor's out-of-memory handling halves the batch.
                 raise RuntimeError(f"CUDA out of memory in onnxruntime: {exc}") from exc
             raise
@@ -307,6 +370,139 @@ class OnnxModel(ModelBase):
 
     def extra_repr(self) -> str:
         return f"{self.name}, in_channels={self.in_channels}, geometry={self.geometry}"
+
+
+#: Initializers with more elements than this are weights, which shape inference needs only the
+#: shapes of; smaller ones may be shapes, axes or scales that it reads.
+_SHAPE_DATA_ELEMENTS = 64
+
+
+def _graph_activation_bytes(data: bytes, input_name: str, input_shape: Sequence[int]) -> int:
+    """Sum of the bytes of every tensor the nodes of the ONNX model `data` write, for one input shape."""
+    try:
+        import onnx
+    except ImportError:
+        warnings.warn("without the onnx package an ONNX model's memory is estimated as 64 maps of its "
+                      "input; pip install onnx for an estimate from its graph", RuntimeWarning, stacklevel=3)
+        return 64 * 4 * math.prod(input_shape)
+    proto = onnx.load_model_from_string(data)
+    graph = proto.graph
+    # Weights become typed inputs: shape inference copies the model, and needs only their shapes.
+    inputs = {value.name for value in graph.input}
+    weights = [t for t in graph.initializer if math.prod(t.dims) > _SHAPE_DATA_ELEMENTS]
+    kept = [t for t in graph.initializer if math.prod(t.dims) <= _SHAPE_DATA_ELEMENTS]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, t.dims)
+                       for t in weights if t.name not in inputs)
+    for value in graph.input:
+        if value.name == input_name:
+            dims = value.type.tensor_type.shape.dim
+            for dim, n in zip(dims, input_shape):
+                dim.Clear()
+                dim.dim_value = int(n)
+    # Shapes stored by the exporter are symbolic ("h_out"); inferred afresh they are numbers.
+    del graph.value_info[:]
+    for value in graph.output:
+        value.type.tensor_type.ClearField("shape")
+    inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True).graph
+    constants = {name for node in inferred.node if node.op_type == "Constant" for name in node.output}
+    total = 0
+    for value in (*inferred.value_info, *inferred.output):
+        tensor = value.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
+        if value.name in constants or not tensor.HasField("shape") or None in dims:
+            continue
+        total += math.prod(dims) * onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).itemsize
+    return total
+
+
+#: onnxruntime's out-of-memory errors, in lower case: its arena (BFCArena::AllocateRawInternal,
+#: also when `gpu_mem_limit` is reached), CUDA's error 2 ("CUDA failure 2: out of memory",
+#: TensorRT's "Cuda Error in allocate: 2 (out of memory)"), cuDNN's and cuBLAS's workspaces.
+#: Narrow on purpose: device descriptions ("MemoryType:0") appear in errors of every kind.
+_OUT_OF_MEMORY = ("failed to allocate memory", "out of memory", "cudnn_status_alloc_failed",
+                  "cublas_status_alloc_failed")
+
+
+def _is_out_of_memory(message: str) -> bool:
+    """Whether an onnxruntime error `message` says that the device ran out of memory."""
+    message = message.lower()
+    return any(text in message for text in _OUT_OF_MEMORY)
+
+
+def _provider_name(provider: Any) -> str:
+    return provider[0] if isinstance(provider, (tuple, list)) else provider
+
+
+def _version(ort: Any) -> tuple[int, ...]:
+    return tuple(int(part) for part in ort.__version__.split(".")[:2] if part.isdigit())
+
+
+def _autocast_precision(device_type: str) -> str:
+    """The precision the executor runs at: autocast's, or fp32 outside autocast.
+
+    Autocast cannot reach inside onnxruntime; the providers' options carry it there.
+    """
+    if not torch.is_autocast_enabled(device_type):
+        return "fp32"
+    return "fp16" if torch.get_autocast_dtype(device_type) == torch.float16 else "bf16"
+
+
+def _provider_options(name: str, precision: str, memory_limit: Optional[int]) -> dict[str, str]:
+    """onnxruntime options of the GPU provider `name` for a run at `precision`.
+
+    Parameters
+    ----------
+    name : str
+        ``"CUDAExecutionProvider"`` or ``"TensorrtExecutionProvider"`` (others get none).
+    precision : {"fp32", "bf16", "fp16"}
+        fp32 turns TF32 off (onnxruntime's CUDA provider has it on by default),
+        so that fp32 means IEEE fp32 as it does for torch models; bf16 and fp16
+        allow TF32, and fp16 lets TensorRT build fp16 kernels.
+    memory_limit : int, optional
+        Bytes the CUDA provider's arena may grow to; it then grows by what each
+        allocation needs rather than to the next power of two.
+
+    Returns
+    -------
+    dict
+        Option names to values, as strings (as onnxruntime reports them back).
+    """
+    if name == "CUDAExecutionProvider":
+        options = {"use_tf32": "0" if precision == "fp32" else "1"}
+        if memory_limit is not None:
+            options.update(gpu_mem_limit=str(int(memory_limit)), arena_extend_strategy="kSameAsRequested")
+        return options
+    if name == "TensorrtExecutionProvider":
+        return {"trt_fp16_enable": "1" if precision == "fp16" else "0"}
+    return {}
+
+
+def _check_loaded(model: str, device: str, requested: Sequence[str], loaded: Sequence[str],
+                  available: Sequence[str]) -> None:
+    """Refuse a session in which no requested GPU provider loaded; warn when only some did.
+
+    onnxruntime lists a provider as available when it was built with it, and
+    then, when the provider's libraries (CUDA, cuDNN, TensorRT) do not load,
+    runs on the CPU with no more than a log line.
+
+    Raises
+    ------
+    ModelError
+        No GPU provider in `requested` is among the session's `loaded` ones.
+    """
+    gpu = [name for name in requested if name != "CPUExecutionProvider"]
+    missing = [name for name in gpu if name not in loaded]
+    if missing and len(missing) == len(gpu):
+        raise ModelError(
+            f"{model}: onnxruntime could not load {' or '.join(missing)} on {device} (its libraries are "
+            "missing: onnxruntime-gpu needs CUDA 12 and cuDNN 9, e.g. pip install 'onnxruntime-gpu[cuda,cudnn]', "
+            f"and TensorRT 10 for TensorRT) and would run on the CPU; available: {', '.join(available)}"
+        )
+    if missing:
+        warnings.warn(f"{model}: onnxruntime could not load {', '.join(missing)} on {device}; running with "
+                      f"{', '.join(name for name in gpu if name in loaded)}", RuntimeWarning, stacklevel=3)
 
 
 def external_data_files(path: Path, data: bytes) -> list[Path]:
