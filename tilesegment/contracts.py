@@ -140,6 +140,10 @@ class Model(Protocol):
       executor); the caller's model is never moved.
     - `identity()`: a short hash of the weights, stable across processes,
       that resume compares.
+    - Optional: ``activation_bytes(input_size)``, the bytes of one tile's
+      activations when the model knows them better than a trace; and
+      ``torch_memory = False`` for a runtime with its own device allocator
+      (onnxruntime), whose peak torch cannot measure.
     """
 
     geometry: Any

@@ -251,9 +251,10 @@ class Executor:
         if memory_budget is None and cuda:
             memory_budget = default_budget(self.device, "plan")
         self.memory_budget = memory_budget
-        # A meta-device upper bound until the first CUDA batch measures the real peak.
+        # A meta-device upper bound until the first CUDA batch measures the real peak (when
+        # the model allocates through torch: onnxruntime's arena is invisible to it).
         self.bytes_per_tile: Optional[float] = None
-        self._measure = cuda
+        self._measure = cuda and getattr(model, "torch_memory", True)  # optional in the contract
         if memory_budget is not None and geometry is not None and tile_size is not None:
             self.bytes_per_tile = estimate_bytes_per_tile(model, model.in_channels or 1,
                                                           geometry.input_size(tile_size))

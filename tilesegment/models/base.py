@@ -64,6 +64,9 @@ class ModelBase(nn.Module):
     normalization = None
     in_channels = None  # C, or None when the model cannot say
     num_classes = None  # K, or None when the model cannot say
+    #: Whether the model's device memory comes from torch's allocator, so that the executor
+    #: can measure a batch's peak (False for onnxruntime, which has an arena of its own).
+    torch_memory = True
 
     def __init__(self) -> None:
         super().__init__()

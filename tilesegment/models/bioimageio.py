@@ -197,6 +197,10 @@ class BioimageioModel(ModelBase):
             y = y[0]
         return self.post(y)
 
+    @property
+    def torch_memory(self) -> bool:  # type: ignore[override]
+        return getattr(self.network, "torch_memory", True)
+
     def activation_bytes(self, input_size: tuple[int, ...]) -> Optional[int]:
         """The network's own estimate, when it has one (ONNX weights, whose layers no trace sees).
 

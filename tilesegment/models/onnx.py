@@ -95,6 +95,8 @@ class OnnxModel(ModelBase):
         (tiles of other sizes could not run).
     """
 
+    torch_memory = False  # onnxruntime's arena: the executor keeps the graph's estimate
+
     def __init__(
         self,
         model: Union[str, os.PathLike, bytes],
