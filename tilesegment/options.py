@@ -156,7 +156,7 @@ class DeviceFacts:
         if len(meant) > 1:
             counts = ", ".join(f"{p} on {sum(f.precision == p for f in facts)}" for p in meant)
             raise UsageError(f"precision 'auto' means different precisions on {where} ({counts}); "
-                             f"pass precision= one of {', '.join(meant)} (CLI: --precision)")
+                             f"choose one with precision= (CLI: --precision), e.g. {meant[0]}")
         return smallest, meant[0]
 
 
