@@ -187,6 +187,8 @@ def test_a_job_runs_twice_from_a_file_and_closes_it_when_done(rgb_tiff, net):
 
 def test_cuda_budgets_count_the_blocks_torch_caches_but_no_tensor_uses(monkeypatch):
     """A second slide in a folder run gets the tiles of the first: the allocator's cache is free to it."""
+    import torch
+
     from tilesegment.executor import default_budget
 
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (1000, 5000))
