@@ -15,7 +15,7 @@ pays (imports, numba's cached kernels), measured in fresh processes.
 
     python benchmarks/pipeline_efficiency.py                    # CPU: base 8, tile 512, batch 2, 2048^2
     python benchmarks/pipeline_efficiency.py --base 16 --batch-size 1 --name cpu_throughput_base16
-    python benchmarks/pipeline_efficiency.py --device cuda      # GPU: tile 1024, batch auto, bf16
+    python benchmarks/pipeline_efficiency.py --device cuda      # GPU 0: tile 1024, batch auto, bf16
 
 Output: results/pipeline_efficiency_<device>.{csv,json}. On CUDA the row also
 has the model's FLOPs per written pixel and the fraction of the GPU's dense
@@ -55,6 +55,8 @@ def main() -> None:
                         help="read the image from a JPEG-tiled TIFF (decoding included) instead of memory")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", 0)  # "cuda" would be every GPU, timed against one GPU's model
     gpu = device.type == "cuda"
     size = args.size or (8192 if gpu else 2048)
     tile = args.tile_size or (1024 if gpu else 512)

@@ -183,3 +183,27 @@ def test_a_job_runs_twice_from_a_file_and_closes_it_when_done(rgb_tiff, net):
     with job:
         pass
     assert handles[0].filehandle.closed
+
+
+def test_cuda_budgets_count_the_blocks_torch_caches_but_no_tensor_uses(monkeypatch):
+    """A second slide in a folder run gets the tiles of the first: the allocator's cache is free to it."""
+    import torch
+
+    from tilesegment.executor import default_budget
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (1000, 5000))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 600)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 200)
+    assert default_budget(torch.device("cuda", 0), "plan") == int(0.7 * 1400)
+    assert default_budget(torch.device("cuda", 0), "limit") == int(0.9 * 1400)
+
+
+def test_the_record_and_the_executors_hold_the_resolved_precision_and_tile_size(rgb_tiff, net, tmp_path,
+                                                                               monkeypatch):
+    import tilesegment.executor
+
+    monkeypatch.setattr(tilesegment.executor, "default_precision", lambda device: "bf16")  # as on a GPU
+    with ts.prepare(rgb_tiff, net, tmp_path / "o.zarr") as job:
+        assert job.compute.precision == job.record["precision"] == "bf16"
+        assert job.executors()[0].precision == "bf16"
+        assert job.record["tile_size"] == list(job.plan.tile_size)  # "auto" resolved, for resume

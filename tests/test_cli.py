@@ -156,3 +156,28 @@ def test_every_public_name_resolves():
     for name in tilesegment.__all__:
         assert getattr(tilesegment, name) is not None, name
     assert set(tilesegment.__all__) <= set(dir(tilesegment))
+
+
+@pytest.mark.parametrize("precision, said", [("fp32", "in fp32"), ("bf16", "in bf16 (not exact)")])
+def test_the_plan_line_names_the_precision_and_that_reduced_ones_are_not_exact(capsys, rgb_tiff, model_file,
+                                                                                tmp_path, precision, said):
+    code, _, err = _run(capsys, "segment", rgb_tiff, tmp_path / "o.zarr", "--model", model_file,
+                        "--tile-size", 64, "--precision", precision)
+    assert code == 0, err
+    assert re.search(rf"^plan .* batch 1 on cpu {re.escape(said)}$", err, re.M), err
+
+
+def test_scheduler_local_gives_each_worker_its_own_gpu_and_refuses_more_workers_than_gpus(monkeypatch):
+    import os
+
+    from tilesegment.cli import _client
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    with pytest.raises(ts.UsageError, match="more workers than the 2 GPU"):
+        _client("local:3").__enter__()
+    with _client("local:2") as client:
+        seen = client.run(os.getenv, "CUDA_VISIBLE_DEVICES")  # os.environ.get would pickle ours
+        resources = [w["resources"] for w in client.scheduler_info()["workers"].values()]
+    assert sorted(seen.values()) == ["0", "1"] and resources == [{"GPU": 1}] * 2

@@ -158,3 +158,63 @@ def test_the_gpu_shaped_path_is_the_same_locally_and_on_a_cluster(slide, net, tm
     np.testing.assert_array_equal(zarr.open_array(tmp_path / "cluster.zarr" / "0")[:], local)
     host = ts.segment(slide, net, tile_size=128, mode="probabilities", progress=False)  # float32 from the host
     assert np.abs(local.astype(int) - host).max() <= 1  # normalization order: one uint8 step at most
+
+
+@pytest.fixture
+def thread_cluster():
+    """One in-process worker: patches of this process apply to it."""
+    with distributed.Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=":0") as client:
+        yield client
+
+
+def test_auto_precision_tile_and_batch_are_resolved_for_the_workers_devices(thread_cluster, slide, net, tmp_path,
+                                                                             monkeypatch):
+    """A CPU client planning for GPU workers: the record and the executors get what the workers
+    mean by "auto" (bf16, a batch that fits their memory), not the client's fp32 and batch 1."""
+    from tilesegment import distributed as cluster_run
+    from tilesegment.options import DeviceFacts
+
+    with ts.prepare(slide, net, tmp_path / "cpu.zarr", device=thread_cluster) as job:
+        assert (job.compute.precision, job.record["precision"], job.batch_size) == ("fp32", "fp32", 1)
+    gpu = DeviceFacts("cuda:0", "bf16", plan_budget=40 << 30, limit_budget=50 << 30)
+    monkeypatch.setattr(cluster_run, "_own_device_facts", lambda budget: gpu)
+    with ts.prepare(slide, net, tmp_path / "gpu.zarr", device=thread_cluster) as job:
+        assert job.compute.precision == job.record["precision"] == "bf16"
+        assert job.batch_size > 1 and job.compute.devices == ("cuda:0",)
+        assert job.spec().compute.precision == "bf16"  # what every worker's executor gets
+
+
+def test_workers_that_declare_a_gpu_but_see_none_are_refused_in_one_line(slide, net, tmp_path):
+    with distributed.Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=":0",
+                            resources={"GPU": 1}) as client:
+        with pytest.raises(ts.UsageError, match="1 of 1 dask workers that declare a GPU resource see no CUDA"):
+            ts.segment(slide, net, tmp_path / "o.zarr", client=client, progress=False)
+    assert not (tmp_path / "o.zarr").exists()
+
+
+def test_auto_meaning_different_precisions_on_different_devices_is_refused():
+    from tilesegment.options import DeviceFacts
+
+    facts = [DeviceFacts("cuda:0", "bf16", 2 << 30, 3 << 30), DeviceFacts("cuda:0", "fp16", 1 << 30, 2 << 30)]
+    with pytest.raises(ts.UsageError, match=r"different precisions on the dask workers \(bf16 on 1, fp16 on 1\)"):
+        DeviceFacts.common(facts, "auto", "the dask workers")
+    assert DeviceFacts.common(facts, "fp16", "the dask workers") == (facts[1], "fp16")  # sized for the smaller
+
+
+def test_precision_compile_and_memory_budget_reach_the_workers_executors(thread_cluster, slide, net, tmp_path,
+                                                                          monkeypatch):
+    from tilesegment.executor import Executor
+
+    seen = []
+    init = Executor.__init__
+
+    def recording(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        seen.append((self.precision, kwargs["compile"], self.memory_budget))
+
+    monkeypatch.setattr(Executor, "__init__", recording)
+    monkeypatch.setattr(torch, "compile", lambda model: model)  # inductor is not what is tested
+    out = ts.segment(slide, net, tmp_path / "o.zarr", tile_size=64, compile=True, memory_budget=1 << 30,
+                     client=thread_cluster, progress=False)
+    assert seen and set(seen) == {("fp32", True, 1 << 30)}
+    np.testing.assert_array_equal(out[:], ts.segment(slide, net, tile_size=64, progress=False))

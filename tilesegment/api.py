@@ -13,8 +13,8 @@ import torch
 
 from ._probe import model_out_channels
 from .errors import ModelError, UsageError
-from .executor import PRECISIONS, Executor, auto_batch_size, default_budget, default_precision, resolve_devices
-from .options import ComputeOptions, JobSpec, PlanOptions
+from .executor import PRECISIONS, Executor, auto_batch_size, default_budget, resolve_devices
+from .options import ComputeOptions, DeviceFacts, JobSpec, PlanOptions
 from .geometry import Geometry, Shape, compact
 from .io.manifest import input_identity
 from .io.output import Output
@@ -282,7 +282,7 @@ def prepare(
     *,
     tile_size: Union[int, tuple[int, ...], str, None] = "auto",
     batch_size: Union[int, str, None] = "auto",
-    device: Union[str, torch.device] = "auto",
+    device: Union[str, torch.device, Any] = "auto",
     mode: str = "labels",
     padding: str = "reflect",
     level: int = 0,
@@ -303,8 +303,15 @@ def prepare(
 ) -> Job:
     """Check every argument of `segment` and plan the run, without computing anything.
 
-    Takes the parameters of `segment` (except `progress`) and returns a
-    `Job`; raises the same errors `segment` would, before any work.
+    Takes the parameters of `segment` (except those of `Job.run`: `progress`,
+    `client`, `cancel`) and returns a `Job`; raises the same errors `segment`
+    would, before any work. "auto" precision, tile size and batch size are
+    resolved here, once, for the devices that will run the network; the run
+    record and every executor use the resolved values. For a dask cluster
+    pass its client as `device` (``device=client``, as ``segment(client=)``
+    does): the workers then report their own devices
+    (`tilesegment.distributed.worker_facts`), and the job runs with
+    ``job.run(client=client)``.
     """
     get_mode(mode)  # an unknown mode fails here, before anything is opened
     if precision not in PRECISIONS:
@@ -314,13 +321,16 @@ def prepare(
     ngff = destination.ngff
     model = describe(load_model(model))
     geometry = model.geometry
-    devices = resolve_devices(device)
+    cluster = device if _is_client(device) else None
+    devices = [] if cluster is not None else resolve_devices(device)
     read = ReadOptions(axes=axes, level=level, series=series, channels=channels, mpp=mpp)
     source = read.open(image, storage_options, ndim=geometry.ndim)
     check_axes(source, geometry)
+    target, precision = _resolve_target(devices, cluster, precision, memory_budget)
+    sized_for = torch.device(target.device)
     if tile_size in ("auto", None):
-        tile_size = auto_tile_size(source.shape[source.ndim - geometry.ndim:], geometry, devices[0], model,
-                                   source.channels, memory_budget)
+        tile_size = auto_tile_size(source.shape[source.ndim - geometry.ndim:], geometry, sized_for, model,
+                                   source.channels, target.plan_budget)
     else:
         tile_size = _within_image(tile_size, source.shape, geometry)
     tiler = Tiler(source, geometry, tile_size=tile_size, chunk_size=chunk_size, padding=padding,
@@ -332,9 +342,9 @@ def prepare(
         raise UsageError(f"tissue_mask works on 2-d images; {source.name} has axes {source.plan_axes} "
                          "(volumes and stacks are computed everywhere)")
     _check_channels(model, tiler)
-    _check_tile_fits(model, devices[0], source.channels, tiler.plan, memory_budget)
+    _check_tile_fits(model, sized_for, source.channels, tiler.plan, target.limit_budget)
     if batch_size in ("auto", None):
-        batch_size = auto_batch_size(model, devices[0], source.channels, tiler.plan.input_size, memory_budget)
+        batch_size = auto_batch_size(model, sized_for, source.channels, tiler.plan.input_size, target.plan_budget)
     if int(batch_size) < 1:
         raise UsageError(f"batch_size {batch_size} must be at least 1")
     mask = load_mask(tissue_mask, source)
@@ -346,7 +356,7 @@ def prepare(
             "input": input_identity(image, source), "model": identity, "mode": mode,
             **PlanOptions(tiler.plan.tile_size, tiler.plan.chunk_size, padding).to_dict(),
             **read.to_dict(), "on_error": on_error,
-            "precision": precision if precision != "auto" else default_precision(devices[0]),
+            "precision": precision,
             "tissue_mask": _mask_identity(tissue_mask, mask),
         }
         if ngff != "0.5":  # only then, so unfinished 0.5 outputs of older versions still resume
@@ -358,7 +368,7 @@ def prepare(
             destination.check_space(need, f"{mode}, {' x '.join(map(str, tiler.plan.shape))} px")
     image_path = os.fspath(image) if isinstance(image, (str, os.PathLike)) else None
     storage_options = dict(storage_options) if storage_options else None
-    options = ComputeOptions(devices=tuple(str(d) for d in devices), precision=precision,
+    options = ComputeOptions(devices=tuple(str(d) for d in devices) or (target.device,), precision=precision,
                              batch_size=int(batch_size), compile=compile, memory_budget=memory_budget)
     return Job(
         model=model, tiler=tiler, mode=mode, compute=options,
@@ -366,6 +376,22 @@ def prepare(
         tissue=tissue, record=record, done_blocks=np.zeros(0, np.int64) if done is None else done,
         image_path=image_path, read=read, num_classes=num_classes, storage_options=storage_options,
     )
+
+
+def _is_client(device: Any) -> bool:
+    """Whether `device` is a dask.distributed client (the cluster's workers run the network)."""
+    return hasattr(device, "scheduler_info")
+
+
+def _resolve_target(devices: Sequence[torch.device], client: Any, precision: str,
+                    memory_budget: Optional[int]) -> tuple[DeviceFacts, str]:
+    """The device automatic sizes are planned for, and the precision every executor runs:
+    this machine's devices, or the workers' of a dask `client` (whose own devices do not run)."""
+    if client is None:
+        return DeviceFacts.common([DeviceFacts.of(d, memory_budget) for d in devices], precision, "the devices")
+    from .distributed import worker_facts
+
+    return DeviceFacts.common(worker_facts(client, memory_budget), precision, "the dask workers")
 
 
 def _mask_identity(spec: MaskLike, mask: Optional[np.ndarray]) -> Optional[str]:
@@ -407,7 +433,12 @@ def segment(
     client: Any = None,
     cancel: Cancel = None,
 ) -> Any:
-    """Segment `image` with `model`, tile by tile, exactly as whole-image inference would.
+    """Segment `image` with `model`, tile by tile, as whole-image inference would (exactly in fp32).
+
+    The result equals one forward pass over the whole mirror-padded image up
+    to float32 rounding, for every valid tile size, when the network runs in
+    fp32: always on CPU, and on GPUs with ``precision="fp32"`` inside
+    `exact_fp32` (the GPU default, bf16, changes labels at near ties).
 
     Parameters
     ----------
@@ -437,7 +468,7 @@ def segment(
     device : str or list of str
         ``"auto"``, ``"cpu"``, ``"cuda"`` (every GPU), ``"cuda:N"``, or a list
         such as ``["cuda:0", "cuda:1"]``: one executor per device, fed from
-        the same queue.
+        the same queue. With `client`, each worker uses its own device instead.
     mode : {"labels", "probabilities", "logits"}
         ``labels``: (Y, X) uint8 argmax; ``probabilities``: (C, Y, X) uint8
         softmax * 255; ``logits``: (C, Y, X) float32. Volumes and stacks add
@@ -463,9 +494,11 @@ def segment(
         the record a killed run leaves (``resume=True`` continues it), and
         `Cancelled` is raised.
     precision : {"auto", "fp32", "bf16", "fp16"}
-        Autocast precision: "auto" is bf16 on GPUs that support it, fp32 on CPU.
-        Exactness holds in fp32; reduced precision changes labels on < 0.1 %
-        of pixels.
+        Autocast precision: "auto" is bf16 on GPUs that support it, fp32 on CPU,
+        resolved once for the devices that run (with `client`, the workers').
+        Exactness holds in fp32 only (on a GPU inside `exact_fp32`); bf16 and
+        fp16 round every logit and change labels where the top two logits
+        nearly tie (< 0.1 % of pixels).
     compile : bool
         Run the model through ``torch.compile``.
     memory_budget : int, optional
@@ -500,7 +533,9 @@ def segment(
         other settings; finished blocks are not computed again.
     client : dask.distributed.Client, optional
         Run the blocks as tasks on this cluster; the image and the output must
-        be paths all workers can reach. The result equals a local run's.
+        be paths all workers can reach. "auto" precision, tile and batch size
+        are resolved for the workers' devices, which they report when the run
+        is planned. The result equals a local run's with the same settings.
 
     Returns
     -------
@@ -520,7 +555,8 @@ def segment(
     ((100, 80), dtype('uint8'))
     """
     job = prepare(
-        image, model, output, tile_size=tile_size, batch_size=batch_size, device=device, mode=mode,
+        image, model, output, tile_size=tile_size, batch_size=batch_size,
+        device=device if client is None else client, mode=mode,
         padding=padding, level=level, axes=axes, chunk_size=chunk_size, overwrite=overwrite,
         precision=precision, compile=compile, memory_budget=memory_budget, mpp=mpp, series=series,
         channels=channels, tissue_mask=tissue_mask, resume=resume, on_error=on_error, ngff=ngff,

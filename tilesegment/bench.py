@@ -167,7 +167,9 @@ def bench(
         the whole tile (``tile``, e.g. ``"16x64x64"``).
     batch_sizes : sequence of int
     device, precision
-        As for `segment`.
+        As for `segment`, but one device: the first of ``"cuda"`` or
+        ``"auto"``'s GPUs, since each cell is compared with that device's bare
+        model and peak memory.
     out : path, optional
         Folder for bench.csv, bench.json and bench.png.
     repeats : int
@@ -184,9 +186,11 @@ def bench(
     import numpy as np
 
     from .api import prepare, segment, volume_tile
+    from .executor import resolve_devices
     from .models.base import describe
     from .models.load import load_model
 
+    device = str(resolve_devices(device)[0])
     net = describe(load_model(model))
     geometry = net.geometry
     volume = geometry.ndim == 3

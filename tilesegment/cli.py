@@ -41,14 +41,15 @@ def _by_axis(sizes, axes: str, sep: str = " x ") -> str:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tilesegment",
-        description="Exact overlap-tile segmentation of gigapixel images into OME-Zarr.",
+        description="Overlap-tile segmentation of gigapixel images into OME-Zarr, exact in fp32.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
 
     seg = verbs.add_parser("segment", help="segment an image into an OME-Zarr", description=(
-        "Segment INPUT tile by tile and write OUTPUT as OME-Zarr. The result equals "
-        "whole-image inference for every valid tile size."))
+        "Segment INPUT tile by tile and write OUTPUT as OME-Zarr. In fp32 (the default on CPU; "
+        "--precision fp32 on GPUs) the result equals whole-image inference for every valid tile "
+        "size; bf16, the GPU default, changes labels where the top two classes nearly tie."))
     seg.add_argument("paths", nargs="+", metavar="INPUT ... OUTPUT",
                      help="image(s) (TIFF/SVS/OME-TIFF/NDPI/zarr; a quoted glob such as 'slides/*.svs' "
                           "works) and the output: an OME-Zarr path for one image, a folder for several "
@@ -64,7 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     seg.add_argument("--device", default="auto",
                      help="auto, cpu, cuda (all GPUs), cuda:N, or a list cuda:0,cuda:1 (default: auto)")
     seg.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-                     help="autocast precision; auto: bf16 on GPUs that support it, fp32 on CPU")
+                     help="autocast precision; auto: bf16 on GPUs that support it (not exact), fp32 on "
+                          "CPU; fp32 is exact everywhere")
     seg.add_argument("--compile", action="store_true", help="run the model through torch.compile")
     seg.add_argument("--mode", choices=mode_names(), default="labels",
                      help="labels: uint8 argmax; probabilities: uint8 softmax*255; logits: float32")
@@ -95,7 +97,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="a tile that cannot be read: stop (default), or fill it and record it")
     seg.add_argument("--scheduler", default=None, metavar="ADDRESS|local:N",
                      help="run blocks on a dask.distributed cluster: a scheduler address, or local:N "
-                          "for N local worker processes (paths must be shared with the workers)")
+                          "for N local worker processes, one GPU each on a GPU host (paths must be "
+                          "shared with the workers; each worker uses its own device)")
     seg.add_argument("--objects", action="store_true",
                      help="also find whole objects (every class but 0): labels/objects in OUTPUT, and "
                           "OUTPUT's name + .objects.csv and .geojson.gz beside it (see `objects`)")
@@ -272,7 +275,7 @@ class _client:
         if self.scheduler is None:
             return None
         try:
-            from distributed import Client, LocalCluster
+            from distributed import Client
         except ImportError:
             raise UsageError("--scheduler needs dask.distributed: pip install distributed") from None
         if self.scheduler.startswith("local:"):
@@ -280,7 +283,7 @@ class _client:
                 n = int(self.scheduler.split(":", 1)[1])
             except ValueError:
                 raise UsageError(f"--scheduler {self.scheduler!r}: use local:N with N workers") from None
-            self.cluster = LocalCluster(n_workers=n, threads_per_worker=1, dashboard_address=":0")
+            self.cluster = _local_cluster(n)
             self.client = Client(self.cluster)
         else:
             self.client = Client(self.scheduler)
@@ -291,6 +294,40 @@ class _client:
             self.client.close()
         if self.cluster is not None:
             self.cluster.close()
+
+
+def _local_cluster(n: int):
+    """`n` local worker processes; on a GPU host each gets a GPU of its own.
+
+    Every worker would otherwise see all GPUs and run on the first. Each gets
+    one in ``CUDA_VISIBLE_DEVICES`` and declares a ``GPU`` resource, as
+    dask-cuda's ``LocalCUDACluster`` does; more workers than GPUs are refused.
+    """
+    from distributed import LocalCluster, Nanny, Scheduler, SpecCluster
+
+    gpus = _visible_gpus()
+    if not gpus:
+        return LocalCluster(n_workers=n, threads_per_worker=1, dashboard_address=":0")
+    if n > len(gpus):
+        raise UsageError(f"--scheduler local:{n} asks for more workers than the {len(gpus)} GPU(s) of this "
+                         f"host, which would share GPUs; use local:{len(gpus)} or fewer")
+    workers = {i: {"cls": Nanny, "options": {"nthreads": 1, "resources": {"GPU": 1},
+                                              "env": {"CUDA_VISIBLE_DEVICES": gpus[i]}}}
+               for i in range(n)}
+    return SpecCluster(workers=workers, scheduler={"cls": Scheduler, "options": {"dashboard_address": ":0"}})
+
+
+def _visible_gpus() -> list[str]:
+    """This process's GPUs, named as ``CUDA_VISIBLE_DEVICES`` names them to a child process."""
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    count = torch.cuda.device_count()
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return [v.strip() for v in visible.split(",")][:count] if visible else [str(i) for i in range(count)]
 
 
 def _return_large_buffers(client) -> None:
@@ -316,7 +353,7 @@ def _segment_one(args, image: str, output: str, client, resume: Optional[bool] =
         return 0
     device = args.device.split(",") if "," in args.device else args.device
     job = prepare(image, args.model, output, tile_size=args.tile_size,
-                  batch_size=args.batch_size, device=device, mode=args.mode,
+                  batch_size=args.batch_size, device=device if client is None else client, mode=args.mode,
                   padding=args.padding, level=args.level, axes=args.axes,
                   chunk_size=args.chunk_size, overwrite=args.overwrite,
                   precision=args.precision, compile=args.compile, mpp=args.mpp,
@@ -331,7 +368,8 @@ def _segment_one(args, image: str, output: str, client, resume: Optional[bool] =
         f"{_by_axis(plan.tile_size, plan.axes, 'x')} -> network input {_by_axis(plan.input_size, plan.axes, 'x')} "
         f"({plan.computed_fraction():.2f} computed px per written px)")
     where = "a dask cluster" if client is not None else ", ".join(str(d) for d in job.devices)
-    say(f"plan     {plan.n_tiles} tiles in {plan.n_blocks} blocks, batch {job.batch_size} on {where}")
+    say(f"plan     {plan.n_tiles} tiles in {plan.n_blocks} blocks, batch {job.batch_size} on {where} "
+        f"in {_precision(job.compute.precision)}")
     if plan.geometry.ndim > 2:
         _return_large_buffers(client)
     if job.tissue is not None:
@@ -356,6 +394,15 @@ def _segment_one(args, image: str, output: str, client, resume: Optional[bool] =
         geojson = str(geojson) if len(plan.shape) == 2 else None  # QuPath GeoJSON is 2-d
         _find_objects(output, None, 1, str(table), geojson, args.overwrite or resume, args.quiet, client)
     return 0
+
+
+def _precision(precision: str) -> str:
+    """The precision a run computes in, as the plan line says it: reduced ones are not exact.
+
+    >>> _precision("fp32"), _precision("bf16")
+    ('fp32', 'bf16 (not exact)')
+    """
+    return precision if precision == "fp32" else f"{precision} (not exact)"
 
 
 def _beside(output: str) -> tuple[Path, Path]:

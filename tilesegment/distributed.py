@@ -8,6 +8,11 @@ reduces on the device exactly as a local one does. It writes its chunks
 straight into the shared zarr store and marks its blocks done. Tasks of a
 lost worker are rescheduled by dask (a block's chunks are rewritten whole,
 so a retry is harmless). The client finishes the pyramid and metadata.
+
+What "auto" means is decided once, on the client, from what the workers
+report of their own devices (`worker_facts`): the precision the record
+names is the one every worker runs, and automatic tile and batch sizes fit
+the workers' memory, not the client's.
 """
 
 from __future__ import annotations
@@ -21,9 +26,9 @@ from typing import Any, Optional
 import numpy as np
 
 from .errors import Cancelled, UsageError
-from .options import JobSpec
+from .options import DeviceFacts, JobSpec
 
-__all__ = ["run_on_cluster", "BlockTarget"]
+__all__ = ["run_on_cluster", "worker_facts", "BlockTarget"]
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,37 @@ def _worker_executor(job, run_id: str):
         cache.clear()  # one run at a time per worker: free the previous run's device copy
         cache[run_id] = make_executors(job, ["auto"])[0]
     return cache[run_id]
+
+
+def _own_device_facts(memory_budget: Optional[int]) -> DeviceFacts:
+    """Task body of `worker_facts`: the device this worker's executor will use ("auto" there)."""
+    from .executor import resolve_device
+
+    return DeviceFacts.of(resolve_device("auto"), memory_budget)
+
+
+def worker_facts(client: Any, memory_budget: Optional[int] = None) -> list[DeviceFacts]:
+    """What each worker that will run tasks computes on: its device, what "auto" precision
+    means there, and its memory budgets (`memory_budget` replaces them).
+
+    Where workers declare a ``GPU`` resource only they get tasks, so only they are asked.
+
+    Raises
+    ------
+    UsageError
+        If the cluster has no workers, or a worker that declares a GPU sees no CUDA device.
+    """
+    workers = client.scheduler_info()["workers"]
+    gpu = [address for address, w in workers.items() if "GPU" in w.get("resources", {})]
+    facts = list(client.run(_own_device_facts, memory_budget, workers=gpu or None).values())
+    if not facts:
+        raise UsageError("the dask cluster has no workers; start them (or wait for them) before segmenting")
+    blind = sum(not f.device.startswith("cuda") for f in facts) if gpu else 0
+    if blind:
+        raise UsageError(f"{blind} of {len(facts)} dask workers that declare a GPU resource see no CUDA "
+                         "device; give each its GPU (CUDA_VISIBLE_DEVICES) or start CPU workers without "
+                         "--resources GPU=1")
+    return facts
 
 
 def _groups(plan, pending_blocks: np.ndarray, min_tiles: int) -> list[list[int]]:

@@ -457,7 +457,8 @@ def default_budget(device: torch.device, purpose: str = "plan") -> int:
     output: an upper bound, some 2-4x the real peak. The ratios:
 
     - ``"plan"`` (batch size, tile size, splitting batches before they run):
-      on CUDA 70 % of the free memory; the rest is for cuDNN's workspaces,
+      on CUDA 70 % of the free memory (counting blocks torch's allocator
+      caches but no tensor uses); the rest is for cuDNN's workspaces,
       the caching allocator's fragmentation and the reduced outputs in
       flight. On CPU a quarter of the RAM, at most 8 GiB: the host also
       holds the prefetched batches, the chunk buffers being written and
@@ -478,7 +479,10 @@ def default_budget(device: torch.device, purpose: str = "plan") -> int:
     if purpose not in ("plan", "limit"):
         raise ValueError(f"memory budget purpose {purpose!r} is unknown; use 'plan' or 'limit'")
     if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
+        # Blocks torch's allocator holds but no tensor uses are free to this run too; without
+        # them a previous run's cache would shrink the next run's tiles (a folder of slides).
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        free = torch.cuda.mem_get_info(device)[0] + cached
         return int(free * (0.7 if purpose == "plan" else 0.9))
     ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     return min(8 << 30, ram // 4) if purpose == "plan" else int(ram * 0.8)

@@ -7,20 +7,23 @@ them, and `Job.spec` sends them, pickled, to the workers of a cluster.
 - `tilesegment.io.sources.ReadOptions`: which pixels of the file (level, series, channels, mpp).
 - `PlanOptions`: how the image is cut (tile size, output chunk size, padding).
 - `ComputeOptions`: how the network runs (devices, precision, batch, compile, memory).
+- `DeviceFacts`: what "auto" means on the devices that will run (precision, memory budgets),
+  asked once, here or of a cluster's workers, so that the record and every executor agree.
 - `tilesegment.io.output.Output`: where the result goes and how existing data is treated.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from .errors import UsageError
 from .geometry import Geometry, Shape
 from .io.sources import ReadOptions
 
-__all__ = ["PlanOptions", "ComputeOptions", "JobSpec", "ReadOptions"]
+__all__ = ["PlanOptions", "ComputeOptions", "DeviceFacts", "JobSpec", "ReadOptions"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,8 @@ class ComputeOptions:
         Resolved devices, one executor each (``("cpu",)``, ``("cuda:0", "cuda:1")``).
         A cluster's workers each use their own device instead.
     precision : {"auto", "fp32", "bf16", "fp16"}
+        `prepare` resolves "auto" (`DeviceFacts`), so the run record and every
+        executor, here or on a cluster's workers, use the same precision.
     batch_size : int
     compile : bool
         Run the model through ``torch.compile``.
@@ -77,6 +82,82 @@ class ComputeOptions:
     memory_budget: Optional[int] = None
     raw_inputs: Optional[bool] = None
     reduce_on_device: Optional[bool] = None
+
+
+@dataclass(frozen=True)
+class DeviceFacts:
+    """What "auto" means on the device that runs the network: its precision and memory budgets.
+
+    `prepare` resolves the automatic precision, tile size and batch size from
+    these once, for this machine's devices or, on a cluster, from what each
+    worker reports of its own device (`tilesegment.distributed.worker_facts`),
+    so that the run record and every executor agree.
+
+    Attributes
+    ----------
+    device : str
+        The device, e.g. ``"cuda:0"`` or ``"cpu"``.
+    precision : str
+        What ``precision="auto"`` means there (`tilesegment.executor.default_precision`).
+    plan_budget, limit_budget : int
+        Bytes for activations (`tilesegment.executor.default_budget`): what
+        automatic sizes plan for, and the most a single tile may need.
+    """
+
+    device: str
+    precision: str
+    plan_budget: int
+    limit_budget: int
+
+    @classmethod
+    def of(cls, device: Any, memory_budget: Optional[int] = None) -> "DeviceFacts":
+        """The facts of `device` (a `torch.device` or its name) on this machine; a given
+        `memory_budget` replaces both budgets."""
+        import torch
+
+        from .executor import default_budget, default_precision
+
+        device = torch.device(device)
+        if memory_budget is not None:
+            plan = limit = int(memory_budget)
+        else:
+            plan, limit = default_budget(device, "plan"), default_budget(device, "limit")
+        return cls(str(device), default_precision(device), plan, limit)
+
+    @staticmethod
+    def common(facts: Sequence["DeviceFacts"], precision: str, where: str) -> tuple["DeviceFacts", str]:
+        """The device to size automatic tiles and batches for (the one with the least
+        memory), and the precision every device runs (`precision` resolved).
+
+        Parameters
+        ----------
+        facts : sequence of DeviceFacts
+            One per device (or per cluster worker).
+        precision : str
+            As asked; "auto" is resolved to what every device means by it.
+        where : str
+            Names the devices in the error, e.g. "the devices" or "the cluster's workers".
+
+        Raises
+        ------
+        UsageError
+            If "auto" means different precisions on different devices.
+
+        Examples
+        --------
+        >>> gpu = DeviceFacts("cuda:0", "bf16", 2 << 30, 3 << 30)
+        >>> DeviceFacts.common([gpu, DeviceFacts("cuda:1", "bf16", 1 << 30, 2 << 30)], "auto", "")[0].device
+        'cuda:1'
+        """
+        smallest = min(facts, key=lambda f: f.plan_budget)
+        if precision != "auto":
+            return smallest, precision
+        meant = sorted({f.precision for f in facts})
+        if len(meant) > 1:
+            counts = ", ".join(f"{p} on {sum(f.precision == p for f in facts)}" for p in meant)
+            raise UsageError(f"precision 'auto' means different precisions on {where} ({counts}); "
+                             f"choose one with precision= (CLI: --precision), e.g. {meant[0]}")
+        return smallest, meant[0]
 
 
 @dataclass(frozen=True)
