@@ -418,6 +418,22 @@ def test_a_compiled_model_sees_one_batch_size_and_the_padding_is_dropped(net, mo
         assert_exact(np.concatenate(outputs), net(torch.from_numpy(data)).numpy())
 
 
+def test_compile_takes_torch_compiles_modes_and_cuda_graphs_come_from_reduce_overhead(net, monkeypatch):
+    from tilesegment.cli import _parser
+
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: modes.append(mode) or model)
+    Executor(net, "cpu", compile=True)
+    Executor(net, "cpu", compile="reduce-overhead")
+    assert modes == [None, "reduce-overhead"]
+    with pytest.raises(ts.UsageError, match="compile 'fast' is unknown"):
+        Executor(net, "cpu", compile="fast")
+    parse = _parser().parse_args
+    assert parse(["segment", "a.tif", "o.zarr", "--compile"]).compile is True
+    assert parse(["segment", "a.tif", "o.zarr", "--compile", "reduce-overhead"]).compile == "reduce-overhead"
+    assert parse(["segment", "a.tif", "o.zarr"]).compile is False
+
+
 def test_cudnn_autotune_is_on_inside_and_restored_after():
     before = torch.backends.cudnn.benchmark
     try:

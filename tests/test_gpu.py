@@ -160,6 +160,24 @@ def test_cudnn_autotune_ab_keeps_the_labels(big, image, autotune, capsys):
     assert_labels_match(labels, expected, rtol=REDUCED_PRECISION_RTOL)
 
 
+@pytest.mark.parametrize("compile", [False, "reduce-overhead"])
+def test_cuda_graphs_ab_keeps_the_labels(big, image, compile, capsys):
+    """A/B of CUDA graphs (``compile="reduce-overhead"``): labels agree, the time is printed for
+    the GPU report. Batch 3 over the tiles leaves a ragged last batch, which is padded."""
+    import time
+
+    expected = whole_image_logits(image, big)
+    run = dict(tile_size=256, batch_size=3, device="cuda:0", compile=compile, progress=False)
+    ts.segment(image, big, **run)  # warm-up: compilation and graph capture
+    start = time.perf_counter()
+    labels = ts.segment(image, big, **run)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    with capsys.disabled():
+        print(f"\ncompile={compile}: {seconds:.3f} s")
+    assert_labels_match(labels, expected, rtol=REDUCED_PRECISION_RTOL)
+
+
 def test_a_cluster_job_records_and_runs_the_precision_its_gpu_workers_mean(big, image, tmp_path):
     distributed = pytest.importorskip("distributed")
     import tifffile

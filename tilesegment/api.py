@@ -290,7 +290,7 @@ def prepare(
     chunk_size: Union[int, tuple[int, ...], None] = None,
     overwrite: bool = False,
     precision: str = "auto",
-    compile: bool = False,
+    compile: Union[bool, str] = False,
     memory_budget: Optional[int] = None,
     mpp: Optional[float] = None,
     series: int = 0,
@@ -419,7 +419,7 @@ def segment(
     chunk_size: Union[int, tuple[int, ...], None] = None,
     overwrite: bool = False,
     precision: str = "auto",
-    compile: bool = False,
+    compile: Union[bool, str] = False,
     memory_budget: Optional[int] = None,
     mpp: Optional[float] = None,
     series: int = 0,
@@ -499,8 +499,9 @@ def segment(
         Exactness holds in fp32 only (on a GPU inside `exact_fp32`); bf16 and
         fp16 round every logit and change labels where the top two logits
         nearly tie (< 0.1 % of pixels).
-    compile : bool
-        Run the model through ``torch.compile``.
+    compile : bool or str
+        Run the model through ``torch.compile``; a string is its mode:
+        ``"reduce-overhead"`` replays CUDA graphs (one launch per batch).
     memory_budget : int, optional
         Bytes of device memory a batch may use (auto batch size and splitting).
     mpp : float, optional

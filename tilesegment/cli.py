@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 from .errors import TileSegmentError, UsageError
 from .geometry import compact
 from .modes import mode_names
+from .options import COMPILE_MODES
 
 __all__ = ["main"]
 
@@ -67,7 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     seg.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                      help="autocast precision; auto: bf16 on GPUs that support it (not exact), fp32 on "
                           "CPU; fp32 is exact everywhere")
-    seg.add_argument("--compile", action="store_true", help="run the model through torch.compile")
+    seg.add_argument("--compile", nargs="?", const=True, default=False, choices=[True, *COMPILE_MODES],
+                     metavar="MODE", help="run the model through torch.compile; MODE reduce-overhead "
+                     "replays CUDA graphs (one launch per batch)")
     seg.add_argument("--mode", choices=mode_names(), default="labels",
                      help="labels: uint8 argmax; probabilities: uint8 softmax*255; logits: float32")
     seg.add_argument("--level", type=int, default=0, help="pyramid level to segment (default: 0)")

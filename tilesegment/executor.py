@@ -26,6 +26,7 @@ from .errors import TileSegmentError, UsageError
 from .geometry import Geometry, Shape
 from .models.base import ModelBase, describe, moved
 from .modes import Mode, get_mode
+from .options import COMPILE_MODES
 from .process import tf32_enabled
 
 __all__ = [
@@ -170,6 +171,17 @@ class _Reduce:
     tile: Shape
 
 
+
+def _compiled(model: nn.Module, compile: Union[bool, str]) -> nn.Module:
+    """`model` through ``torch.compile`` as `compile` asks (False: as it is)."""
+    if compile is False or compile is None:
+        return model
+    if compile is True:
+        return torch.compile(model)
+    if compile not in COMPILE_MODES:
+        raise UsageError(f"compile {compile!r} is unknown; use True or one of {', '.join(COMPILE_MODES)}")
+    return torch.compile(model, mode=compile)
+
 class Executor:
     """Run `model` on batches of tile inputs on one device.
 
@@ -190,8 +202,12 @@ class Executor:
         Where a tile's pixels sit in the network output (see above).
     channels_last : bool, optional
         NHWC memory format (default: on; faster with cuDNN and with oneDNN on CPU).
-    compile : bool
-        Wrap the model in ``torch.compile``.
+    compile : bool or str
+        Wrap the model in ``torch.compile``; a string is its ``mode``:
+        ``"reduce-overhead"`` replays CUDA graphs, one launch per batch
+        instead of one per kernel, so launches do not compete for the GIL
+        with the reader and writer threads. Batches are padded to one size,
+        so each graph is captured once.
     max_batch : int, optional
         Largest batch to run at once; larger batches are split. Halved
         automatically on out-of-memory errors.
@@ -219,7 +235,7 @@ class Executor:
         geometry: Optional[Geometry] = None,
         tile_size: Optional[Shape] = None,
         channels_last: Optional[bool] = None,
-        compile: bool = False,
+        compile: Union[bool, str] = False,
         max_batch: Optional[int] = None,
         memory_budget: Optional[int] = None,
         reduce_on_device: Optional[bool] = None,
@@ -237,7 +253,7 @@ class Executor:
         model = describe(model).replicate(self.device)
         if self.channels_last:
             _to_channels_last(model)
-        self.model = torch.compile(model) if compile else model
+        self.model = _compiled(model, compile)
         # A compiled model recompiles for every new batch size: smaller batches (the
         # last one, the parts of a split) are padded to the largest that ran.
         self._pad_to: Optional[int] = 0 if compile else None

@@ -15,7 +15,7 @@ them, and `Job.spec` sends them, pickled, to the workers of a cluster.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
@@ -23,7 +23,10 @@ from .errors import UsageError
 from .geometry import Geometry, Shape
 from .io.sources import ReadOptions
 
-__all__ = ["PlanOptions", "ComputeOptions", "DeviceFacts", "JobSpec", "ReadOptions"]
+#: ``torch.compile`` modes that ``compile=`` takes, besides True (the default mode).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+__all__ = ["COMPILE_MODES", "PlanOptions", "ComputeOptions", "DeviceFacts", "JobSpec", "ReadOptions"]
 
 
 @dataclass(frozen=True)
@@ -62,8 +65,9 @@ class ComputeOptions:
         `prepare` resolves "auto" (`DeviceFacts`), so the run record and every
         executor, here or on a cluster's workers, use the same precision.
     batch_size : int
-    compile : bool
-        Run the model through ``torch.compile``.
+    compile : bool or str
+        Run the model through ``torch.compile`` (a string: its mode;
+        ``"reduce-overhead"`` replays CUDA graphs).
     memory_budget : int, optional
         Bytes of device memory a batch may use.
     raw_inputs : bool, optional
@@ -78,7 +82,7 @@ class ComputeOptions:
     devices: tuple[str, ...] = ("cpu",)
     precision: str = "auto"
     batch_size: int = 1
-    compile: bool = False
+    compile: Union[bool, str] = False
     memory_budget: Optional[int] = None
     raw_inputs: Optional[bool] = None
     reduce_on_device: Optional[bool] = None
