@@ -170,7 +170,7 @@ def test_segment_has_every_option_of_prepare_with_the_same_default():
     seg, prep = (inspect.signature(f).parameters for f in (ts.segment, ts.prepare))
     assert {name: p.default for name, p in prep.items()} == {
         name: seg[name].default for name in prep}
-    assert set(seg) - set(prep) == {"progress", "client", "cancel"}  # what Job.run takes
+    assert set(seg) - set(prep) == {"progress", "cancel"}  # what only Job.run takes
 
 
 def test_a_job_runs_twice_from_a_file_and_closes_it_when_done(rgb_tiff, net):

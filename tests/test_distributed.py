@@ -174,11 +174,11 @@ def test_auto_precision_tile_and_batch_are_resolved_for_the_workers_devices(thre
     from tilesegment import distributed as cluster_run
     from tilesegment.options import DeviceFacts
 
-    with ts.prepare(slide, net, tmp_path / "cpu.zarr", device=thread_cluster) as job:
+    with ts.prepare(slide, net, tmp_path / "cpu.zarr", client=thread_cluster) as job:
         assert (job.compute.precision, job.record["precision"], job.batch_size) == ("fp32", "fp32", 1)
     gpu = DeviceFacts("cuda:0", "bf16", plan_budget=40 << 30, limit_budget=50 << 30)
     monkeypatch.setattr(cluster_run, "_own_device_facts", lambda budget: gpu)
-    with ts.prepare(slide, net, tmp_path / "gpu.zarr", device=thread_cluster) as job:
+    with ts.prepare(slide, net, tmp_path / "gpu.zarr", client=thread_cluster) as job:
         assert job.compute.precision == job.record["precision"] == "bf16"
         assert job.batch_size > 1 and job.compute.devices == ("cuda:0",)
         assert job.spec().compute.precision == "bf16"  # what every worker's executor gets

@@ -184,7 +184,7 @@ def test_a_cluster_job_records_and_runs_the_precision_its_gpu_workers_mean(big, 
 
     tifffile.imwrite(tmp_path / "image.tif", image, tile=(64, 64), photometric="rgb")
     with distributed.Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=":0") as client:
-        with ts.prepare(tmp_path / "image.tif", big, tmp_path / "o.zarr", device=client) as job:
+        with ts.prepare(tmp_path / "image.tif", big, tmp_path / "o.zarr", client=client) as job:
             meant = default_precision(torch.device("cuda", 0))
             assert job.compute.precision == job.record["precision"] == meant
             assert job.batch_size > 1

@@ -282,7 +282,7 @@ def prepare(
     *,
     tile_size: Union[int, tuple[int, ...], str, None] = "auto",
     batch_size: Union[int, str, None] = "auto",
-    device: Union[str, torch.device, Any] = "auto",
+    device: Union[str, torch.device] = "auto",
     mode: str = "labels",
     padding: str = "reflect",
     level: int = 0,
@@ -300,18 +300,17 @@ def prepare(
     on_error: str = "raise",
     ngff: str = "0.5",
     storage_options: Optional[dict] = None,
+    client: Any = None,
 ) -> Job:
     """Check every argument of `segment` and plan the run, without computing anything.
 
-    Takes the parameters of `segment` (except those of `Job.run`: `progress`,
-    `client`, `cancel`) and returns a `Job`; raises the same errors `segment`
+    Takes the parameters of `segment` (except `progress` and `cancel`, which
+    are `Job.run`'s) and returns a `Job`; raises the same errors `segment`
     would, before any work. "auto" precision, tile size and batch size are
     resolved here, once, for the devices that will run the network; the run
-    record and every executor use the resolved values. For a dask cluster
-    pass its client as `device` (``device=client``, as ``segment(client=)``
-    does): the workers then report their own devices
-    (`tilesegment.distributed.worker_facts`), and the job runs with
-    ``job.run(client=client)``.
+    record and every executor use the resolved values. With a dask `client`
+    the workers report their own devices (`tilesegment.distributed.worker_facts`),
+    `device` is not used, and the job runs with ``job.run(client=client)``.
     """
     get_mode(mode)  # an unknown mode fails here, before anything is opened
     if precision not in PRECISIONS:
@@ -321,12 +320,11 @@ def prepare(
     ngff = destination.ngff
     model = describe(load_model(model))
     geometry = model.geometry
-    cluster = device if _is_client(device) else None
-    devices = [] if cluster is not None else resolve_devices(device)
+    devices = [] if client is not None else resolve_devices(device)
     read = ReadOptions(axes=axes, level=level, series=series, channels=channels, mpp=mpp)
     source = read.open(image, storage_options, ndim=geometry.ndim)
     check_axes(source, geometry)
-    target, precision = _resolve_target(devices, cluster, precision, memory_budget)
+    target, precision = _resolve_target(devices, client, precision, memory_budget)
     sized_for = torch.device(target.device)
     if tile_size in ("auto", None):
         tile_size = auto_tile_size(source.shape[source.ndim - geometry.ndim:], geometry, sized_for, model,
@@ -376,11 +374,6 @@ def prepare(
         tissue=tissue, record=record, done_blocks=np.zeros(0, np.int64) if done is None else done,
         image_path=image_path, read=read, num_classes=num_classes, storage_options=storage_options,
     )
-
-
-def _is_client(device: Any) -> bool:
-    """Whether `device` is a dask.distributed client (the cluster's workers run the network)."""
-    return hasattr(device, "scheduler_info")
 
 
 def _resolve_target(devices: Sequence[torch.device], client: Any, precision: str,
@@ -557,7 +550,7 @@ def segment(
     """
     job = prepare(
         image, model, output, tile_size=tile_size, batch_size=batch_size,
-        device=device if client is None else client, mode=mode,
+        device=device, client=client, mode=mode,
         padding=padding, level=level, axes=axes, chunk_size=chunk_size, overwrite=overwrite,
         precision=precision, compile=compile, memory_budget=memory_budget, mpp=mpp, series=series,
         channels=channels, tissue_mask=tissue_mask, resume=resume, on_error=on_error, ngff=ngff,

@@ -356,7 +356,7 @@ def _segment_one(args, image: str, output: str, client, resume: Optional[bool] =
         return 0
     device = args.device.split(",") if "," in args.device else args.device
     job = prepare(image, args.model, output, tile_size=args.tile_size,
-                  batch_size=args.batch_size, device=device if client is None else client, mode=args.mode,
+                  batch_size=args.batch_size, device=device, client=client, mode=args.mode,
                   padding=args.padding, level=args.level, axes=args.axes,
                   chunk_size=args.chunk_size, overwrite=args.overwrite,
                   precision=args.precision, compile=args.compile, mpp=args.mpp,
