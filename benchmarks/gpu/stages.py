@@ -365,8 +365,12 @@ def host_ceiling(sizes: Sizes, out: Path) -> dict:
 
 
 def jpeg_tiles(size: int) -> tuple[list[bytes], np.ndarray]:
-    """The JPEG streams of a generated slide's tiles and tifffile's decode of the slide."""
+    """A generated slide's JPEG tiles made SVS-style (tables and colour marker stripped, as libtiff
+    writes them) and back to self-contained streams, as the pipeline would hand a GPU decoder;
+    and tifffile's decode of the slide."""
     import tifffile
+
+    from tilesegment.io.jpeg import abbreviate, self_contained
 
     with tempfile.TemporaryDirectory() as tmp:
         path = pyramidal_jpeg_tiff(Path(tmp) / "slide.tif", size)
@@ -375,7 +379,12 @@ def jpeg_tiles(size: int) -> tuple[list[bytes], np.ndarray]:
             streams = []
             for offset, count in zip(page.dataoffsets, page.databytecounts):
                 tif.filehandle.seek(offset)
-                streams.append(tif.filehandle.read(count))
+                stream = tif.filehandle.read(count)
+                if page.jpegtables is None:
+                    tables, stream = abbreviate(stream)
+                else:
+                    tables = page.jpegtables
+                streams.append(self_contained(stream, tables, page.photometric))
             return streams, page.asarray()
 
 
