@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = {"environment", "cuda_tests", "exactness", "model_only", "end_to_end", "host_ceiling",
-          "jpeg_decode", "onnx"}
+STAGES = {"environment", "cuda_tests", "exactness", "model_only", "model_compiled", "end_to_end",
+          "host_ceiling", "jpeg_decode", "onnx"}
 
 
 def skipped_parts(figures: dict) -> list[str]:

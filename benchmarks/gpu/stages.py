@@ -31,8 +31,8 @@ import torch
 import tilesegment as ts
 
 ROOT = Path(__file__).resolve().parents[2]
-STAGES = ("environment", "cuda_tests", "exactness", "model_only", "end_to_end", "host_ceiling",
-          "jpeg_decode", "onnx")
+STAGES = ("environment", "cuda_tests", "exactness", "model_only", "model_compiled", "end_to_end",
+          "host_ceiling", "jpeg_decode", "onnx")
 
 
 class Skip(Exception):
@@ -55,6 +55,7 @@ class Sizes:
     e2e_tile: int
     host_size: int
     host_readers: tuple[int, ...]
+    decode_slide: int
     decode_threads: tuple[int, ...]
     decode_batches: tuple[int, ...]
     onnx_image: int
@@ -63,10 +64,10 @@ class Sizes:
 REAL = Sizes(matmul=8192, paper_base=64, exact_image=2600, exact_tiles=(512, 1024, 2048), he_image=2048,
              model_tiles=(1024, 2048), model_batches=(1, 2, 4, 8, 16, 32), model_seconds=1.0,
              slide=16384, e2e_tile=1024, host_size=8192, host_readers=(2, 4, 8, 15),
-             decode_threads=(1, 4, 8, 15), decode_batches=(64, 256, 1024), onnx_image=2048)
+             decode_slide=8192, decode_threads=(1, 4, 8, 15), decode_batches=(64, 256, 1024), onnx_image=2048)
 DRY = Sizes(matmul=256, paper_base=2, exact_image=300, exact_tiles=(64, 128), he_image=256,
             model_tiles=(64,), model_batches=(1, 2), model_seconds=0.05, slide=512, e2e_tile=128,
-            host_size=512, host_readers=(2,), decode_threads=(1, 2), decode_batches=(4,), onnx_image=256)
+            host_size=512, host_readers=(2,), decode_slide=512, decode_threads=(1, 2), decode_batches=(4,), onnx_image=256)
 
 
 def device() -> torch.device:
@@ -219,43 +220,58 @@ def uint8_upload(dev: torch.device) -> dict:
 
 
 def model_only(sizes: Sizes, out: Path) -> dict:
-    """Paper U-Net, bf16 (fp32 on CPU), channels-last: output Mpx/s per tile x batch, eager and
-    CUDA graphs (``compile="reduce-overhead"``) at each tile's best eager batch."""
+    """Paper U-Net, bf16 (fp32 on CPU), channels-last, eager: output Mpx/s per tile x batch."""
+    net = paper_unet(sizes)
+    rows = [row for tile in sizes.model_tiles for row in model_rows(net, tile, sizes.model_batches, False, sizes)]
+    return {"rows": rows, "best": best_row(rows)}
+
+
+def model_compiled(sizes: Sizes, out: Path) -> dict:
+    """The same with CUDA graphs (``compile="reduce-overhead"``), at each tile's best eager batch
+    (from model_only's record; batch 8 without one). A stage of its own: compilation takes long."""
+    if not torch.cuda.is_available():
+        raise Skip("CUDA graphs need CUDA")
+    eager = out / "model_only.json"
+    rows = json.loads(eager.read_text()).get("figures", {}).get("rows", []) if eager.exists() else []
+    net = paper_unet(sizes)
+    found = []
+    for tile in sizes.model_tiles:
+        best = best_row([r for r in rows if r["tile"] == tile]) or {"batch": 8}
+        found += model_rows(net, tile, (best["batch"],), "reduce-overhead", sizes)
+    return {"rows": found, "best": best_row(found)}
+
+
+def best_row(rows: list[dict]) -> dict | None:
+    return max((r for r in rows if "mpx_s" in r), key=lambda r: r["mpx_s"], default=None)
+
+
+def model_rows(net: torch.nn.Module, tile: int, batches: tuple[int, ...], compile_mode: bool | str,
+               sizes: Sizes) -> list[dict]:
+    """One row per batch: the network alone on device-resident inputs, about
+    ``sizes.model_seconds`` per cell; batches past the device's memory say so and end the sweep."""
     from tilesegment.bench import bare_model_seconds, flops_per_pixel
     from tilesegment.executor import Executor
 
-    dev = device()
-    net = paper_unet(sizes)
+    n_in = net.geometry.input_size((tile, tile))
+    fpp = flops_per_pixel(net, 3, net.geometry, (tile, tile))
     rows = []
-    for tile in sizes.model_tiles:
-        n_in = net.geometry.input_size((tile, tile))
-        fpp = flops_per_pixel(net, 3, net.geometry, (tile, tile))
-        best = None
-        for compile_mode in (False, "reduce-overhead"):
-            batches = sizes.model_batches if not compile_mode else (best["batch"],)
-            if compile_mode and dev.type != "cuda":
-                rows.append({"tile": tile, "compile": compile_mode,
-                             "skipped": "CUDA graphs need CUDA"})
-                continue
-            for batch in batches:
-                executor = Executor(net, dev, compile=compile_mode, tile_size=(tile, tile))
-                shape = (batch, 3, *n_in)
-                try:
-                    bare_model_seconds(executor, 2, shape)  # compilation, autotuning, graph capture
-                    n = max(3, int(sizes.model_seconds / max(bare_model_seconds(executor, 1, shape), 1e-6)))
-                    seconds = bare_model_seconds(executor, n, shape)
-                except torch.OutOfMemoryError:
-                    rows.append({"tile": tile, "batch": batch, "compile": compile_mode, "skipped": "out of memory"})
-                    torch.cuda.empty_cache()
-                    break
-                mpx_s = n * batch * tile * tile / seconds / 1e6
-                row = {"tile": tile, "batch": batch, "compile": compile_mode, "precision": executor.precision,
-                       "mpx_s": round(mpx_s, 2), "tflops": round(fpp * mpx_s * 1e6 / 1e12, 3)}
-                rows.append(row)
-                if not compile_mode and (best is None or mpx_s > best["mpx_s"]):
-                    best = row
-                del executor
-    return {"rows": rows, "best": max((r for r in rows if "mpx_s" in r), key=lambda r: r["mpx_s"])}
+    for batch in batches:
+        executor = Executor(net, device(), compile=compile_mode, tile_size=(tile, tile))
+        shape = (batch, 3, *n_in)
+        try:
+            bare_model_seconds(executor, 2, shape)  # compilation, autotuning, graph capture
+            n = max(3, int(sizes.model_seconds / max(bare_model_seconds(executor, 1, shape), 1e-6)))
+            seconds = bare_model_seconds(executor, n, shape)
+        except torch.OutOfMemoryError:
+            rows.append({"tile": tile, "batch": batch, "compile": compile_mode, "skipped": "out of memory"})
+            del executor
+            torch.cuda.empty_cache()
+            break
+        mpx_s = n * batch * tile * tile / seconds / 1e6
+        rows.append({"tile": tile, "batch": batch, "compile": compile_mode, "precision": executor.precision,
+                     "mpx_s": round(mpx_s, 2), "tflops": round(fpp * mpx_s * 1e6 / 1e12, 3)})
+        del executor
+    return rows
 
 
 # -- end to end -------------------------------------------------------------------------
@@ -395,7 +411,7 @@ def jpeg_decode(sizes: Sizes, out: Path) -> dict:
 
     import imagecodecs
 
-    streams, reference = jpeg_tiles(sizes.slide)
+    streams, reference = jpeg_tiles(sizes.decode_slide)
     tile, across = 256, reference.shape[1] // 256
     mpx = len(streams) * tile * tile / 1e6
 
@@ -511,7 +527,8 @@ def headline(name: str, record: dict) -> str:
         "environment": lambda: f"{f.get('gpu', f['device'])}: {f['matmul_tflops']} TFLOP/s {f['matmul_dtype']}",
         "cuda_tests": lambda: f"{f['passed']} passed, {f['failures'] + f['errors']} failed, {f['skipped']} skipped",
         "exactness": lambda: f"fp32 exact: {f['fp32_exact']}; bf16/fp16: {f['reduced_precision']}",
-        "model_only": lambda: f"best {f['best']['mpx_s']} Mpx/s (tile {f['best']['tile']}, batch {f['best']['batch']})",
+        "model_only": lambda: best_line(f["best"]),
+        "model_compiled": lambda: best_line(f["best"]),
         "end_to_end": lambda: "; ".join(f"{k}: {v['mpx_s']} Mpx/s, eff {v['pipeline_efficiency']}"
                                         for k, v in f.items() if isinstance(v, dict)),
         "host_ceiling": lambda: ", ".join(f"{k.split('_')[2]}: {v}" for k, v in f.items()
@@ -521,6 +538,10 @@ def headline(name: str, record: dict) -> str:
         "onnx": lambda: f"{f['provider']}: {f['mpx_s']} Mpx/s, rel err {f['rel_error_vs_torch']:.1e}",
     }
     return lines[name]()[:110]
+
+
+def best_line(row: dict | None) -> str:
+    return "no batch fitted" if row is None else f"best {row['mpx_s']} Mpx/s (tile {row['tile']}, batch {row['batch']})"
 
 
 def main() -> None:
