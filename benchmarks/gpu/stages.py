@@ -14,6 +14,7 @@ See docs/gpu.md for what each figure means and the goals.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -135,7 +136,7 @@ def cuda_tests(sizes: Sizes, out: Path) -> dict:
     proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", "-q",
                            "-p", "no:cacheprovider", f"--junitxml={report}"],
                           cwd=ROOT, capture_output=True, text=True)
-    (out / "cuda_tests.log").write_text(proc.stdout + proc.stderr)
+    (out / "cuda_tests_pytest.log").write_text(proc.stdout + proc.stderr)  # cuda_tests.log is run.sh's
     if not report.exists():
         raise Skip(f"pytest wrote no report (exit {proc.returncode}): {proc.stderr.strip()[-300:]}")
     suite = ET.parse(report).getroot()
@@ -335,7 +336,7 @@ def end_to_end(sizes: Sizes, out: Path) -> dict:
                 job.run(progress=False)  # kernels, cuDNN plans, page cache
             job = ts.prepare(slide, net, Path(tmp) / f"{name}.zarr", tile_size=sizes.e2e_tile, device=dev)
             cpu = time.process_time()
-            with job, BusySampler() if dev.type == "cuda" else _Nothing() as busy:
+            with job, BusySampler() if dev.type == "cuda" else contextlib.nullcontext() as busy:
                 _, stats = job.run(progress=False)
             cpu = time.process_time() - cpu
             executor = job.executors()[0]
@@ -353,27 +354,20 @@ def end_to_end(sizes: Sizes, out: Path) -> dict:
     return figures
 
 
-class _Nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        pass
-
-
 # -- host ceiling -----------------------------------------------------------------------
 
 
 def host_ceiling(sizes: Sizes, out: Path) -> dict:
     """benchmarks/host_ceiling.py (the free stand-in network) at each reader count."""
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "host_ceiling.py"), "--size",
-                           str(sizes.host_size), "--tile-size", str(sizes.e2e_tile), "--workers", *map(str, sizes.host_readers), "--results",
-                           str(out), "--name", "host_ceiling", "--no-plot"],
-                          capture_output=True, text=True)
-    (out / "host_ceiling.log").write_text(proc.stdout + proc.stderr)
+    # Its files are named apart from this stage's record and log, which run.sh writes.
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "host_ceiling.py"),
+                           "--size", str(sizes.host_size), "--tile-size", str(sizes.e2e_tile),
+                           "--workers", *map(str, sizes.host_readers), "--results", str(out),
+                           "--name", "host_ceiling_rows", "--no-plot"], capture_output=True, text=True)
+    (out / "host_ceiling_script.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode:
         raise RuntimeError(f"host_ceiling.py failed: {proc.stderr.strip()[-500:]}")
-    rows = json.loads((out / "host_ceiling.json").read_text())["rows"]
+    rows = json.loads((out / "host_ceiling_rows.json").read_text())["rows"]
     return {f"{r['stage']}_{r['source']}_mpx_s": r["mpx_per_s"] for r in rows}
 
 
