@@ -550,7 +550,7 @@ def main() -> None:
         return
     result = summary(args.out, args.dry_run)
     for name, record in result["stages"].items():
-        print(f"{name:>13} {record['status']:>8} {record.get('seconds', '-'):>7}s  {headline(name, record)}")
+        print(f"{name:>14} {record['status']:>8} {record.get('seconds', '-'):>7}s  {headline(name, record)}")
 
 
 if __name__ == "__main__":
