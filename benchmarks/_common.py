@@ -33,10 +33,10 @@ def synthetic_rgb_tiff(path: Path, size: int, tile: int = 512) -> Path:
     return path
 
 
-def write_rows(name: str, rows: list[dict]) -> tuple[Path, Path]:
-    """Write `rows` as results/<name>.csv and results/<name>.json (with machine info)."""
-    RESULTS.mkdir(exist_ok=True)
-    csv_path, json_path = RESULTS / f"{name}.csv", RESULTS / f"{name}.json"
+def write_rows(name: str, rows: list[dict], folder: Path = RESULTS) -> tuple[Path, Path]:
+    """Write `rows` as <folder>/<name>.csv and <folder>/<name>.json (with machine info)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    csv_path, json_path = folder / f"{name}.csv", folder / f"{name}.json"
     with csv_path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()

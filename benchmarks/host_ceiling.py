@@ -1,6 +1,6 @@
 """Host ceiling: how fast the host side can feed a network that costs nothing.
 
-    python benchmarks/host_ceiling.py [--size 8192] [--tile-size 1024] [--name host_ceiling]
+    python benchmarks/host_ceiling.py [--size 8192] [--tile-size 1024] [--workers 1 2] [--name host_ceiling]
 
 Runs the real pipeline with a stand-in network that returns the centre crop of
 its input (the geometry of a depth-4 U-Net: halo 92, step 16), so every
@@ -12,7 +12,7 @@ tiles, like a slide) and (b) the same pixels as an in-memory uint8 array:
 - ``decode``: tifffile decoding the whole TIFF at once with 2 threads, the
   physical reference;
 - ``read_gather_wN``: `Tiler.batches` with N reader threads (decode + mirror
-  + gather into float32 network inputs);
+  + gather into float32 network inputs), for each N of ``--workers``;
 - ``network_standin``: the executor on ready channels-last inputs (the crop);
 - ``stitch``: `Stitcher.add` of raw outputs into memory (crop + argmax);
 - ``stitch_write``: the same into a labels OME-Zarr (+ compression, writing,
@@ -68,7 +68,10 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=8192)
     parser.add_argument("--tile-size", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="reader threads to time")
     parser.add_argument("--name", default="host_ceiling")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder for <name>.{csv,json,png}")
+    parser.add_argument("--no-plot", action="store_true", help="write no PNG (no matplotlib needed)")
     parser.add_argument("--plot-only", action="store_true", help="redraw the PNG from results/<name>.json")
     args = parser.parse_args()
     if args.plot_only:
@@ -99,7 +102,7 @@ def main() -> None:
 
         add("decode", "tiff", *timed(decode))
 
-        for workers in (1, 2):
+        for workers in args.workers:
             tiler = ts.Tiler(path, geom, tile_size=tile)
             wall, cpu = timed(lambda: sum(len(b) for b in tiler.batches(batch, workers=workers)))
             cache = getattr(tiler, "last_cache", None)
@@ -140,11 +143,12 @@ def main() -> None:
     for row in rows:
         row["ratio_to_decode"] = round(row["mpx_per_s"] / reference, 3)
         row.update(size=size, tile_size=tile, batch_size=batch)
-    write_rows(args.name, rows)
+    write_rows(args.name, rows, args.results)
     for row in rows:
         print(f"{row['stage']:>16} {row['source']:>6}  {row['mpx_per_s']:7.1f} Mpx/s  "
               f"{row['ratio_to_decode']:5.2f}x decode  {row['core_ms_per_mpx']:6.1f} core-ms/Mpx")
-    plot(rows, RESULTS / f"{args.name}.png")
+    if not args.no_plot:
+        plot(rows, args.results / f"{args.name}.png")
 
 
 def plot(rows: list[dict], path: Path) -> None:

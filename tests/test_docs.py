@@ -36,6 +36,10 @@ SKIP = {
     ("docs/distributed.md", "dask worker tcp://"): "starts a dask scheduler and GPU workers",
     ("docs/distributed.md", "SSHCluster("): "needs SSH access to other machines",
     ("docs/distributed.md", "SLURMCluster("): "needs a SLURM cluster",
+    ("docs/gpu.md", "bash benchmarks/gpu/fetch-wheels.sh"): "downloads wheels (needs the network)",
+    ("docs/gpu.md", "OUT=/path/to/results bash benchmarks/gpu/run.sh"): "needs a GPU machine",
+    ("docs/gpu.md", "bash benchmarks/gpu/run.sh --dry-run"):
+        "runs in the repository, not a page's folder; tests/test_gpu_suite.py runs exactly this",
     ("docs/models.md", 'pip install -e ".[onnx]"'): "installs packages (the test extra has them)",
     ("docs/models.md", 'pip install -e ".[bioimageio]"'):
         "needs a bioimage.io package (tests/test_bioimageio.py builds one and runs the same through the CLI)",
