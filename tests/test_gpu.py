@@ -111,22 +111,9 @@ def test_each_executor_thread_runs_on_its_own_gpu(big, image):
 
 
 def test_raw_uint8_normalized_on_the_gpu_equals_the_host_bit_for_bit():
-    from tilesegment.executor import Executor
-    from tilesegment.io.mirror import gather, normalization_affine
+    from tilesegment.testing import normalized_on_device_and_host
 
-    class Identity(torch.nn.Module):
-        geometry = ts.Geometry(halo=0, step=1)
-
-        def forward(self, x):
-            return x
-
-    scale, offset = normalization_affine(np.uint8, 3, ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
-    pixels = np.repeat(np.arange(256, dtype=np.uint8)[None, :, None], 3, axis=2)
-    host = np.empty((3, 1, 256), np.float32)
-    gather(pixels, np.arange(1), np.arange(256), scale, offset, host)
-    ex = Executor(Identity(), "cuda", precision="fp32", input_affine=(scale, offset))
-    with ts.exact_fp32():
-        device = ex(np.ascontiguousarray(pixels.transpose(2, 0, 1))[None]).numpy()[0]
+    device, host = normalized_on_device_and_host("cuda")
     assert np.array_equal(device.view(np.uint32), host.view(np.uint32))
 
 

@@ -21,7 +21,7 @@ from .io.mirror import normalization_affine
 from .io.sources import ImageLike, open_image
 from .models.base import describe
 
-__all__ = ["whole_image_logits", "planewise_logits", "relative_error", "assert_exact",
+__all__ = ["normalized_on_device_and_host", "whole_image_logits", "planewise_logits", "relative_error", "assert_exact",
            "assert_labels_match"]
 
 #: The exactness contract for float32 paths: max |a - b| / max |reference|.
@@ -154,3 +154,27 @@ def assert_labels_match(labels: np.ndarray, logits: np.ndarray, rtol: float = RT
             f"{int(wrong.sum())} of {labels.size} labels are not the top class, nor within "
             f"{tolerance:.3g} of it; first at {where}: label {labels[where]}, logits {logits[(slice(None), *where)]}"
         )
+
+
+def normalized_on_device_and_host(device) -> tuple[np.ndarray, np.ndarray]:
+    """Every uint8 value in 3 channels with ImageNet mean/std, normalized twice: raw on `device`
+    by the executor (``input_affine``, one fused multiply-add) and by the host gather. The raw
+    upload is exact when the two are equal bit for bit."""
+    from .executor import Executor
+    from .io.mirror import gather
+    from .process import exact_fp32
+
+    class Identity(torch.nn.Module):
+        geometry = Geometry(halo=0, step=1)
+
+        def forward(self, x):
+            return x
+
+    scale, offset = normalization_affine(np.uint8, 3, ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
+    pixels = np.repeat(np.arange(256, dtype=np.uint8)[None, :, None], 3, axis=2)
+    host = np.empty((3, 1, 256), np.float32)
+    gather(pixels, np.arange(1), np.arange(256), scale, offset, host)
+    executor = Executor(Identity(), device, precision="fp32", input_affine=(scale, offset))
+    with exact_fp32():
+        on_device = executor(np.ascontiguousarray(pixels.transpose(2, 0, 1))[None]).numpy()[0]
+    return on_device, host

@@ -198,22 +198,9 @@ def reduced_precision(sizes: Sizes, dev: torch.device) -> dict:
 
 def uint8_upload(dev: torch.device) -> dict:
     """The raw uint8 upload normalized on the device equals the host's float32 gather, bit for bit."""
-    from tilesegment.executor import Executor
-    from tilesegment.io.mirror import gather, normalization_affine
+    from tilesegment.testing import normalized_on_device_and_host
 
-    class Identity(torch.nn.Module):
-        geometry = ts.Geometry(halo=0, step=1)
-
-        def forward(self, x):
-            return x
-
-    scale, offset = normalization_affine(np.uint8, 3, ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
-    pixels = np.repeat(np.arange(256, dtype=np.uint8)[None, :, None], 3, axis=2)
-    host = np.empty((3, 1, 256), np.float32)
-    gather(pixels, np.arange(1), np.arange(256), scale, offset, host)
-    executor = Executor(Identity(), dev, precision="fp32", input_affine=(scale, offset))
-    with ts.exact_fp32():
-        on_device = executor(np.ascontiguousarray(pixels.transpose(2, 0, 1))[None]).numpy()[0]
+    on_device, host = normalized_on_device_and_host(dev)
     return {"equal_bits": bool(np.array_equal(on_device.view(np.uint32), host.view(np.uint32)))}
 
 
