@@ -214,7 +214,7 @@ def test_a_third_party_backend_that_states_the_facts_is_used_as_is():
     image = np.random.default_rng(0).random((40, 36)).astype(np.float32)
     out = ts.segment(image, model, tile_size=16, mode="logits", device="cpu", precision="fp32", progress=False)
     ref = torch.nn.functional.avg_pool2d(torch.from_numpy(np.pad(image, 1, mode="reflect"))[None, None], 3, stride=1)
-    np.testing.assert_allclose(out[0], ref[0, 0].numpy(), rtol=1e-6)
+    assert_exact(out[0], ref[0, 0].numpy())
 
 
 def test_trace_handles_torchscript_whole_and_as_a_part_without_touching_the_weights():

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from scipy import ndimage
 
 import tilesegment as ts
+from tilesegment.testing import assert_exact
 from tilesegment.cli import main
 from tilesegment.he import CLASSES
 from tilesegment.io.sinks import ZarrSink
@@ -224,7 +225,7 @@ def test_probabilities_output_gives_objects_of_its_argmax_with_mean_probability(
         assert _same_partition(objs.labels[:][argmax == k], ref[argmax == k])
     ids = objs.labels[:]
     expected = ndimage.mean(top, ids, index=objs.table["id"])
-    np.testing.assert_allclose(objs.table["mean_probability"], expected, rtol=1e-6)
+    assert_exact(objs.table["mean_probability"].to_numpy(), expected)
 
 
 def test_labels_with_separate_probabilities_measure_each_objects_class(tmp_path):
@@ -233,8 +234,7 @@ def test_labels_with_separate_probabilities_measure_each_objects_class(tmp_path)
     labels = probs.argmax(0).astype(np.uint8)
     objs = ts.label_objects(labels, probabilities=probs, progress=False)
     top = probs.max(0) / 255.0
-    np.testing.assert_allclose(objs.table["mean_probability"],
-                               ndimage.mean(top, objs.labels, index=objs.table["id"]), rtol=1e-6)
+    assert_exact(objs.table["mean_probability"].to_numpy(), ndimage.mean(top, objs.labels, index=objs.table["id"]))
 
 
 def test_cli_objects_writes_labels_table_and_geojson_and_refuses_to_overwrite(segmented, tmp_path, capsys):
@@ -428,5 +428,5 @@ def test_a_mode_registered_elsewhere_is_read_without_an_edit_in_objects(tmp_path
         ref, _ = ndimage.label(argmax == k)
         assert _same_partition(objs.labels[:][argmax == k], ref[argmax == k])
     softmax = 1.0 / np.exp(scores - scores.max(0)).sum(0)  # the top class's probability, as for logits
-    np.testing.assert_allclose(objs.table["mean_probability"],
-                               ndimage.mean(softmax, objs.labels[:], index=objs.table["id"]), rtol=1e-5)
+    assert_exact(objs.table["mean_probability"].to_numpy(),
+                 ndimage.mean(softmax, objs.labels[:], index=objs.table["id"]))
