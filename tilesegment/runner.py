@@ -34,8 +34,6 @@ class BlocksDone:
 
     result: Any
     failed_tiles: list[dict] = field(default_factory=list)
-    computed: int = 0  # tiles the network ran on
-    filled: int = 0  # tiles written as background (no tissue)
 
 
 def raw_inputs(job: "Job", devices: Sequence[Any]) -> bool:
@@ -132,7 +130,7 @@ def run_blocks(
         raise Cancelled(job.cancelled_message(reporter)) from None
     finally:
         batches.close()
-    return BlocksDone(stitcher.result, stitcher.failed_tiles, computed=len(todo), filled=len(skipped))
+    return BlocksDone(stitcher.result, stitcher.failed_tiles)
 
 
 def _blocks_mask(plan, blocks: Sequence[int], done: np.ndarray) -> np.ndarray:
