@@ -65,8 +65,10 @@ class Input:
 
     def read(self, flat: int) -> tuple[np.ndarray, Optional[np.ndarray]]:
         """Chunk `flat` as 3-D arrays: the labels, and the probability of each pixel's class."""
-        region = self.grid.region(flat)
-        spatial = region[3 - self.ndim:]
+        return self.read_region(self.grid.region(flat)[3 - self.ndim:])
+
+    def read_region(self, spatial: tuple[slice, ...]) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        """As `read`, for any region (slices of the spatial axes)."""
         block = np.asarray(self.array[(..., *spatial)])
         if self.mode.per_class:
             labels = np.argmax(block, axis=0).astype(np.uint16 if block.shape[0] > 255 else np.uint8)
