@@ -184,3 +184,71 @@ def test_grow_step_is_a_chunk_step_with_its_halo():
 def test_bad_growth_arguments_fail_with_one_clear_error(kwargs, match):
     with pytest.raises(UsageError, match=match):
         ts.label_objects(np.zeros((8, 8), np.uint8), classes=[2], progress=False, **kwargs)
+
+
+RECIPE = {"classes": [2], "grow_into": [3], "grow": 3}
+
+
+def test_segment_objects_follow_the_models_recipe_identically_at_three_tile_sizes(tmp_path, rgb_tiff, capsys):
+    import pandas as pd
+
+    from conftest import small_unet
+    from tilesegment.cli import main
+
+    model = ts.save_model(small_unet(num_classes=4, seed=3), tmp_path / "m.pt", instances=RECIPE,
+                          classes=["background", "tissue", "nucleus", "boundary"])
+    got = []
+    for tile in (32, 48, 64):
+        out = tmp_path / f"t{tile}.zarr"
+        assert main(["segment", str(rgb_tiff), str(out), "--model", str(model), "--tile-size", str(tile),
+                     "--objects"]) == 0
+        assert "recipe   seeds class 2, grown by up to 3 px into class 3" in capsys.readouterr().err
+        group = zarr.open_group(out, mode="r")
+        assert group.attrs["tilesegment"]["instances"] == RECIPE
+        labels, objects = group["0"][:], group["labels/objects/0"][:]
+        np.testing.assert_array_equal(objects, _reference(labels, [2], [3], 3, None))
+        got.append((objects, pd.read_csv(tmp_path / f"t{tile}.objects.csv"),
+                    gzip.decompress((tmp_path / f"t{tile}.geojson.gz").read_bytes())))
+    assert got[0][0].max() > 5 and "pixels_boundary" in got[0][1].columns
+    for objects, table, geojson in got[1:]:
+        np.testing.assert_array_equal(objects, got[0][0])
+        pd.testing.assert_frame_equal(table, got[0][1])
+        assert geojson == got[0][2]
+
+
+def test_a_model_without_a_recipe_is_given_one_on_the_command_line(tmp_path, rgb_tiff, capsys):
+    from conftest import small_unet
+    from tilesegment.cli import main
+
+    model = ts.save_model(small_unet(num_classes=4), tmp_path / "m.pt")
+    out = tmp_path / "o.zarr"
+    assert main(["segment", str(rgb_tiff), str(out), "--model", str(model), "--classes", "2", "--grow", "2",
+                 "--grow-into", "3", "-q"]) == 0
+    assert zarr.open_group(out, mode="r").attrs["tilesegment"]["instances"] == {
+        "classes": [2], "grow_into": [3], "grow": 2.0}
+    objs = ts.label_objects(out, progress=False)  # the recorded recipe, with no arguments
+    assert objs.recipe.grow == 2 and objs.steps == ("grow2",)
+    assert ts.label_objects(out, tmp_path / "plain.zarr", classes=[2], progress=False).recipe is None
+    assert main(["objects", str(out), "--classes", "2", "--grow", "1.5", "--grow-into", "1,3",
+                 "--output", str(tmp_path / "cli.zarr"), "-q"]) == 0
+    labels = zarr.open_array(out / "0", mode="r")[:]
+    np.testing.assert_array_equal(zarr.open_array(tmp_path / "cli.zarr" / "0", mode="r")[:],
+                                  _reference(labels, [2], [1, 3], 1.5, None))
+    assert main(["segment", str(rgb_tiff), str(tmp_path / "x.zarr"), "--model", str(model), "--grow", "2"]) == 2
+    assert "--grow and --grow-into need --classes" in capsys.readouterr().err
+    assert main(["segment", str(rgb_tiff), str(tmp_path / "x.zarr"), "--model", str(model), "--classes", "7"]) == 2
+    assert "class 7 is out of range" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("recipe, match", [
+    ({"grow": 2, "grow_into": [3]}, "no seed classes"),
+    ({"classes": [2], "grow": 2}, "go together"),
+    ({"classes": "2"}, "list of class numbers"),
+    ({"classes": [2], "seeds": [1]}, "unknown keys"),
+])
+def test_a_bad_recipe_in_a_checkpoint_is_refused_with_one_line(tmp_path, rgb_tiff, recipe, match):
+    from conftest import small_unet
+
+    model = ts.save_model(small_unet(num_classes=4), tmp_path / "m.pt", instances=recipe)
+    with pytest.raises(UsageError, match=match):
+        ts.prepare(rgb_tiff, model, tmp_path / "o.zarr")

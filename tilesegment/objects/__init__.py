@@ -24,6 +24,7 @@ from .._components import Tally
 from ..contracts import ChunkStep
 from ..errors import UsageError
 from ..io.ngff import read_ome, write_ome
+from ..options import InstanceRecipe
 from ..report import Cancel, Reporter, as_reporter
 from ..steps import chain, chunk_regions, get_step, map_overlap
 from ..tasks import TaskRunner, task_runner
@@ -65,8 +66,11 @@ def label_objects(
         NGFF label image ``labels/objects`` (pyramid and image-label metadata,
         so napari shows it over the image); for arrays, into memory (numpy).
     classes : sequence of int, optional
-        Classes whose components are objects (default: every class except 0).
-        Components of different classes are always different objects.
+        Classes whose components are objects. Components of different classes
+        are always different objects. Default: when no growth is asked for
+        either, the instance recipe a segment output recorded (the model's:
+        seeds, growth; see `tilesegment.options.InstanceRecipe`), else every
+        class except 0.
     connectivity : int
         1 (face neighbours, as ``scipy.ndimage.label``) up to the number of
         axes (all neighbours, diagonals included).
@@ -150,6 +154,10 @@ def label_objects(
     if not isinstance(connectivity, (int, np.integer)) or not 1 <= connectivity <= inp.ndim:
         raise UsageError(f"connectivity {connectivity!r} must be 1 (face neighbours) to {inp.ndim} "
                          f"(all neighbours) for a {inp.ndim}-D map")
+    recipe = None
+    if classes is None and not grow and grow_into is None and inp.recipe:
+        recipe = InstanceRecipe.from_dict(inp.recipe, f"the instance recipe recorded in {inp.group_path}")
+        classes, grow, grow_into = recipe.classes, recipe.grow, recipe.grow_into or None
     wanted = check_classes(inp, classes)
     into = _grow_into(inp, grow, grow_into)
     growth = None
@@ -166,8 +174,10 @@ def label_objects(
     stepped = 0 if growth is None and not steps else len(chunk_regions(inp.shape, chunk_edge(inp)))
     reporter.start(2 * inp.grid.n_chunks + stepped, "objects")  # label every chunk, write it, step it
     try:
-        return _label_and_write(ChunkTask(inp, wanted, int(connectivity), into), growth, steps, where, overwrite,
+        objs = _label_and_write(ChunkTask(inp, wanted, int(connectivity), into), growth, steps, where, overwrite,
                                 task_runner(client, workers), reporter)
+        objs.recipe = recipe
+        return objs
     finally:
         reporter.close()
 

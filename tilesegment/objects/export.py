@@ -40,6 +40,9 @@ class Objects:
         Name and RGB colour per class value (from the segment output's metadata).
     pixel_size : tuple of float or None
         Micrometres per pixel along the spatial axes.
+    recipe : tilesegment.options.InstanceRecipe or None
+        The recorded instance recipe `label_objects` followed, when it was
+        given no classes and no growth of its own.
     steps : tuple of str
         Names of the chunk steps that ran over the instance labels after the
         numbering (the growth, ``grow3``, and `label_objects`' ``steps``).
@@ -52,6 +55,7 @@ class Objects:
     def __init__(self, labels: Any, merged: Merged, inp: Input, steps: Sequence[str] = ()) -> None:
         self.labels = labels
         self.steps = tuple(steps)
+        self.recipe = None
         self.ndim = inp.ndim
         self.pixel_size = inp.pixel_size
         self._grid = inp.grid

@@ -54,6 +54,7 @@ class Input:
     ngff: str = "0.5"  # version of the segment output the labels go into
     ours: bool = False  # a store tilesegment wrote (the only kind labels are added to)
     read_only: bool = False  # a group passed in on a read-only store
+    recipe: Optional[dict] = None  # the instance recipe the segment run recorded (InstanceRecipe.to_dict)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -184,6 +185,7 @@ def _open_group(group: Any, path: Optional[Path], chunks: Any, probabilities: An
     elif "label_values" in record:  # a class map written by segment
         inp.num_classes = int(record["label_values"])
     inp.names, inp.colours = names, colours
+    inp.recipe = record.get("instances")
     return inp
 
 
