@@ -150,9 +150,16 @@ def test_label_objects_steps_run_over_the_numbered_objects_in_memory_and_in_zarr
     grown = ts.label_objects(labels, chunks=8, steps=[Dilate(2)], progress=lambda d, t: seen.append((d, t)))
     np.testing.assert_array_equal(grown.labels, _whole(numbered.labels, 2))
     assert seen[-1] == (3 * 25, 3 * 25) and grown.steps == ("dilate2",)  # labelled, written, stepped
-    assert grown.table.equals(numbered.table)  # the table describes the objects as numbered
-    with pytest.raises(ts.UsageError, match="without steps for outlines"):
-        grown.to_geojson(tmp_path / "o.geojson")
+    # the table describes the labels as the step left them: objects it swallowed are gone
+    final = grown.labels
+    present = np.unique(final[final > 0])
+    assert list(grown.table["id"]) == list(present) and len(present) < len(numbered)
+    assert list(grown.table["area"]) == [int((final == i).sum()) for i in present]
+    assert (grown.table["class"].to_numpy() == numbered.table.set_index("id").loc[present, "class"].to_numpy()).all()
+    import gzip, json  # noqa: E401
+
+    features = json.loads(gzip.decompress(grown.to_geojson(tmp_path / "o.geojson.gz").read_bytes()))["features"]
+    assert sorted(f["properties"]["measurements"]["Object ID"] for f in features) == list(present)
     registry.register("test-dilate", Dilate(1))
     try:
         stored = ts.label_objects(labels, tmp_path / "o.zarr", chunks=8, steps=["test-dilate", Dilate(1)],

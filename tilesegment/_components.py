@@ -27,7 +27,8 @@ from typing import Optional, Sequence
 import numba
 import numpy as np
 
-__all__ = ["Grid", "ChunkResult", "Merger", "label_chunk", "chunk_stats", "structure", "measure_chunk"]
+__all__ = ["Grid", "ChunkResult", "Merger", "Tally", "label_chunk", "chunk_stats", "structure", "measure_chunk",
+           "measure_ids"]
 
 
 @dataclass(frozen=True)
@@ -103,20 +104,22 @@ def label_chunk(labels: np.ndarray, classes: Sequence[int], connectivity: int) -
 
 
 @numba.njit(cache=True, nogil=True)
-def _stats(local, n, origin, gshape, prob, has_prob):  # pragma: no cover - compiled
+def _stats(local, base, n, origin, gshape, prob, has_prob, cls, n_cls):  # pragma: no cover - compiled
     area = np.zeros(n + 1, np.int64)
     sums = np.zeros((n + 1, 3), np.int64)
     lo = np.full((n + 1, 3), np.iinfo(np.int64).max, np.int64)
     hi = np.full((n + 1, 3), -1, np.int64)
     first = np.full(n + 1, -1, np.int64)
     psum = np.zeros(n + 1, np.float64)
+    votes = np.zeros((n + 1, n_cls), np.int64)
     oz, oy, ox = origin[0], origin[1], origin[2]
     for z in range(local.shape[0]):
         for y in range(local.shape[1]):
             for x in range(local.shape[2]):
-                v = local[z, y, x]
+                v = np.int64(local[z, y, x])
                 if v == 0:
                     continue
+                v -= base
                 gz, gy, gx = oz + z, oy + y, ox + x
                 area[v] += 1
                 sums[v, 0] += gz
@@ -132,12 +135,18 @@ def _stats(local, n, origin, gshape, prob, has_prob):  # pragma: no cover - comp
                 hi[v, 2] = max(hi[v, 2], gx)
                 if has_prob:
                     psum[v] += prob[z, y, x]
-    return area, sums, lo, hi, first, psum
+                if n_cls:
+                    votes[v, cls[z, y, x]] += 1
+    return area, sums, lo, hi, first, psum, votes
+
+
+_NO_CLASSES = np.zeros((1, 1, 1), np.uint8)
 
 
 def chunk_stats(local: np.ndarray, n: int, origin: Sequence[int], shape: Sequence[int],
-                prob: Optional[np.ndarray]) -> dict:
-    """Per component of `local` (1..n): pixel count, coordinate sums, box, first pixel, probability sum.
+                prob: Optional[np.ndarray], base: int = 0, classes: Optional[np.ndarray] = None) -> dict:
+    """Per component of `local` (values ``base + 1 .. base + n``): pixel count, coordinate sums,
+    box, first pixel, probability sum, and pixels per class of `classes` (the class map).
 
     Coordinates are in the whole image (`origin` is the chunk's first pixel,
     `shape` the image's); ``first`` is the raster index of the component's
@@ -145,11 +154,16 @@ def chunk_stats(local: np.ndarray, n: int, origin: Sequence[int], shape: Sequenc
     """
     has = prob is not None
     p = np.ascontiguousarray(prob, np.float32) if has else np.zeros((1, 1, 1), np.float32)
-    area, sums, lo, hi, first, psum = _stats(np.ascontiguousarray(local), int(n),
-                                             np.asarray(origin, np.int64), np.asarray(shape, np.int64), p, has)
+    n_cls = 0 if classes is None or classes.size == 0 else int(classes.max()) + 1
+    cls = np.ascontiguousarray(classes) if n_cls else _NO_CLASSES
+    area, sums, lo, hi, first, psum, votes = _stats(
+        np.ascontiguousarray(local), int(base), int(n), np.asarray(origin, np.int64),
+        np.asarray(shape, np.int64), p, has, cls, n_cls)
     out = {"area": area[1:], "sums": sums[1:], "lo": lo[1:], "hi": hi[1:], "first": first[1:]}
     if has:
         out["psum"] = psum[1:]
+    if classes is not None:
+        out["votes"] = votes[1:]
     return out
 
 
@@ -246,6 +260,7 @@ class Merged:
     lo: np.ndarray  # (N, 3) inclusive
     hi: np.ndarray  # (N, 3) exclusive
     mean_probability: Optional[np.ndarray]
+    votes: Optional[np.ndarray] = None  # (N, C) pixels of each class value, when measured after steps
 
 
 class Merger:
@@ -335,3 +350,103 @@ class Merger:
         lookups = [np.concatenate([[0], ids[offset[k]:offset[k + 1]] + 1]).astype(dtype)
                    for k in range(len(order))]
         return Merged(lookups, n_comp, classes, area, sums / area[:, None], lo, hi + 1, mean_p)
+
+
+@numba.njit(cache=True, nogil=True)
+def _id_range(ids):  # pragma: no cover - compiled
+    lo, hi = np.int64(-1), np.int64(-1)
+    for v in ids.ravel():
+        if v != 0:
+            w = np.int64(v)
+            if lo < 0 or w < lo:
+                lo = w
+            if w > hi:
+                hi = w
+    return lo, hi
+
+
+def measure_ids(ids: np.ndarray, origin: Sequence[int], shape: Sequence[int], prob: Optional[np.ndarray],
+                classes: np.ndarray) -> dict:
+    """The numbers of every object in a chunk of object ids (3-D; ids global, any values).
+
+    Returns `chunk_stats`' arrays for the ids present, and ``ids``, the id of each row.
+    """
+    lo, hi = _id_range(ids)
+    if lo < 0:
+        return {"ids": np.zeros(0, np.int64)}
+    if hi - lo < 4 * ids.size + 1024:  # ids of a chunk are near each other (raster numbering)
+        stats = chunk_stats(ids, int(hi - lo + 1), origin, shape, prob, base=int(lo) - 1, classes=classes)
+        rows = np.arange(lo, hi + 1, dtype=np.int64)
+    else:  # scattered ids (a step's own numbering): count them apart
+        rows, local = np.unique(ids, return_inverse=True)
+        local = local.reshape(ids.shape).astype(np.int64)
+        if rows[0] == 0:
+            rows = rows[1:]
+        else:
+            local += 1
+        stats = chunk_stats(local, len(rows), origin, shape, prob, classes=classes)
+        rows = rows.astype(np.int64)
+    present = stats["area"] > 0
+    return {"ids": rows[present], **{k: v[present] for k, v in stats.items()}}
+
+
+class Tally:
+    """Sums `measure_ids` results of any chunks, in any order, into per-object numbers."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.area = np.zeros(0, np.int64)
+        self.sums = np.zeros((0, 3), np.int64)
+        self.lo = np.zeros((0, 3), np.int64)
+        self.hi = np.zeros((0, 3), np.int64)
+        self.psum: Optional[np.ndarray] = None
+        self.votes = np.zeros((0, 0), np.int64)
+
+    def _reserve(self, n: int, n_cls: int) -> None:
+        if n > len(self.area) or n_cls > self.votes.shape[1]:
+            size = max(n, 2 * len(self.area)) if n > len(self.area) else len(self.area)
+
+            def grown(a, fill, cols=None):
+                out = np.full((size,) + a.shape[1:] if cols is None else (size, cols), fill, a.dtype)
+                out[tuple(slice(0, m) for m in a.shape)] = a
+                return out
+
+            self.area, self.sums = grown(self.area, 0), grown(self.sums, 0)
+            self.lo, self.hi = grown(self.lo, np.iinfo(np.int64).max), grown(self.hi, -1)
+            self.votes = grown(self.votes, 0, max(n_cls, self.votes.shape[1]))
+            if self.psum is not None:
+                self.psum = grown(self.psum, 0.0)
+        self.n = max(self.n, n)
+
+    def add(self, part: dict) -> None:
+        ids = part["ids"]
+        if not len(ids):
+            return
+        votes = part.get("votes")
+        self._reserve(int(ids.max()), 0 if votes is None else votes.shape[1])
+        if "psum" in part and self.psum is None:
+            self.psum = np.zeros(len(self.area), np.float64)
+        at = ids - 1  # ids are distinct within a part
+        self.area[at] += part["area"]
+        self.sums[at] += part["sums"]
+        self.lo[at] = np.minimum(self.lo[at], part["lo"])
+        self.hi[at] = np.maximum(self.hi[at], part["hi"])
+        if votes is not None:
+            self.votes[at, :votes.shape[1]] += votes
+        if "psum" in part:
+            self.psum[at] += part["psum"]
+
+    def finish(self, classes: np.ndarray) -> Merged:
+        """Per-object numbers of ids 1..max; an id of none has area 0. `classes` is the class of
+        ids 1..len(classes) (the seeds'); a larger id takes its most frequent class."""
+        n = self.n
+        area = self.area[:n]
+        votes = self.votes[:n]
+        cls = np.full(n, -1, np.int64)
+        known = min(n, len(classes))
+        cls[:known] = classes[:known]
+        if n > known and votes.shape[1]:
+            cls[known:] = np.argmax(votes[known:], axis=1)
+        mean_p = None if self.psum is None else self.psum[:n] / np.maximum(area, 1)
+        return Merged([], n, cls, area, self.sums[:n] / np.maximum(area, 1)[:, None], self.lo[:n],
+                      self.hi[:n] + 1, mean_p, votes if votes.shape[1] else None)

@@ -14,7 +14,7 @@ import torch
 from ._probe import model_out_channels
 from .errors import ModelError, UsageError
 from .executor import PRECISIONS, Executor, auto_batch_size, default_budget, resolve_devices
-from .options import ComputeOptions, DeviceFacts, JobSpec, PlanOptions
+from .options import ComputeOptions, DeviceFacts, InstanceRecipe, JobSpec, PlanOptions
 from .geometry import Geometry, Shape, compact
 from .io.manifest import input_identity
 from .io.output import Output
@@ -122,6 +122,7 @@ class Job:
     read: ReadOptions = field(default_factory=ReadOptions)
     num_classes: int = 1
     storage_options: Optional[dict] = None  # fsspec options of URL inputs and outputs
+    instances: Optional[InstanceRecipe] = None  # how objects are made, recorded in the output
 
     @property
     def devices(self) -> tuple[torch.device, ...]:
@@ -147,6 +148,13 @@ class Job:
     def class_names(self) -> Optional[list]:
         """Class names the model carries (checkpoint metadata ``classes``), if any."""
         return self.model.metadata.get("classes")
+
+    def final_output(self, **settings: Any) -> Output:
+        """`destination` with what the run knows of its result: pixel size, record, class names,
+        instance recipe (and `settings`, such as the writer threads)."""
+        return replace(self.destination, pixel_size=self.tiler.source.pixel_size, record=self.record,
+                       class_names=self.class_names,
+                       instances=None if self.instances is None else self.instances.to_dict(), **settings)
 
     @property
     def pending(self) -> np.ndarray:
@@ -301,6 +309,7 @@ def prepare(
     ngff: str = "0.5",
     storage_options: Optional[dict] = None,
     client: Any = None,
+    instances: Union[None, dict, InstanceRecipe] = None,
 ) -> Job:
     """Check every argument of `segment` and plan the run, without computing anything.
 
@@ -319,6 +328,7 @@ def prepare(
     destination.check(image)
     ngff = destination.ngff
     model = describe(load_model(model))
+    recipe = _instance_recipe(instances, model)
     geometry = model.geometry
     devices = [] if client is not None else resolve_devices(device)
     read = ReadOptions(axes=axes, level=level, series=series, channels=channels, mpp=mpp)
@@ -373,7 +383,25 @@ def prepare(
         destination=None if output is None else replace(destination, resume=done is not None),
         tissue=tissue, record=record, done_blocks=np.zeros(0, np.int64) if done is None else done,
         image_path=image_path, read=read, num_classes=num_classes, storage_options=storage_options,
+        instances=recipe,
     )
+
+
+def _instance_recipe(instances: Any, model: Any) -> Optional[InstanceRecipe]:
+    """The recipe given, else the model's (metadata ``instances``), checked against its classes."""
+    if instances is None:
+        found = model.metadata.get("instances")
+        if found is None:
+            return None
+        recipe = InstanceRecipe.from_dict(found, "the model's instance recipe (metadata 'instances')")
+    else:
+        recipe = InstanceRecipe.from_dict(instances, "instances")
+    if model.num_classes is not None:
+        for k in recipe.classes + recipe.grow_into:
+            if k >= model.num_classes:
+                raise UsageError(f"instance recipe class {k} is out of range: the model has classes "
+                                 f"0..{model.num_classes - 1}")
+    return recipe
 
 
 def _resolve_target(devices: Sequence[torch.device], client: Any, precision: str,
@@ -425,6 +453,7 @@ def segment(
     progress: Union[bool, Callable[[int, int], Any], Reporter] = True,
     client: Any = None,
     cancel: Cancel = None,
+    instances: Union[None, dict, InstanceRecipe] = None,
 ) -> Any:
     """Segment `image` with `model`, tile by tile, as whole-image inference would (exactly in fp32).
 
@@ -530,6 +559,11 @@ def segment(
         be paths all workers can reach. "auto" precision, tile and batch size
         are resolved for the workers' devices, which they report when the run
         is planned. The result equals a local run's with the same settings.
+    instances : dict or InstanceRecipe, optional
+        How the objects of this model are made (``{"classes": [2],
+        "grow_into": [3], "grow": 3}``: seeds and growth, see
+        `label_objects`), recorded in the output for `label_objects`.
+        Default: the recipe in the model's metadata (``instances``), if any.
 
     Returns
     -------
@@ -554,7 +588,7 @@ def segment(
         padding=padding, level=level, axes=axes, chunk_size=chunk_size, overwrite=overwrite,
         precision=precision, compile=compile, memory_budget=memory_budget, mpp=mpp, series=series,
         channels=channels, tissue_mask=tissue_mask, resume=resume, on_error=on_error, ngff=ngff,
-        storage_options=storage_options,
+        storage_options=storage_options, instances=instances,
     )
     with job:
         return job.run(progress, client=client, cancel=cancel)[0]

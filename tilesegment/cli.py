@@ -7,7 +7,7 @@ import functools
 import re
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from .errors import TileSegmentError, UsageError
 from .geometry import compact
@@ -103,8 +103,12 @@ def _parser() -> argparse.ArgumentParser:
                           "for N local worker processes, one GPU each on a GPU host (paths must be "
                           "shared with the workers; each worker uses its own device)")
     seg.add_argument("--objects", action="store_true",
-                     help="also find whole objects (every class but 0): labels/objects in OUTPUT, and "
-                          "OUTPUT's name + .objects.csv and .geojson.gz beside it (see `objects`)")
+                     help="also find whole objects (the model's instance recipe, else every class but 0): "
+                          "labels/objects in OUTPUT, and OUTPUT's name + .objects.csv and .geojson.gz "
+                          "beside it (see `objects`)")
+    recipe = seg.add_argument_group("instance recipe", "how objects are made (for models that do not name "
+                                                       "it, e.g. ONNX or bioimage.io); recorded in OUTPUT")
+    _recipe_arguments(recipe)
     seg.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
     seg.set_defaults(run=_segment)
 
@@ -114,8 +118,7 @@ def _parser() -> argparse.ArgumentParser:
                                        "write them as the NGFF label image INPUT/labels/objects, and "
                                        "optionally a table (CSV/Parquet) and a QuPath GeoJSON.")
     obj.add_argument("input", metavar="INPUT.zarr", help="OME-Zarr written by tilesegment segment")
-    obj.add_argument("--classes", default=None, metavar="K,L",
-                     help="classes whose components are objects, e.g. 2 (default: every class but 0)")
+    _recipe_arguments(obj, default="the recipe INPUT recorded, else every class but 0")
     obj.add_argument("--connectivity", type=int, default=1, metavar="N",
                      help="1: face neighbours (default); 2 (3 in 3-D): diagonal neighbours too")
     obj.add_argument("--output", "-o", default=None, metavar="OBJECTS.zarr",
@@ -362,7 +365,7 @@ def _segment_one(args, image: str, output: str, client, resume: Optional[bool] =
                   precision=args.precision, compile=args.compile, mpp=args.mpp,
                   series=args.series, channels=_channels(args.channels),
                   tissue_mask=args.tissue_mask, resume=resume, on_error=args.on_error,
-                  ngff=args.ngff, storage_options=args.storage_options)
+                  ngff=args.ngff, storage_options=args.storage_options, instances=_recipe(args))
     plan, source, geometry = job.plan, job.tiler.source, job.plan.geometry
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
     say(f"input    {image}: {_by_axis(source.shape, plan.axes)} px, "
@@ -424,22 +427,45 @@ def _check_objects_outputs(output: str, overwrite: bool) -> None:
                                     "another OUTPUT")
 
 
+def _recipe_arguments(parser: Any, default: str = "the model's recipe, else every class but 0") -> None:
+    parser.add_argument("--classes", default=None, metavar="K,L",
+                        help=f"classes whose components are objects (seeds), e.g. 2 (default: {default})")
+    parser.add_argument("--grow", type=float, default=None, metavar="K",
+                        help="grow the objects by up to K pixels into the --grow-into classes (nearest "
+                             "object wins; exact across chunks)")
+    parser.add_argument("--grow-into", default=None, metavar="K,L",
+                        help="classes the objects grow into, e.g. 3 (a boundary class); with --grow")
+
+
+def _recipe(args: argparse.Namespace) -> Optional[dict]:
+    """The instance recipe the flags give (None: none of them given)."""
+    if args.classes is None and args.grow is None and args.grow_into is None:
+        return None
+    if args.classes is None:
+        raise UsageError("--grow and --grow-into need --classes, the seed classes, e.g. --classes 2")
+    return {"classes": _classes(args.classes), "grow": args.grow or 0,
+            "grow_into": [] if args.grow_into is None else _classes(args.grow_into, "--grow-into")}
+
+
 def _objects(args: argparse.Namespace) -> int:
     classes = None if args.classes is None else _classes(args.classes)
+    into = None if args.grow_into is None else _classes(args.grow_into, "--grow-into")
     with _client(args.scheduler) as client:
         return _find_objects(args.input, classes, args.connectivity, args.table, args.geojson,
-                             args.overwrite, args.quiet, client, output=args.output)
+                             args.overwrite, args.quiet, client, output=args.output, grow=args.grow or 0,
+                             grow_into=into)
 
 
-def _classes(text: str) -> list[int]:
+def _classes(text: str, flag: str = "--classes") -> list[int]:
     try:
         return [int(v) for v in text.split(",")]
     except ValueError:
-        raise UsageError(f"--classes {text!r} is not a comma-separated list of class numbers, e.g. 2 or 1,2") from None
+        raise UsageError(f"{flag} {text!r} is not a comma-separated list of class numbers, e.g. 2 or 1,2") from None
 
 
 def _find_objects(image: str, classes, connectivity: int, table: Optional[str], geojson: Optional[str],
-                  overwrite: bool, quiet: bool, client, output: Optional[str] = None) -> int:
+                  overwrite: bool, quiet: bool, client, output: Optional[str] = None, grow: float = 0,
+                  grow_into: Optional[list] = None) -> int:
     """Label the objects of a segment output; write the table and GeoJSON when asked."""
     import time
 
@@ -452,7 +478,9 @@ def _find_objects(image: str, classes, connectivity: int, table: Optional[str], 
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr))
     start = time.perf_counter()
     objs = label_objects(image, output, classes=classes, connectivity=connectivity, overwrite=overwrite,
-                         progress=not quiet, client=client)
+                         progress=not quiet, client=client, grow=grow, grow_into=grow_into)
+    if objs.recipe is not None:
+        say(f"recipe   {objs.recipe.describe()} (recorded in {image})")
     counts = objs.table["class_name"].value_counts(sort=False)
     summary = ", ".join(f"{n} {name}" for name, n in counts.items() if n) or "none"
     stored = Path(output) if output is not None else Path(image) / "labels" / "objects"

@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
@@ -140,8 +140,7 @@ def run_on_cluster(job, client, reporter) -> Any:
     spec = job.spec()
     plan = job.plan
     tasks = ClusterTasks(client)
-    output = replace(job.destination, pixel_size=job.tiler.source.pixel_size, record=job.record,
-                     class_names=job.class_names)
+    output = job.final_output()
     with Stitcher(plan, output, job.mode, num_classes=job.num_classes, done_blocks=job.done_blocks) as stitcher:
         sink = stitcher.sink
         target = BlockTarget(os.fspath(sink.path / "0"),

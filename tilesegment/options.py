@@ -10,6 +10,7 @@ them, and `Job.spec` sends them, pickled, to the workers of a cluster.
 - `DeviceFacts`: what "auto" means on the devices that will run (precision, memory budgets),
   asked once, here or of a cluster's workers, so that the record and every executor agree.
 - `tilesegment.io.output.Output`: where the result goes and how existing data is treated.
+- `InstanceRecipe`: how a model's objects are made from its classes (seeds, growth), kept in the output.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from .io.sources import ReadOptions
 #: ``torch.compile`` modes that ``compile=`` takes, besides True (the default mode).
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
-__all__ = ["COMPILE_MODES", "PlanOptions", "ComputeOptions", "DeviceFacts", "JobSpec", "ReadOptions"]
+__all__ = ["COMPILE_MODES", "PlanOptions", "ComputeOptions", "DeviceFacts", "InstanceRecipe", "JobSpec",
+           "ReadOptions"]
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,76 @@ class ComputeOptions:
     memory_budget: Optional[int] = None
     raw_inputs: Optional[bool] = None
     reduce_on_device: Optional[bool] = None
+
+
+@dataclass(frozen=True)
+class InstanceRecipe:
+    """How a model's objects are made: the components of `classes` (the seeds), grown by at most
+    `grow` pixels into `grow_into` (`tilesegment.label_objects`).
+
+    A checkpoint names it in its metadata (``instances``: ``{"classes": [2], "grow_into": [3],
+    "grow": 3}``); `segment` records it in the output (``tilesegment.instances``) and
+    `label_objects` uses it when it is given no classes and no growth.
+    """
+
+    classes: tuple[int, ...]
+    grow: float = 0
+    grow_into: tuple[int, ...] = ()
+
+    @classmethod
+    def from_dict(cls, value: Any, where: str = "the instance recipe") -> "InstanceRecipe":
+        """Check a recipe read from metadata or given by a user.
+
+        Raises
+        ------
+        UsageError
+            Naming `where` and what is wrong: no seed classes, a negative growth, growth
+            without classes to grow into (or the reverse), keys it does not know.
+        """
+        if isinstance(value, InstanceRecipe):
+            return value
+        if not isinstance(value, dict):
+            raise UsageError(f"{where} must be a mapping like {{'classes': [2], 'grow_into': [3], 'grow': 3}}, "
+                             f"not {value!r}")
+        unknown = set(value) - {"classes", "grow", "grow_into"}
+        if unknown:
+            raise UsageError(f"{where} has unknown keys {sorted(unknown)}; it takes classes, grow and grow_into")
+
+        def numbers(key: str) -> tuple[int, ...]:
+            got = value.get(key) or ()
+            try:
+                out = tuple(int(k) for k in got)
+            except (TypeError, ValueError):
+                out = (-1,)
+            if any(k < 0 for k in out) or isinstance(got, (str, bytes)):
+                raise UsageError(f"{where}: {key} {got!r} must be a list of class numbers, e.g. [2]")
+            return out
+
+        classes, into = numbers("classes"), numbers("grow_into")
+        grow = value.get("grow", 0)
+        if not classes:
+            raise UsageError(f"{where} names no seed classes; give classes, e.g. [2]")
+        if isinstance(grow, bool) or not isinstance(grow, (int, float)) or not grow >= 0:
+            raise UsageError(f"{where}: grow {grow!r} must be a distance in pixels >= 0")
+        if bool(grow) != bool(into):
+            raise UsageError(f"{where}: grow and grow_into go together (grow={grow!r}, grow_into={list(into)})")
+        return cls(classes, grow, into)
+
+    def to_dict(self) -> dict:
+        """Plain values, as stored in metadata."""
+        return {"classes": list(self.classes), "grow_into": list(self.grow_into), "grow": self.grow}
+
+    def describe(self) -> str:
+        """One line for the CLI.
+
+        >>> InstanceRecipe((2,), 3, (3,)).describe()
+        'seeds class 2, grown by up to 3 px into class 3'
+        """
+        seeds = f"seeds class{'es' if len(self.classes) > 1 else ''} {','.join(map(str, self.classes))}"
+        if not self.grow:
+            return seeds
+        into = ",".join(map(str, self.grow_into))
+        return f"{seeds}, grown by up to {self.grow:g} px into class{'es' if len(self.grow_into) > 1 else ''} {into}"
 
 
 @dataclass(frozen=True)

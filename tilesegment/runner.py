@@ -10,7 +10,7 @@ and writer threads serve the devices.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import numpy as np
@@ -116,8 +116,7 @@ def run_blocks(
     done_elsewhere = np.flatnonzero(~mine)
     try:
         if sink is None and job.destination is not None:
-            output = replace(job.destination, pixel_size=job.tiler.source.pixel_size, writers=writers,
-                             record=job.record, class_names=job.class_names)
+            output = job.final_output(writers=writers)
             stitcher = Stitcher(plan, output, job.mode, num_classes=job.num_classes, done_blocks=done_elsewhere)
         else:
             stitcher = Stitcher(plan, mode=job.mode, num_classes=job.num_classes, sink=sink,

@@ -29,7 +29,7 @@ from __future__ import annotations
 import itertools
 from contextlib import closing
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 
@@ -135,12 +135,18 @@ def _checked(step: ChunkStep, block: np.ndarray, core: Region) -> np.ndarray:
     return result
 
 
-def _run_regions(step: ChunkStep, source: Any, dest: Any, regions: list[Region]) -> int:
-    """One task: each region of `dest` from its block of `source`; returns the number done."""
+def _run_regions(step: ChunkStep, source: Any, dest: Any, measure: Optional[Callable[[Region, np.ndarray], Any]],
+                 regions: list[Region]) -> tuple[int, list]:
+    """One task: each region of `dest` from its block of `source`; returns the number done and
+    what `measure` said of each."""
+    said = []
     for region in regions:
         outer, core = halo_region(region, int(step.halo), source.shape)
-        dest[region] = _checked(step, np.asarray(source[outer]), core)
-    return len(regions)
+        result = _checked(step, np.asarray(source[outer]), core)
+        dest[region] = result
+        if measure is not None:
+            said.append(measure(region, result))
+    return len(regions), said
 
 
 def _check_aligned(dest: Any, chunks: tuple[int, ...]) -> None:
@@ -161,6 +167,8 @@ def map_overlap(
     *,
     runner: Optional[TaskRunner] = None,
     reporter: Optional[Reporter] = None,
+    measure: Optional[Callable[[Region, np.ndarray], Any]] = None,
+    collect: Optional[Callable[[Any], None]] = None,
 ) -> Any:
     """Apply a chunk step to a whole label map, chunk by chunk with its halo; exact for any chunking.
 
@@ -183,6 +191,12 @@ def map_overlap(
         reach (zarr on a shared path), not numpy.
     reporter : Reporter, optional
         Told ``advance(n)`` as chunks are written (it is not started or closed here).
+    measure : callable, optional
+        ``measure(region, result)``, run in the task on each chunk written
+        (its region in the map, and its result), while the result is still in
+        memory: what it returns goes to `collect`. Picklable, for a cluster.
+    collect : callable, optional
+        Called here with each `measure` value, in the order tasks finish.
 
     Returns
     -------
@@ -229,8 +243,12 @@ def map_overlap(
                          "on a path they share")
     regions = chunk_regions(shape, edge)
     groups = [[regions[i] for i in group] for group in chunk_groups(len(regions), runner)]
-    with closing(runner.map(_run_regions, groups, (step, source, dest), name=f"tilesegment-{step.name}")) as done:
-        for _, n in done:
+    with closing(runner.map(_run_regions, groups, (step, source, dest, measure),
+                            name=f"tilesegment-{step.name}")) as done:
+        for _, (n, said) in done:
+            if collect is not None:
+                for value in said:
+                    collect(value)
             if reporter is not None:
                 reporter.advance(n)
     return dest

@@ -46,6 +46,9 @@ class Output:
     class_names : sequence of str, optional
         Names of the classes, recorded in the output (``tilesegment.classes``)
         for `label_objects`, QuPath and napari.
+    instances : dict, optional
+        The model's instance recipe (`tilesegment.options.InstanceRecipe.to_dict`),
+        recorded in the output (``tilesegment.instances``) for `label_objects`.
     record : dict, optional
         Identity of the run, kept in the output's manifest for `resume`.
     writers : int
@@ -59,6 +62,7 @@ class Output:
     storage_options: Optional[dict] = None
     pixel_size: Optional[tuple[float, ...]] = None
     class_names: Optional[Sequence[str]] = None
+    instances: Optional[dict] = None
     record: Optional[dict] = None
     writers: int = 2
 
@@ -145,7 +149,8 @@ class Output:
         return ZarrSink(self.target, shape, dtype, chunks, overwrite=self.overwrite,
                         pixel_size=self.pixel_size, writers=self.writers, labels=labels, record=self.record,
                         resume=self.resume, ngff=self.ngff, storage_options=self.storage_options,
-                        dimension_names=tuple(names), class_names=self.class_names)
+                        dimension_names=tuple(names), class_names=self.class_names,
+                        instances=self.instances)
 
     def saved_blocks(self) -> int:
         """Blocks a stopped run left saved for ``resume`` (0 when none, or nothing to resume)."""

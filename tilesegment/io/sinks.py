@@ -135,6 +135,7 @@ class ZarrSink:
         dimension_names: Optional[tuple[str, ...]] = None,
         class_names: Optional[Sequence[str]] = None,
         label_image: bool = False,
+        instances: Optional[dict] = None,
     ) -> None:
         import zarr
 
@@ -143,6 +144,7 @@ class ZarrSink:
         self._names = tuple(dimension_names or (("y", "x") if len(shape) == 2 else ("c", "y", "x")))
         self._pixel_size, self._labels, self._label_image = pixel_size, labels, label_image
         self._class_names = None if class_names is None else [str(n) for n in class_names]
+        self._instances = instances
         self._title = Path(str(output)).stem
         self._record, self.manifest = record, None
         self.failed_tiles: list[dict] = []  # unreadable tiles filled as background
@@ -338,6 +340,8 @@ class ZarrSink:
             classes = {"classes": self._class_names} if self._class_names else {}
             if self._labels is not None:
                 classes["label_values"] = self._labels  # values 0 .. label_values - 1
+            if self._instances:
+                classes["instances"] = dict(self._instances)
             self.group.attrs["tilesegment"] = {**(self._record or {}), "complete": True,
                                                "failed_tiles": self.failed_tiles, **classes}
             self._pool.shutdown(wait=True)

@@ -20,17 +20,20 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 
+from .._components import Tally
 from ..contracts import ChunkStep
 from ..errors import UsageError
 from ..io.ngff import read_ome, write_ome
+from ..options import InstanceRecipe
 from ..report import Cancel, Reporter, as_reporter
-from ..steps import chain, chunk_regions, map_overlap
+from ..steps import chain, chunk_regions, get_step, map_overlap
 from ..tasks import TaskRunner, task_runner
 from .export import Objects
-from .input import DEFAULT_CHUNK, check_classes, open_input
-from .passes import ChunkTask, check_outputs, chunk_edge, finish_sink, measure, open_sink, write
+from .grow import Grow, relative_spacing
+from .input import DEFAULT_CHUNK, Input, check_classes, open_input
+from .passes import ChunkTask, MeasureIds, check_outputs, chunk_edge, finish_sink, measure, open_sink, write
 
-__all__ = ["label_objects", "Objects", "write_class_names", "DEFAULT_CHUNK"]
+__all__ = ["label_objects", "Objects", "Grow", "write_class_names", "DEFAULT_CHUNK"]
 
 
 def label_objects(
@@ -39,6 +42,9 @@ def label_objects(
     *,
     classes: Optional[Sequence[int]] = None,
     connectivity: int = 1,
+    grow: float = 0,
+    grow_into: Optional[Sequence[int]] = None,
+    spacing: Optional[Sequence[float]] = None,
     probabilities: Any = None,
     class_names: Union[None, Sequence[str], dict] = None,
     chunks: Union[None, int, Sequence[int]] = None,
@@ -60,11 +66,27 @@ def label_objects(
         NGFF label image ``labels/objects`` (pyramid and image-label metadata,
         so napari shows it over the image); for arrays, into memory (numpy).
     classes : sequence of int, optional
-        Classes whose components are objects (default: every class except 0).
-        Components of different classes are always different objects.
+        Classes whose components are objects. Components of different classes
+        are always different objects. Default: when no growth is asked for
+        either, the instance recipe a segment output recorded (the model's:
+        seeds, growth; see `tilesegment.options.InstanceRecipe`), else every
+        class except 0.
     connectivity : int
         1 (face neighbours, as ``scipy.ndimage.label``) up to the number of
         axes (all neighbours, diagonals included).
+    grow : float
+        With ``k > 0``, grow the objects (then seeds: e.g. nucleus interiors)
+        by at most `k` pixels into `grow_into`: each pixel of those classes
+        that is not part of an object takes the id of the object whose
+        nearest pixel is within Euclidean distance ``<= k``; of several, the
+        nearest, then the smallest id; farther than `k` from all, it stays 0.
+        Exact for any chunking (`tilesegment.objects.grow`).
+    grow_into : sequence of int, optional
+        The classes grown into (e.g. a nucleus-boundary class); needed with `grow`.
+    spacing : sequence of float, optional
+        Pixel size per axis for `grow`'s distances (only ratios matter; `k`
+        counts pixels of the finest axis). Default: the map's recorded pixel
+        size, else 1 per axis.
     probabilities : path or array, optional
         (C, Y, X) class probabilities of the same run, for a labels map: adds
         the mean probability of each object's class to the table.
@@ -91,12 +113,12 @@ def label_objects(
         is not cancelled once begun.
     steps : sequence of ChunkStep or str
         Post-processing of the instance labels, in order, after the
-        numbering (`tilesegment.steps`): `ChunkStep` objects, or names
-        registered in `tilesegment.registry.steps`. The steps' result
-        replaces the numbered labels in the output (the numbered map is kept
-        meanwhile in a scratch array of the output, deleted at the end). The
-        table describes the objects as numbered; outlines and GeoJSON are
-        refused after steps.
+        numbering (and the growth): `ChunkStep` objects, or names
+        registered in `tilesegment.registry.steps`. Their result replaces
+        the numbered labels in the output (the numbered map is kept
+        meanwhile in a scratch array of the output, deleted at the end).
+        After growth or steps the objects are measured again, as written:
+        the table, outlines and GeoJSON describe the final labels.
 
     Returns
     -------
@@ -109,7 +131,8 @@ def label_objects(
     InputError
         Not a labels image (float or RGB data, wrong number of axes).
     UsageError
-        A class out of range, a bad connectivity, an unknown step.
+        A class out of range, a bad connectivity, `grow` without
+        `grow_into` (or the reverse), an unknown step.
     OutputExistsError
         Instance labels already there, without `overwrite`.
 
@@ -131,36 +154,66 @@ def label_objects(
     if not isinstance(connectivity, (int, np.integer)) or not 1 <= connectivity <= inp.ndim:
         raise UsageError(f"connectivity {connectivity!r} must be 1 (face neighbours) to {inp.ndim} "
                          f"(all neighbours) for a {inp.ndim}-D map")
+    recipe = None
+    if classes is None and not grow and grow_into is None and inp.recipe:
+        recipe = InstanceRecipe.from_dict(inp.recipe, f"the instance recipe recorded in {inp.group_path}")
+        classes, grow, grow_into = recipe.classes, recipe.grow, recipe.grow_into or None
     wanted = check_classes(inp, classes)
-    step = chain(steps)
+    into = _grow_into(inp, grow, grow_into)
+    growth = None
+    if into:
+        growth = Grow(float(grow), spacing=relative_spacing(spacing if spacing is not None else inp.pixel_size,
+                                                            inp.ndim))
+    steps = tuple(get_step(s) for s in steps)
     where = check_outputs(inp, output, overwrite)
     if client is not None and where is None:
         raise UsageError("a distributed run writes the instance labels to a zarr path the workers share; "
                          "pass a segment output or output=PATH")
     workers = max(1, min(4, os.cpu_count() or 1))
     reporter = as_reporter(progress, cancel, unit="chunk")
-    stepped = 0 if step is None else len(chunk_regions(inp.shape, chunk_edge(inp)))
+    stepped = 0 if growth is None and not steps else len(chunk_regions(inp.shape, chunk_edge(inp)))
     reporter.start(2 * inp.grid.n_chunks + stepped, "objects")  # label every chunk, write it, step it
     try:
-        return _label_and_write(ChunkTask(inp, wanted, int(connectivity)), step, where, overwrite,
+        objs = _label_and_write(ChunkTask(inp, wanted, int(connectivity), into), growth, steps, where, overwrite,
                                 task_runner(client, workers), reporter)
+        objs.recipe = recipe
+        return objs
     finally:
         reporter.close()
 
 
-def _label_and_write(task: ChunkTask, step: Optional[ChunkStep], where: Any, overwrite: bool, runner: TaskRunner,
-                     reporter: Reporter) -> Objects:
+def _grow_into(inp: Input, grow: Any, grow_into: Optional[Sequence[int]]) -> tuple[int, ...]:
+    """The classes to grow into (empty: no growth), checked against `grow`."""
+    if isinstance(grow, bool) or not isinstance(grow, (int, float, np.integer, np.floating)) or not grow >= 0:
+        raise UsageError(f"grow {grow!r} must be a distance in pixels >= 0, e.g. 3")
+    if grow == 0:
+        if grow_into is not None:
+            raise UsageError("grow_into names the classes objects grow into; also pass grow=K (pixels), e.g. 3")
+        return ()
+    if grow_into is None:
+        raise UsageError(f"grow={grow:g} needs grow_into=CLASSES, the classes objects grow into "
+                         "(e.g. a boundary class)")
+    return check_classes(inp, grow_into)
+
+
+def _label_and_write(task: ChunkTask, growth: Optional[Grow], steps: tuple, where: Any, overwrite: bool,
+                     runner: TaskRunner, reporter: Reporter) -> Objects:
     inp = task.input
     merged = measure(task, runner, reporter)
-    dtype = merged.lookups[0].dtype if merged.lookups else np.uint32
-    names = () if step is None else (step.name,)
+    dtype = merged.lookups[0].dtype if merged.lookups else np.dtype(np.uint32)
+    if growth is not None:
+        growth = Grow(growth.k, dtype, growth.spacing)
+    step = chain(((growth,) if growth is not None else ()) + steps)
+    names = () if step is None else tuple(s.name for s in getattr(step, "steps", (step,)))
+    final = Tally()
+    after = {"runner": runner, "reporter": reporter, "measure": MeasureIds(inp), "collect": final.add}
     if where is None:
         result = np.zeros(inp.shape, dtype)
         write(task, merged, result, runner, reporter)
-        if step is not None:
-            result = map_overlap(step, result, np.zeros(inp.shape, step.dtype), chunk_edge(inp), runner=runner,
-                                 reporter=reporter)
-        return Objects(result, merged, inp, names)
+        if step is None:
+            return Objects(result, merged, inp)
+        result = map_overlap(step, result, np.zeros(inp.shape, step.dtype), chunk_edge(inp), **after)
+        return Objects(result, final.finish(merged.classes), inp, names)
     sink = open_sink(inp, where, dtype if step is None else step.dtype, overwrite, runner.workers)
     sink.keep = runner.remote  # other processes write into it
     try:
@@ -169,7 +222,8 @@ def _label_and_write(task: ChunkTask, step: Optional[ChunkStep], where: Any, ove
         else:
             numbered = sink.scratch("numbered", dtype)
             write(task, merged, numbered, runner, reporter)
-            map_overlap(step, numbered, sink.array, runner=runner, reporter=reporter)
+            map_overlap(step, numbered, sink.array, **after)
+            merged = final.finish(merged.classes)
     except BaseException:
         sink.abort()
         raise

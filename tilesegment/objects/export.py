@@ -40,20 +40,27 @@ class Objects:
         Name and RGB colour per class value (from the segment output's metadata).
     pixel_size : tuple of float or None
         Micrometres per pixel along the spatial axes.
+    recipe : tilesegment.options.InstanceRecipe or None
+        The recorded instance recipe `label_objects` followed, when it was
+        given no classes and no growth of its own.
     steps : tuple of str
         Names of the chunk steps that ran over the instance labels after the
-        numbering (`label_objects`' ``steps``). The table describes the
-        objects as numbered, before the steps.
+        numbering (the growth, ``grow3``, and `label_objects`' ``steps``).
+        The table, outlines and GeoJSON describe the labels as written, after
+        the steps; the objects then also have ``pixels_<class>`` columns,
+        their pixels of each class (a grown nucleus: its seed class and the
+        boundary class it grew into).
     """
 
     def __init__(self, labels: Any, merged: Merged, inp: Input, steps: Sequence[str] = ()) -> None:
         self.labels = labels
         self.steps = tuple(steps)
+        self.recipe = None
         self.ndim = inp.ndim
         self.pixel_size = inp.pixel_size
         self._grid = inp.grid
         self._merged = merged
-        present = sorted({int(k) for k in merged.classes})
+        present = sorted({int(k) for k, a in zip(merged.classes, merged.area) if a > 0})
         names = {k: inp.names.get(k, f"class {k}") for k in present}
         self.class_names = {**inp.names, **names}
         from ..io.sinks import palette
@@ -63,7 +70,7 @@ class Objects:
         self.table = self._table()
 
     def __len__(self) -> int:
-        return self._merged.n_objects
+        return len(self.table)
 
     def __repr__(self) -> str:
         return f"Objects({len(self)} objects, labels {tuple(self.labels.shape)} {self.labels.dtype})"
@@ -90,7 +97,13 @@ class Objects:
             cols[f"bbox_{a}1"] = m.hi[:, 3 - d + i]
         if m.mean_probability is not None:
             cols["mean_probability"] = m.mean_probability
-        return pd.DataFrame(cols)
+        if m.votes is not None:
+            for k in np.flatnonzero(m.votes.any(axis=0)):
+                name = "".join(c if c.isalnum() else "_" for c in str(self.class_names.get(int(k), f"class {k}")))
+                cols[f"pixels_{name.lower()}"] = m.votes[:, k]
+        table = pd.DataFrame(cols)
+        # a step may remove objects: their ids are left out (ids keep the numbering's)
+        return table[table["area"] > 0].reset_index(drop=True) if (m.area == 0).any() else table
 
     def to_table(self, path: Union[str, os.PathLike], overwrite: bool = False) -> Path:
         """Write the table as CSV (``.csv``, ``.csv.gz``) or Parquet (``.parquet``, needs pyarrow)."""
@@ -119,12 +132,6 @@ class Objects:
 
         if self.ndim != 2:
             raise UsageError("outlines and GeoJSON are for 2-D maps; a 3-D map has labels and a table only")
-        if self.steps:
-            # The outlines are joined across chunks with the boxes of the objects as numbered,
-            # which a step may have moved.
-            raise UsageError(f"outlines and GeoJSON follow the objects as numbered, and steps "
-                             f"({', '.join(self.steps)}) changed the labels; run label_objects without "
-                             "steps for outlines")
         yield from iter_outlines(self.labels, self._grid, self._merged.hi[:, 1:])
 
     def to_geojson(
@@ -159,6 +166,8 @@ class Objects:
         rows = self.table
         measure = [c for c in rows.columns if c not in ("id", "class", "class_name")]
         values = rows[measure].to_numpy(np.float64)
+        row_of = np.full(self._merged.n_objects + 1, -1, np.int64)  # rows are the objects present
+        row_of[rows["id"].to_numpy()] = np.arange(len(rows))
         annotate = {int(k) for k in annotation_classes}
         opener = gzip.open if path.name.lower().endswith(".gz") else open
         tmp = path.with_name(f".{path.name}.tmp")
@@ -178,7 +187,8 @@ class Objects:
                         "name": f"{self.class_names.get(k, k)} {oid}",
                         "classification": {"name": self.class_names.get(k, f"class {k}"),
                                            "color": list(self.class_colours.get(k, (255, 0, 0)))},
-                        "measurements": {"Object ID": oid, **{c: _number(v) for c, v in zip(measure, values[oid - 1])}},
+                        "measurements": {"Object ID": oid,
+                                         **{c: _number(v) for c, v in zip(measure, values[row_of[oid]])}},
                     }
                     out.write(("" if n == 0 else ",\n") + '{"type": "Feature", "geometry": '
                               + shapely.to_geojson(geometry) + ', "properties": ' + json.dumps(props) + "}")

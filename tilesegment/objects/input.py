@@ -54,6 +54,7 @@ class Input:
     ngff: str = "0.5"  # version of the segment output the labels go into
     ours: bool = False  # a store tilesegment wrote (the only kind labels are added to)
     read_only: bool = False  # a group passed in on a read-only store
+    recipe: Optional[dict] = None  # the instance recipe the segment run recorded (InstanceRecipe.to_dict)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -65,8 +66,10 @@ class Input:
 
     def read(self, flat: int) -> tuple[np.ndarray, Optional[np.ndarray]]:
         """Chunk `flat` as 3-D arrays: the labels, and the probability of each pixel's class."""
-        region = self.grid.region(flat)
-        spatial = region[3 - self.ndim:]
+        return self.read_region(self.grid.region(flat)[3 - self.ndim:])
+
+    def read_region(self, spatial: tuple[slice, ...]) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        """As `read`, for any region (slices of the spatial axes)."""
         block = np.asarray(self.array[(..., *spatial)])
         if self.mode.per_class:
             labels = np.argmax(block, axis=0).astype(np.uint16 if block.shape[0] > 255 else np.uint8)
@@ -182,6 +185,7 @@ def _open_group(group: Any, path: Optional[Path], chunks: Any, probabilities: An
     elif "label_values" in record:  # a class map written by segment
         inp.num_classes = int(record["label_values"])
     inp.names, inp.colours = names, colours
+    inp.recipe = record.get("instances")
     return inp
 
 

@@ -25,7 +25,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .._components import Merged, Merger, label_chunk, measure_chunk
+from .._components import Merged, Merger, label_chunk, measure_chunk, measure_ids
 from ..contracts import Reporter
 from ..errors import Cancelled, OutputExistsError, UsageError
 from ..io.ngff import read_ome, write_ome
@@ -33,7 +33,7 @@ from ..report import progress_of
 from ..tasks import TaskRunner, chunk_groups
 from .input import Input
 
-__all__ = ["ChunkTask", "measure", "write", "check_outputs", "open_sink", "finish_sink", "chunk_edge"]
+__all__ = ["ChunkTask", "MeasureIds", "measure", "write", "check_outputs", "open_sink", "finish_sink", "chunk_edge"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,7 @@ class ChunkTask:
     input: Input
     classes: Optional[tuple[int, ...]]
     connectivity: int
+    grow_into: tuple[int, ...] = ()  # classes whose pixels outside objects are marked to be grown into
 
     def _classes(self, labels: np.ndarray):
         return self.classes if self.classes is not None else self.input.classes_in(labels)
@@ -53,10 +54,30 @@ class ChunkTask:
         return result
 
     def instances(self, flat: int, lookup: np.ndarray) -> np.ndarray:
-        """The chunk's object ids (labelled again: cheaper than storing the local map)."""
+        """The chunk's object ids (labelled again: cheaper than storing the local map); with
+        `grow_into`, the pixels to grow into hold the largest value of the dtype (`Grow.mark`)."""
         labels, _ = self.input.read(flat)
         local, _ = label_chunk(labels, self._classes(labels), self.connectivity)
-        return lookup[local].reshape(labels.shape[3 - self.input.ndim:])
+        ids = lookup[local]
+        if self.grow_into:
+            ids[(local == 0) & np.isin(labels, self.grow_into)] = np.iinfo(ids.dtype).max
+        return ids.reshape(labels.shape[3 - self.input.ndim:])
+
+
+@dataclass(frozen=True)
+class MeasureIds:
+    """Measures a chunk of final object ids with the class map and probabilities under it
+    (`tilesegment.steps.map_overlap`'s ``measure``: runs in the task, picklable)."""
+
+    input: Input
+
+    def __call__(self, region: tuple[slice, ...], ids: np.ndarray) -> dict:
+        labels, prob = self.input.read_region(region)
+        lead = 3 - self.input.ndim
+        # class votes index a table by class value: only for small non-negative class maps
+        small = labels.dtype.kind == "u" and labels.dtype.itemsize <= 2
+        return measure_ids(ids.reshape(labels.shape), (0,) * lead + tuple(r.start for r in region),
+                           (1,) * lead + self.input.shape, prob, labels if small else None)
 
 
 def _measure_chunks(task: ChunkTask, chunks: list[int]) -> list:
