@@ -54,16 +54,8 @@ def seeds_and_grow(labels: np.ndarray, recipe: dict) -> np.ndarray:
     """The model's instance recipe: components of the seed classes, grown into `grow_into` pixels."""
     import tilesegment as ts
 
-    try:
-        return np.asarray(ts.label_objects(labels, classes=recipe["classes"], grow=recipe["grow"],
-                                           grow_into=recipe["grow_into"], progress=False).labels)
-    except TypeError:  # DEVELOPMENT STAND-IN until label_objects has grow: whole-image EDT
-        from scipy import ndimage
-
-        seeds, _ = ndimage.label(np.isin(labels, recipe["classes"]))
-        distance, (iy, ix) = ndimage.distance_transform_edt(seeds == 0, return_indices=True)
-        grown = np.isin(labels, recipe["grow_into"]) & (seeds == 0) & (distance <= recipe["grow"])
-        return np.where(grown, seeds[iy, ix], seeds)
+    return np.asarray(ts.label_objects(labels, classes=recipe["classes"], grow=recipe["grow"],
+                                       grow_into=recipe["grow_into"], progress=False).labels)
 
 
 def _areas(instances: np.ndarray) -> dict:

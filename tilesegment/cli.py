@@ -511,14 +511,15 @@ def _demo(args: argparse.Namespace) -> int:
     result = run_demo(args.out_dir, size=args.size, image=args.image, device=args.device,
                       overwrite=args.overwrite, progress=not args.quiet)
     print(f"slide       {result.slide}")
-    print(f"labels      {result.output}  (OME-Zarr: 0 background, 1 tissue, 2 nuclei; "
+    print(f"labels      {result.output}  (OME-Zarr: 0 background, 1 tissue, 2 nucleus, 3 nucleus boundary; "
           f"{result.seconds:.1f} s)")
-    print(f"objects     {result.objects} in {result.output}/labels/objects; table {result.table}; "
+    print(f"objects     {result.objects} nuclei in {result.output}/labels/objects; table {result.table}; "
           f"QuPath {result.geojson}")
     print(f"overview    {result.overview}  (left: slide, right: outlines of tissue green, nuclei yellow)")
     if result.scores:
-        print("agreement   Dice with the generated truth: " +
-              ", ".join(f"{k[5:]} {v:.3f}" for k, v in result.scores.items()))
+        dice = ", ".join(f"{k[5:]} {v:.3f}" for k, v in result.scores.items() if k.startswith("dice_"))
+        print(f"agreement   Dice with the generated truth: {dice}; nuclei F1 (IoU 0.5) "
+              f"{result.scores['nuclei_f1']:.3f}, PQ {result.scores['nuclei_pq']:.3f}")
     print(f"open it     napari --plugin napari-ome-zarr {result.output}   "
           f"(pip install 'napari[all]' napari-ome-zarr; tick the eye of the labels layer)")
     return 0

@@ -13,9 +13,10 @@ from .errors import OutputExistsError
 
 __all__ = ["run_demo", "overview", "outline", "DemoResult", "CLASS_COLOURS", "write_tiff_pyramid"]
 
-#: Outline colour per demo class (None: not drawn). Strong, light colours stay legible
-#: on purple-pink H&E, where a translucent fill turned the slide grey.
-CLASS_COLOURS = (None, (0, 235, 90), (255, 235, 0))
+#: Colour per demo class (None: not drawn). Strong, light colours stay legible
+#: on purple-pink H&E, where a translucent fill turned the slide grey. The
+#: overview outlines whole nuclei (interior 2 with its boundary 3) in class 2's colour.
+CLASS_COLOURS = (None, (0, 235, 90), (255, 235, 0), (255, 140, 0))
 _OVERVIEW_EDGE = 1024
 
 
@@ -64,18 +65,34 @@ def overview(rgb: np.ndarray, labels: np.ndarray, objects: Optional[np.ndarray] 
     """Side-by-side RGB image and the same image with outlines, as one uint8 image.
 
     Tissue (class 1 and what lies in it) gets its border against the glass;
-    nuclei (class 2) get one outline per object of `objects` (instance labels;
-    without them, the outline of the nuclei mask), so touching nuclei stay
-    apart. The slide itself is left as it is: a translucent fill turned
+    nuclei (classes 2 and 3, interior and boundary) get one outline per
+    object of `objects` (instance labels; without them, the outline of the
+    nuclei mask), so touching nuclei stay apart. The slide itself is left as it is: a translucent fill turned
     purple H&E grey.
     """
     drawn = rgb.copy()
     tissue, nuclei = CLASS_COLOURS[1], CLASS_COLOURS[2]
     drawn[outline((labels != 0).astype(np.uint8))] = tissue
-    mask = labels == 2
+    mask = (labels == 2) | (labels == 3)
     drawn[outline(np.where(mask, objects, 0) if objects is not None else mask.astype(np.uint8))] = nuclei
     gap = np.full((rgb.shape[0], 8, 3), 255, np.uint8)
     return np.concatenate([rgb, gap, drawn], axis=1)
+
+
+def _geojson(path: Path, nuclei, tissue) -> Path:
+    """One QuPath GeoJSON: the nuclei as detections, then the tissue as annotations."""
+    import gzip
+    import json
+    import tempfile
+
+    features = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for objs, annotations in ((nuclei, []), (tissue, [1])):
+            part = objs.to_geojson(Path(tmp) / "part.geojson", overwrite=True, annotation_classes=annotations)
+            features += json.loads(part.read_text())["features"]
+    with gzip.open(path, "wt") as f:
+        json.dump({"type": "FeatureCollection", "features": features}, f)
+    return path
 
 
 def _write_jpeg(path: Path, image: np.ndarray) -> Path:
@@ -94,17 +111,25 @@ def run_demo(
     overwrite: bool = False,
     progress: bool = True,
 ) -> DemoResult:
-    """Segment a synthetic (or given) H&E slide with the demo model, find its objects, draw an overview.
+    """Segment a synthetic (or given) H&E slide with the demo model, find its nuclei, draw an overview.
+
+    The nuclei are the objects of the model's instance recipe
+    (``metadata["instances"]``, recorded in the output): the interiors
+    (class 2) are the seeds, grown into the boundary class within a few
+    pixels, so touching nuclei stay apart. Tissue is labelled on its own
+    (plain connected components of class 1), because growing it too would
+    let it take the nuclei's boundary pixels.
 
     Parameters
     ----------
     out_dir : path
         Folder for ``slide.tif`` (when generated), ``segmentation.zarr`` (with
-        the objects as ``labels/objects``), ``objects.csv``, ``objects.geojson.gz``
-        (QuPath: nuclei as detections, tissue as annotations) and
-        ``overview.jpg``; created if missing.
+        the nuclei as ``labels/objects``), ``objects.csv`` (the nuclei),
+        ``objects.geojson.gz`` (QuPath: nuclei as detections, tissue as
+        annotations) and ``overview.jpg``; created if missing.
     size : int
-        Edge of the generated slide in pixels (0.5 um/px).
+        Edge of the generated slide in pixels (0.5 um/px), with crowded
+        clusters of touching nuclei (``synthetic_slide(..., crowding=0.3)``).
     seed : int
         Seed of the generated slide.
     image : path, optional
@@ -117,7 +142,7 @@ def run_demo(
     import time
 
     from .api import segment
-    from .he import CLASSES, dice, synthetic_slide
+    from .he import CLASSES, dice, instance_scores, synthetic_slide
     from .io.sources import open_image
     from .objects import label_objects
 
@@ -130,16 +155,17 @@ def run_demo(
         )
     truth = None
     if image is None:
-        rgb, truth = synthetic_slide((size, size), seed)
+        rgb, truth, instances = synthetic_slide((size, size), seed, crowding=0.3, boundary=True, instances=True)
         slide = write_tiff_pyramid(out / "slide.tif", rgb)
     else:
         slide = Path(image)
     start = time.perf_counter()
     labels = segment(slide, "demo", result_path, device=device, overwrite=overwrite, progress=progress)
     seconds = time.perf_counter() - start
-    objs = label_objects(result_path, overwrite=overwrite, progress=progress)
+    objs = label_objects(result_path, overwrite=overwrite, progress=progress)  # the recorded recipe: nuclei
+    tissue = label_objects(np.asarray(labels), classes=[1], class_names=CLASSES, progress=False)
     table = objs.to_table(out / "objects.csv", overwrite=True)
-    geojson = objs.to_geojson(out / "objects.geojson.gz", overwrite=True, annotation_classes=[1])
+    geojson = _geojson(out / "objects.geojson.gz", objs, tissue)
 
     source = open_image(slide)
     step = max(1, int(np.ceil(max(source.shape) / _OVERVIEW_EDGE)))
@@ -149,7 +175,9 @@ def run_demo(
     _write_jpeg(png_path, overview(small_rgb, small, objs.labels[::step, ::step]))
     scores = {}
     if truth is not None:
-        truth = truth[::step, ::step]
-        scores = {f"dice_{name}": round(dice(small == k, truth == k), 3)
-                  for k, name in enumerate(CLASSES)}
+        scores = {f"dice_{name}": round(dice(small == k, truth[::step, ::step] == k), 3)
+                  for k, name in enumerate(CLASSES[:2])}
+        scores["dice_nuclei"] = round(dice(small >= 2, truth[::step, ::step] >= 2), 3)
+        found = instance_scores(objs.labels[:], instances)
+        scores.update(nuclei_f1=found["f1"], nuclei_pq=found["pq"])
     return DemoResult(slide, result_path, png_path, seconds, scores, len(objs), table, geojson)
