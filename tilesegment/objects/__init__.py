@@ -218,11 +218,11 @@ def _label_and_write(task: ChunkTask, growth: Optional[Grow], steps: tuple, wher
     sink.keep = runner.remote  # other processes write into it
     try:
         if step is None:
-            write(task, merged, sink.array, runner, reporter)
+            write(task, merged, sink.writer(), runner, reporter)
         else:
-            numbered = sink.scratch("numbered", dtype)
+            numbered = sink.scratch("numbered", dtype, step.halo)
             write(task, merged, numbered, runner, reporter)
-            map_overlap(step, numbered, sink.array, **after)
+            map_overlap(step, numbered, sink.writer(), **after)
             merged = final.finish(merged.classes)
     except BaseException:
         sink.abort()

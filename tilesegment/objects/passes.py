@@ -25,7 +25,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .._components import Merged, Merger, label_chunk, measure_chunk, measure_ids
+from .._components import Merged, Merger, label_chunk, measure_chunk, measure_ids, object_ids
 from ..contracts import Reporter
 from ..errors import Cancelled, OutputExistsError, UsageError
 from ..io.ngff import read_ome, write_ome
@@ -58,10 +58,7 @@ class ChunkTask:
         `grow_into`, the pixels to grow into hold the largest value of the dtype (`Grow.mark`)."""
         labels, _ = self.input.read(flat)
         local, _ = label_chunk(labels, self._classes(labels), self.connectivity)
-        ids = lookup[local]
-        if self.grow_into:
-            ids[(local == 0) & np.isin(labels, self.grow_into)] = np.iinfo(ids.dtype).max
-        return ids.reshape(labels.shape[3 - self.input.ndim:])
+        return object_ids(local, lookup, labels, self.grow_into).reshape(labels.shape[3 - self.input.ndim:])
 
 
 @dataclass(frozen=True)
@@ -183,7 +180,7 @@ def open_sink(inp: Input, where: Any, dtype: np.dtype, overwrite: bool, writers:
     inside = where == "group"
     return ZarrSink(target, inp.shape, dtype, chunk_edge(inp), overwrite=overwrite, pixel_size=inp.pixel_size,
                     writers=writers, labels=1 if inside else None, label_image=inside, dimension_names=names,
-                    ngff=inp.ngff if inside else "0.5")
+                    ngff=inp.ngff if inside else "0.5", fast=True, nearest=True)
 
 
 def finish_sink(sink: Any, where: Any) -> Any:
