@@ -71,8 +71,8 @@ class MeasureIds:
     def __call__(self, region: tuple[slice, ...], ids: np.ndarray) -> dict:
         labels, prob = self.input.read_region(region)
         lead = 3 - self.input.ndim
-        # class votes index a table by class value: only for small non-negative class maps
-        small = labels.dtype.kind == "u" and labels.dtype.itemsize <= 2
+        # class votes index a table by class value: only for class maps of small unsigned values
+        small = labels.dtype.kind == "u" and (labels.dtype.itemsize == 1 or int(labels.max(initial=0)) < 256)
         return measure_ids(ids.reshape(labels.shape), (0,) * lead + tuple(r.start for r in region),
                            (1,) * lead + self.input.shape, prob, labels if small else None)
 
