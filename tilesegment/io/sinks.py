@@ -269,18 +269,14 @@ class ZarrSink:
             **options,
         )
 
-    def scratch(self, name: str, dtype: np.dtype, halo: int = 0) -> Any:
-        """A temporary array shaped like the output, in its group; `close` deletes it.
+    def scratch(self, name: str, dtype: np.dtype) -> Any:
+        """A temporary array shaped and chunked like the output, in its group; `close` deletes it.
 
         For passes that need the output's pixels twice: `label_objects` writes
         the numbered objects here, and its chunk steps read them back into the
         output (a step cannot write over the pixels its neighbours still read).
-        Its chunks divide the output's: a quarter of their edge, when that is
-        still at least 64 and twice `halo`, so that a chunk read with a halo
-        of `halo` decodes 2.25 times its pixels rather than 9 times.
         """
-        chunks = tuple(c // 4 if c % 4 == 0 and c // 4 >= max(64, 2 * halo) else c for c in self.array.chunks)
-        array = self._create(name, self.array.shape, chunks, dtype, scratch=True)
+        array = self._create(name, self.array.shape, self.array.chunks, dtype, scratch=True)
         self._scratch.append(name)
         return array
 

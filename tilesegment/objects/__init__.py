@@ -220,7 +220,7 @@ def _label_and_write(task: ChunkTask, growth: Optional[Grow], steps: tuple, wher
         if step is None:
             write(task, merged, sink.writer(), runner, reporter)
         else:
-            numbered = sink.scratch("numbered", dtype, step.halo)
+            numbered = sink.scratch("numbered", dtype)
             write(task, merged, numbered, runner, reporter)
             map_overlap(step, numbered, sink.writer(), **after)
             merged = final.finish(merged.classes)
