@@ -60,7 +60,7 @@ class Objects:
         self.pixel_size = inp.pixel_size
         self._grid = inp.grid
         self._merged = merged
-        present = sorted({int(k) for k, a in zip(merged.classes, merged.area) if a > 0})
+        present = [int(k) for k in np.unique(merged.classes[merged.area > 0])]
         names = {k: inp.names.get(k, f"class {k}") for k in present}
         self.class_names = {**inp.names, **names}
         from ..io.sinks import palette
