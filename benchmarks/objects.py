@@ -20,6 +20,21 @@ Output: results/objects.{csv,json,png}.
 
 ``--maps DIR`` keeps the generated maps there and reuses them (the 16384^2
 one takes minutes to draw).
+
+    python benchmarks/objects.py --speed [--repeats 5] [--maps DIR]
+
+measures speed against ``scipy.ndimage.label`` instead: an 8192^2 map in
+1024^2 chunks whose nuclei have a 2-px boundary ring (class 3, as a model
+with a boundary class predicts), each run in a fresh process, the tools
+interleaved, median of `repeats`:
+
+- scipy: ``ndimage.label(map == 2)`` on the whole array in memory (loaded
+  before the clock starts);
+- tilesegment: ``ts.label_objects(map, out.zarr, classes=[2])``;
+- tilesegment grow 4: the same with ``grow=4, grow_into=[3]`` (seeds grown
+  into their rings, labels measured again).
+
+Output: results/objects_speed.{csv,json}, with the ratios of throughput.
 """
 
 from __future__ import annotations
@@ -40,11 +55,24 @@ CHILD = """
 import resource, sys, time
 tool, src, out = sys.argv[1:4]
 import numpy as np
-if tool == "tilesegment":
+if tool.startswith("tilesegment"):
     import tilesegment as ts
-    ts.label_objects(np.eye(8, dtype=np.uint8) * 2, classes=[2], progress=False)  # imports, numba cache
+    grow = {"grow": 4, "grow_into": [3]} if tool.endswith("grow 4") else {}
+    warm = np.eye(8, dtype=np.uint8) * 2 + np.eye(8, k=1, dtype=np.uint8) * 3
+    ts.label_objects(warm, classes=[2], progress=False, **grow)  # imports, numba cache
+    seen = []  # (chunk steps done, total, time): labelled, written, then grown
     start = time.perf_counter()
-    n = len(ts.label_objects(src, out, classes=[2], progress=False))
+    n = len(ts.label_objects(src, out, classes=[2], progress=lambda d, t: seen.append((d, t, time.perf_counter())),
+                             **grow))
+    if grow:  # the grow pass: after every chunk was labelled and written (2 of the 3 steps per chunk)
+        written = next(s for d, t, s in seen if 3 * d >= 2 * t)
+        print("PASS", time.perf_counter() - written)
+elif tool == "scipy":
+    import zarr
+    from scipy import ndimage
+    whole = zarr.open_array(src, mode="r")[...]
+    start = time.perf_counter()
+    n = ndimage.label(whole == 2)[1]
 else:
     import dask, dask.array as da
     from dask_image.ndmeasure import label
@@ -67,8 +95,12 @@ def _hash(a: np.ndarray, b: np.ndarray, salt: int) -> np.ndarray:
     return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
-def nuclei_map(y0: int, x0: int, h: int, w: int) -> np.ndarray:
-    """The map's pixels [y0, y0+h) x [x0, x0+w): same values whatever the chunking."""
+def nuclei_map(y0: int, x0: int, h: int, w: int, ring: float = 0.0) -> np.ndarray:
+    """The map's pixels [y0, y0+h) x [x0, x0+w): same values whatever the chunking.
+
+    With `ring` > 0 the outer `ring` pixels of each nucleus are class 3 (a
+    nucleus boundary, as a 4-class model predicts), its interior class 2.
+    """
     yy, xx = np.mgrid[y0:y0 + h, x0:x0 + w]
     out = np.where(np.sin(yy / 700.0) + np.cos(xx / 900.0) > -0.6, 1, 0).astype(np.uint8)  # tissue
     cy, cx = yy // CELL, xx // CELL
@@ -78,18 +110,19 @@ def nuclei_map(y0: int, x0: int, h: int, w: int) -> np.ndarray:
             centre_y = (ny + _hash(ny, nx, 1)) * CELL
             centre_x = (nx + _hash(ny, nx, 2)) * CELL
             radius = 4 + 8 * _hash(ny, nx, 3)
-            inside = (yy - centre_y) ** 2 + (xx - centre_x) ** 2 <= radius**2
-            out[inside & (out == 1)] = 2
+            d2 = (yy - centre_y) ** 2 + (xx - centre_x) ** 2
+            inside = (d2 <= radius**2) & (out == 1)
+            out[inside] = 2 if not ring else np.where(d2 <= (radius - ring) ** 2, 2, 3)[inside]
     return out
 
 
-def write_map(path: Path, size: int, chunk: int = 1024):
+def write_map(path: Path, size: int, chunk: int = 1024, ring: float = 0.0):
     import zarr
 
     array = zarr.create_array(path, shape=(size, size), chunks=(chunk, chunk), dtype=np.uint8)
     for y in range(0, size, chunk):
         for x in range(0, size, chunk):
-            array[y:y + chunk, x:x + chunk] = nuclei_map(y, x, min(chunk, size - y), min(chunk, size - x))
+            array[y:y + chunk, x:x + chunk] = nuclei_map(y, x, min(chunk, size - y), min(chunk, size - x), ring)
     return array
 
 
@@ -103,7 +136,11 @@ def run(tool: str, src: Path, out: Path, timeout: float) -> dict:
     if line is None:
         return {"error": (done.stderr.strip().splitlines() or ["failed"])[-1][:200]}
     peak, seconds, n = line.split()[1:]
-    return {"peak_rss_mb": round(float(peak), 1), "seconds": round(float(seconds), 2), "objects": int(n)}
+    got = {"peak_rss_mb": round(float(peak), 1), "seconds": round(float(seconds), 3), "objects": int(n)}
+    step = next((l for l in done.stdout.splitlines() if l.startswith("PASS")), None)
+    if step is not None:
+        got["grow_pass_seconds"] = round(float(step.split()[1]), 3)
+    return got
 
 
 def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
@@ -114,8 +151,56 @@ def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
     return len(pairs) == len(np.unique(a[mask])) == len(np.unique(b[mask]))
 
 
+def speed(maps: Path, repeats: int, timeout: float, size: int = 8192) -> list[dict]:
+    """Interleaved runs of scipy and tilesegment (plain, grow 4) on a ringed nuclei map; medians."""
+    src = maps / f"ring{size}.zarr"
+    if not src.exists():
+        write_map(src, size, ring=2.0)
+    tools = ("scipy", "tilesegment", "tilesegment grow 4")
+    runs: dict[str, list[dict]] = {tool: [] for tool in tools}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(repeats):
+            for tool in tools:
+                out = Path(tmp) / f"out{r}.zarr"
+                got = run(tool, src, out, timeout)
+                print(tool, got, flush=True)
+                runs[tool].append(got)
+                import shutil
+
+                shutil.rmtree(out, ignore_errors=True)
+    rows = []
+    for tool in tools:
+        ok = [g for g in runs[tool] if "seconds" in g]
+        if not ok:
+            rows.append({"tool": tool, "error": runs[tool][-1].get("error", "failed")})
+            continue
+        seconds = float(np.median([g["seconds"] for g in ok]))
+        rows.append({"tool": tool, "size": size, "megapixels": round(size * size / 1e6, 1), "runs": len(ok),
+                     "seconds": round(seconds, 3), "mpx_per_s": round(size * size / 1e6 / seconds, 1),
+                     "peak_rss_mb": max(g["peak_rss_mb"] for g in ok), "objects": ok[0]["objects"]})
+        if "grow_pass_seconds" in ok[0]:
+            rows[-1]["grow_pass_seconds"] = round(float(np.median([g["grow_pass_seconds"] for g in ok])), 3)
+    by = {r["tool"]: r for r in rows if "seconds" in r}
+    for r in rows:
+        if "seconds" in r and "scipy" in by:
+            r["throughput_vs_scipy"] = round(by["scipy"]["seconds"] / r["seconds"], 3)
+        if r["tool"] == "tilesegment grow 4" and "tilesegment" in by:
+            r["throughput_vs_plain"] = round(by["tilesegment"]["seconds"] / r["seconds"], 3)
+            # the grow pass alone (reading the numbered seeds, growing, writing, measuring again)
+            r["grow_pass_vs_plain"] = round(by["tilesegment"]["seconds"] / r["grow_pass_seconds"], 3)
+    keys = ["tool", "size", "megapixels", "runs", "seconds", "mpx_per_s", "throughput_vs_scipy",
+            "throughput_vs_plain", "grow_pass_seconds", "grow_pass_vs_plain", "peak_rss_mb", "objects", "error"]
+    rows = [{k: r.get(k, "") for k in keys} for r in rows]
+    write_rows("objects_speed", rows)
+    for r in rows:
+        print(r)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--speed", action="store_true", help="scipy vs tilesegment (plain, grow 4) at 8192^2")
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--sizes", default="4096,16384")
     parser.add_argument("--no-dask-image", action="store_true")
     parser.add_argument("--timeout", type=float, default=900)
@@ -123,6 +208,10 @@ def main() -> None:
     parser.add_argument("--dask-image-sizes", default=None,
                         help="sizes to run dask-image on (default: all; it needs minutes at 16384^2)")
     args = parser.parse_args()
+    if args.speed:
+        with tempfile.TemporaryDirectory() as tmp:
+            speed(Path(args.maps) if args.maps else Path(tmp), args.repeats, args.timeout)
+        return
     import zarr
 
     rows = []

@@ -252,3 +252,18 @@ def test_a_bad_recipe_in_a_checkpoint_is_refused_with_one_line(tmp_path, rgb_tif
     model = ts.save_model(small_unet(num_classes=4), tmp_path / "m.pt", instances=recipe)
     with pytest.raises(UsageError, match=match):
         ts.prepare(rgb_tiff, model, tmp_path / "o.zarr")
+
+
+def test_growth_on_a_dask_cluster_equals_a_local_run(tmp_path):
+    distributed = pytest.importorskip("distributed")
+    rng = np.random.default_rng(3)
+    labels = rng.choice(4, size=(70, 90), p=(0.2, 0.1, 0.2, 0.5)).astype(np.uint8)
+    source = tmp_path / "map.zarr"
+    zarr.create_array(source, data=labels, chunks=(16, 16))
+    local = ts.label_objects(labels, classes=[2], grow=3, grow_into=[3], chunks=16, progress=False)
+    with distributed.Client(processes=False, n_workers=2, threads_per_worker=1, dashboard_address=":0",
+                            silence_logs=40) as client:
+        remote = ts.label_objects(source, tmp_path / "o.zarr", classes=[2], grow=3, grow_into=[3], client=client,
+                                  progress=False)
+    np.testing.assert_array_equal(remote.labels[:], local.labels)
+    assert remote.table.equals(local.table)

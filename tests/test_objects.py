@@ -430,3 +430,31 @@ def test_a_mode_registered_elsewhere_is_read_without_an_edit_in_objects(tmp_path
     softmax = 1.0 / np.exp(scores - scores.max(0)).sum(0)  # the top class's probability, as for logits
     assert_exact(objs.table["mean_probability"].to_numpy(),
                  ndimage.mean(softmax, objs.labels[:], index=objs.table["id"]))
+
+
+@pytest.mark.parametrize("grow", [0, 2])
+def test_the_objects_pyramid_keeps_ids_at_every_level_inside_and_outside_a_segment_output(tmp_path, grow):
+    # Ids are no quantities: a level holds the first id of each group, never a mean of ids.
+    rng = np.random.default_rng(7)
+    labels = np.where(rng.random((2100, 2300)) < 0.5, 2, 3).astype(np.uint8)
+    kwargs = {"grow": grow, "grow_into": [3]} if grow else {}
+    objs = ts.label_objects(labels, tmp_path / "o.zarr", classes=[2], chunks=512, progress=False, **kwargs)
+    group = zarr.open_group(tmp_path / "o.zarr", mode="r")
+    full = group["0"][:]
+    np.testing.assert_array_equal(full, objs.labels[:])
+    assert group["1"].chunks == (256, 256)  # filled as level 0 was written, one chunk per chunk
+    np.testing.assert_array_equal(group["1"][:], full[::2, ::2])
+    np.testing.assert_array_equal(group["2"][:], full[::4, ::4])
+
+
+@pytest.mark.parametrize("keep", [0, 3000, 1 << 30])
+def test_objects_are_the_same_whether_chunk_maps_are_kept_some_or_labelled_again(monkeypatch, keep):
+    from tilesegment.objects import passes
+
+    monkeypatch.setattr(passes, "KEEP_BYTES", keep)  # none kept, a few, all
+    rng = np.random.default_rng(11)
+    labels = np.where(rng.random((90, 70)) < 0.6, rng.integers(1, 3, (90, 70)), 0).astype(np.uint8)
+    _check_equals_whole_image(labels, (16, 16), (16, 16), 1)
+    grown = ts.label_objects(labels, classes=[1], grow=2, grow_into=[2], chunks=16, progress=False)
+    again = ts.label_objects(labels, classes=[1], grow=2, grow_into=[2], chunks=90, progress=False)
+    np.testing.assert_array_equal(grown.labels, again.labels)

@@ -179,3 +179,22 @@ def test_label_objects_steps_on_a_dask_client_equal_a_local_run(client, tmp_path
                               progress=False)
     np.testing.assert_array_equal(remote.labels[:], local.labels)
     assert remote.table.equals(local.table)
+
+
+def test_cached_blocks_read_what_the_array_holds_and_travel_without_their_cache():
+    import pickle
+
+    from tilesegment.steps import CachedBlocks
+
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 1000, (37, 29, 11)).astype(np.uint32)
+    source = zarr.create_array(zarr.storage.MemoryStore(), shape=data.shape, chunks=(8, 5, 4), dtype=data.dtype)
+    source[...] = data
+    blocks = CachedBlocks(source)
+    for _ in range(50):
+        lo = [int(rng.integers(0, n)) for n in data.shape]
+        outer = tuple(slice(a, int(rng.integers(a + 1, n + 1))) for a, n in zip(lo, data.shape))
+        np.testing.assert_array_equal(blocks[outer], data[outer])
+    assert 0 < len(blocks._cache) <= blocks.capacity == 2 * 27
+    copy = pickle.loads(pickle.dumps(blocks))
+    assert len(copy._cache) == 0 and copy[(slice(0, 3),) * 3].tolist() == data[:3, :3, :3].tolist()

@@ -28,7 +28,7 @@ import numba
 import numpy as np
 
 __all__ = ["Grid", "ChunkResult", "Merger", "Tally", "label_chunk", "chunk_stats", "structure", "measure_chunk",
-           "measure_ids"]
+           "measure_ids", "object_ids"]
 
 
 @dataclass(frozen=True)
@@ -86,21 +86,22 @@ def label_chunk(labels: np.ndarray, classes: Sequence[int], connectivity: int) -
     """
     from scipy import ndimage
 
-    local = np.zeros(labels.shape, np.int32)
+    local = None
     class_of = [np.full(1, -1, np.int64)]
     n = 0
     element = structure(connectivity)
     for k in classes:
         mask = labels == k
-        if not mask.any():
-            continue
         lab, m = ndimage.label(mask, element, output=np.int32)
-        if n:
-            np.add(lab, n, out=lab, where=mask)
-        np.copyto(local, lab, where=mask)
+        if not m:
+            continue
+        if local is None:  # the first class with components: its map is the start (no copy)
+            local = lab
+        else:
+            np.add(lab, n, out=local, where=mask)
         class_of.append(np.full(m, k, np.int64))
         n += m
-    return local, np.concatenate(class_of)
+    return (np.zeros(labels.shape, np.int32) if local is None else local), np.concatenate(class_of)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -450,3 +451,30 @@ class Tally:
         mean_p = None if self.psum is None else self.psum[:n] / np.maximum(area, 1)
         return Merged([], n, cls, area, self.sums[:n] / np.maximum(area, 1)[:, None], self.lo[:n],
                       self.hi[:n] + 1, mean_p, votes if votes.shape[1] else None)
+
+
+@numba.njit(cache=True, nogil=True)
+def _object_ids(local, lookup, labels, into, mark, out):  # pragma: no cover - compiled
+    for i in range(local.size):
+        v = local[i]
+        if v != 0:
+            out[i] = lookup[v]
+        elif into.size and labels[i] < into.size and into[labels[i]]:
+            out[i] = mark
+        else:
+            out[i] = 0
+    return out
+
+
+def object_ids(local: np.ndarray, lookup: np.ndarray, labels: np.ndarray, grow_into: Sequence[int] = ()) -> np.ndarray:
+    """``lookup[local]`` (chunk-local components to object ids) without holding the GIL; pixels
+    outside the objects whose class is in `grow_into` get the dtype's largest value (to grow into)."""
+    into = np.zeros(max(grow_into, default=-1) + 1, np.bool_)
+    into[list(grow_into)] = True
+    flat = np.ascontiguousarray(labels).reshape(-1)
+    if flat.dtype.kind != "u":  # a signed class map: its negative values are grown into by no one
+        flat = np.where(flat < 0, into.size, flat).astype(np.uint64)
+    out = np.empty(local.size, lookup.dtype)
+    mark = lookup.dtype.type(np.iinfo(lookup.dtype).max)
+    _object_ids(np.ascontiguousarray(local).reshape(-1), lookup, flat, into, mark, out)
+    return out.reshape(local.shape)

@@ -27,6 +27,8 @@ their number.
 from __future__ import annotations
 
 import itertools
+import threading
+from collections import OrderedDict
 from contextlib import closing
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Union
@@ -133,6 +135,66 @@ def _checked(step: ChunkStep, block: np.ndarray, core: Region) -> np.ndarray:
         raise UsageError(f"step {step.name!r} returned shape {result.shape} for a core of {want}; "
                          "apply(block, core) must return the result for block[core] only")
     return result
+
+
+#: Bytes of decoded source chunks `map_overlap` keeps for the blocks that share them.
+CACHE_BYTES = 256 << 20
+
+
+class CachedBlocks:
+    """Reads blocks of a chunked array (zarr) through a small cache of its decoded chunks, shared by threads.
+
+    A block with its halo spans up to 3 stored chunks per axis, and the next
+    block in raster order shares 2 of the 3 along the last axis: read through
+    this cache, each block decodes about 3 chunks (2-D) instead of 9. The
+    cache holds at most ``2 * 3**ndim`` chunks (fewer if they would pass
+    `CACHE_BYTES`), least recently used first out. Pickled, it travels
+    without its contents (each worker process keeps its own).
+    """
+
+    def __init__(self, source: Any) -> None:
+        self.source = source
+        self.shape = tuple(int(n) for n in source.shape)
+        self.chunks = tuple(int(c) for c in source.chunks)
+        size = int(np.prod(self.chunks)) * np.dtype(source.dtype).itemsize
+        self.capacity = max(3 ** len(self.shape) + 1, min(2 * 3 ** len(self.shape), CACHE_BYTES // max(1, size)))
+        self.__setstate__(self.__dict__)
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in ("_cache", "_lock")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._cache: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _chunk(self, index: tuple[int, ...]) -> np.ndarray:
+        with self._lock:
+            found = self._cache.get(index)
+            if found is not None:
+                self._cache.move_to_end(index)
+                return found
+        region = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(index, self.chunks, self.shape))
+        data = np.asarray(self.source[region])  # outside the lock: two threads may decode one chunk once each
+        with self._lock:
+            self._cache[index] = data
+            while len(self._cache) > self.capacity:
+                self._cache.popitem(last=False)
+        return data
+
+    def __getitem__(self, outer: Region) -> np.ndarray:
+        first = [s.start // c for s, c in zip(outer, self.chunks)]
+        last = [(s.stop - 1) // c for s, c in zip(outer, self.chunks)]
+        out = None
+        for index in itertools.product(*(range(a, b + 1) for a, b in zip(first, last))):
+            chunk = self._chunk(index)
+            if out is None:
+                out = np.empty(tuple(s.stop - s.start for s in outer), chunk.dtype)
+            lo = [max(s.start, i * c) for s, i, c in zip(outer, index, self.chunks)]
+            hi = [min(s.stop, (i + 1) * c) for s, i, c in zip(outer, index, self.chunks)]
+            out[tuple(slice(a - s.start, b - s.start) for a, b, s in zip(lo, hi, outer))] = \
+                chunk[tuple(slice(a - i * c, b - i * c) for a, b, i, c in zip(lo, hi, index, self.chunks))]
+        return out
 
 
 def _run_regions(step: ChunkStep, source: Any, dest: Any, measure: Optional[Callable[[Region, np.ndarray], Any]],
@@ -243,6 +305,10 @@ def map_overlap(
                          "on a path they share")
     regions = chunk_regions(shape, edge)
     groups = [[regions[i] for i in group] for group in chunk_groups(len(regions), runner)]
+    stored = getattr(source, "chunks", None)
+    if int(step.halo) > 0 and stored is not None and len(stored) == len(shape) and \
+            all(isinstance(c, (int, np.integer)) for c in stored):  # zarr, not numpy or dask
+        source = CachedBlocks(source)
     with closing(runner.map(_run_regions, groups, (step, source, dest, measure),
                             name=f"tilesegment-{step.name}")) as done:
         for _, (n, said) in done:

@@ -8,6 +8,7 @@ import shutil
 import threading
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -93,6 +94,37 @@ def is_local_path(output: Any) -> bool:
     return isinstance(output, (str, os.PathLike)) and "://" not in os.fspath(output)
 
 
+@dataclass(frozen=True)
+class LevelWriter:
+    """An array that, written region by region, also writes the region downsampled by `step`
+    into `level` (`ZarrSink.writer`). Regions must start on multiples of `step`."""
+
+    array: Any
+    level: Any
+    step: tuple[int, ...]
+    nearest: bool
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.array.shape)
+
+    @property
+    def chunks(self) -> tuple[int, ...]:
+        return tuple(self.array.chunks)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.array.dtype
+
+    def __getitem__(self, region: Region) -> Any:
+        return self.array[region]
+
+    def __setitem__(self, region: Region, data: np.ndarray) -> None:
+        self.array[region] = data
+        lower = tuple(slice(r.start // s, -(-r.stop // s)) for r, s in zip(region, self.step))
+        self.level[lower] = downsample(np.asarray(data), self.step, self.nearest)
+
+
 class ZarrSink:
     """An OME-Zarr image group with the result as array ``"0"``.
 
@@ -115,6 +147,12 @@ class ZarrSink:
     A URL output (``s3://bucket/out.zarr``) is written through zarr's fsspec
     store with `storage_options`; it has no sibling to write beside, so
     ``overwrite=True`` clears it when the run starts.
+
+    Chunks are compressed with Blosc zstd level 3 and bit shuffle (small
+    class maps); ``fast=True`` takes level 1 and byte shuffle, which encodes
+    object ids (uint32) three times faster for 11 % more bytes. The pyramid
+    keeps the first value of each group for label maps (`labels`, or
+    ``nearest=True`` for ids that are no class map) and the mean otherwise.
     """
 
     def __init__(
@@ -136,6 +174,8 @@ class ZarrSink:
         class_names: Optional[Sequence[str]] = None,
         label_image: bool = False,
         instances: Optional[dict] = None,
+        fast: bool = False,
+        nearest: Optional[bool] = None,
     ) -> None:
         import zarr
 
@@ -145,6 +185,9 @@ class ZarrSink:
         self._pixel_size, self._labels, self._label_image = pixel_size, labels, label_image
         self._class_names = None if class_names is None else [str(n) for n in class_names]
         self._instances = instances
+        self._fast = fast
+        self._nearest = labels is not None if nearest is None else bool(nearest)
+        self._first_level: Any = None  # pyramid level 1, when `writer` fills it
         self._title = Path(str(output)).stem
         self._record, self.manifest = record, None
         self.failed_tiles: list[dict] = []  # unreadable tiles filled as background
@@ -195,18 +238,23 @@ class ZarrSink:
     def _zarr_format(self) -> int:
         return 2 if self.ngff == "0.4" else 3
 
-    def _create(self, name: str, shape, chunks, dtype):
+    def _create(self, name: str, shape, chunks, dtype, scratch: bool = False):
         options: dict[str, Any]
+        # `fast`: object ids (uint32) encode 3x faster with byte shuffle at level 1, 11 % larger;
+        # a scratch array, read back once, decodes 2-3x faster still with lz4
+        cname, level, shuffle = ("lz4", 5, "shuffle") if scratch else ("zstd", 1, "shuffle") if self._fast \
+            else ("zstd", 3, "bitshuffle")
         if self._zarr_format == 3:
             from zarr.codecs import BloscCodec
 
-            options = dict(compressors=BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"),
+            options = dict(compressors=BloscCodec(cname=cname, clevel=level, shuffle=shuffle),
                            dimension_names=self._names)
         else:
             from numcodecs import Blosc
 
             # NGFF 0.4 requires "/" chunk keys; v2 has no dimension names (the axes say them).
-            options = dict(compressors=Blosc(cname="zstd", clevel=3, shuffle=Blosc.BITSHUFFLE),
+            options = dict(compressors=Blosc(cname=cname, clevel=level,
+                                             shuffle=Blosc.SHUFFLE if shuffle == "shuffle" else Blosc.BITSHUFFLE),
                            chunk_key_encoding={"name": "v2", "separator": "/"})
         return self.group.create_array(
             name,
@@ -228,7 +276,7 @@ class ZarrSink:
         the numbered objects here, and its chunk steps read them back into the
         output (a step cannot write over the pixels its neighbours still read).
         """
-        array = self._create(name, self.array.shape, self.array.chunks, dtype)
+        array = self._create(name, self.array.shape, self.array.chunks, dtype, scratch=True)
         self._scratch.append(name)
         return array
 
@@ -263,6 +311,9 @@ class ZarrSink:
         factors = pyramid_factors(self.array.shape, self._names, self._pixel_size)
         previous, last = self.array, (1,) * self.array.ndim
         for level, factor in enumerate(factors, start=1):
+            if level == 1 and self._first_level is not None:  # filled by `writer`'s writes
+                previous, last = self._first_level, factor
+                continue
             step = tuple(f // g for f, g in zip(factor, last))
             shape = tuple(-(-n // s) for n, s in zip(previous.shape, step))
             current = self._create(str(level), shape, self.array.chunks, self.array.dtype)
@@ -276,7 +327,25 @@ class ZarrSink:
     def _downsample(self, source, dest, start: tuple[int, ...], step: tuple[int, ...]) -> None:
         stop = [min(a + c, n) for a, c, n in zip(start, dest.chunks, dest.shape)]
         block = source[tuple(slice(a * s, b * s) for a, b, s in zip(start, stop, step))]
-        dest[tuple(slice(a, b) for a, b in zip(start, stop))] = downsample(block, step, self._labels is not None)
+        dest[tuple(slice(a, b) for a, b in zip(start, stop))] = downsample(block, step, self._nearest)
+
+    def writer(self) -> Any:
+        """Where a pass that writes each chunk of the result once, whole, should write.
+
+        It writes the result (array ``"0"``) and, from the same pixels, the
+        first pyramid level, whose chunks are made to cover one chunk of the
+        result each, so that `close` does not read the whole result back for
+        it. The plain array when there is no pyramid or its step does not
+        divide the chunks. Call it once, before the writes.
+        """
+        factors = pyramid_factors(self.array.shape, self._names, self._pixel_size)
+        if not factors or any(c % s for c, s in zip(self.array.chunks, factors[0])):
+            return self.array
+        step = factors[0]
+        shape = tuple(-(-n // s) for n, s in zip(self.array.shape, step))
+        self._first_level = self._create("1", shape, tuple(c // s for c, s in zip(self.array.chunks, step)),
+                                         self.array.dtype)
+        return LevelWriter(self.array, self._first_level, step, self._nearest)
 
     @staticmethod
     def check_output(output: Any, overwrite: bool, storage_options: Optional[dict] = None) -> None:

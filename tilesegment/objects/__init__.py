@@ -174,8 +174,9 @@ def label_objects(
     stepped = 0 if growth is None and not steps else len(chunk_regions(inp.shape, chunk_edge(inp)))
     reporter.start(2 * inp.grid.n_chunks + stepped, "objects")  # label every chunk, write it, step it
     try:
-        objs = _label_and_write(ChunkTask(inp, wanted, int(connectivity), into), growth, steps, where, overwrite,
-                                task_runner(client, workers), reporter)
+        runner = task_runner(client, workers)
+        task = ChunkTask(inp, wanted, int(connectivity), into, keep=not runner.remote)
+        objs = _label_and_write(task, growth, steps, where, overwrite, runner, reporter)
         objs.recipe = recipe
         return objs
     finally:
@@ -199,7 +200,7 @@ def _grow_into(inp: Input, grow: Any, grow_into: Optional[Sequence[int]]) -> tup
 def _label_and_write(task: ChunkTask, growth: Optional[Grow], steps: tuple, where: Any, overwrite: bool,
                      runner: TaskRunner, reporter: Reporter) -> Objects:
     inp = task.input
-    merged = measure(task, runner, reporter)
+    merged, kept = measure(task, runner, reporter)
     dtype = merged.lookups[0].dtype if merged.lookups else np.dtype(np.uint32)
     if growth is not None:
         growth = Grow(growth.k, dtype, growth.spacing)
@@ -209,7 +210,7 @@ def _label_and_write(task: ChunkTask, growth: Optional[Grow], steps: tuple, wher
     after = {"runner": runner, "reporter": reporter, "measure": MeasureIds(inp), "collect": final.add}
     if where is None:
         result = np.zeros(inp.shape, dtype)
-        write(task, merged, result, runner, reporter)
+        write(task, merged, result, runner, reporter, kept)
         if step is None:
             return Objects(result, merged, inp)
         result = map_overlap(step, result, np.zeros(inp.shape, step.dtype), chunk_edge(inp), **after)
@@ -218,11 +219,11 @@ def _label_and_write(task: ChunkTask, growth: Optional[Grow], steps: tuple, wher
     sink.keep = runner.remote  # other processes write into it
     try:
         if step is None:
-            write(task, merged, sink.array, runner, reporter)
+            write(task, merged, sink.writer(), runner, reporter, kept)
         else:
             numbered = sink.scratch("numbered", dtype)
-            write(task, merged, numbered, runner, reporter)
-            map_overlap(step, numbered, sink.array, **after)
+            write(task, merged, numbered, runner, reporter, kept)
+            map_overlap(step, numbered, sink.writer(), **after)
             merged = final.finish(merged.classes)
     except BaseException:
         sink.abort()

@@ -60,7 +60,7 @@ class Objects:
         self.pixel_size = inp.pixel_size
         self._grid = inp.grid
         self._merged = merged
-        present = sorted({int(k) for k, a in zip(merged.classes, merged.area) if a > 0})
+        present = [int(k) for k in np.unique(merged.classes[merged.area > 0])]
         names = {k: inp.names.get(k, f"class {k}") for k in present}
         self.class_names = {**inp.names, **names}
         from ..io.sinks import palette
@@ -83,7 +83,7 @@ class Objects:
         cols: dict[str, Any] = {
             "id": np.arange(1, m.n_objects + 1, dtype=np.int64),
             "class": m.classes,
-            "class_name": pd.Categorical([self.class_names.get(int(k), f"class {k}") for k in m.classes]),
+            "class_name": _names(pd, m.classes, self.class_names),
             "area": m.area,
         }
         if self.pixel_size is not None:
@@ -201,6 +201,16 @@ class Objects:
         finally:
             bar.close()
         return path
+
+
+def _names(pd: Any, classes: np.ndarray, names: dict) -> Any:
+    """The class name of each object, as a categorical built from codes (one name per class,
+    not per object: tables have millions of rows)."""
+    values, codes = np.unique(classes, return_inverse=True)
+    labels = [names.get(int(k), f"class {k}") for k in values]
+    unique = list(dict.fromkeys(labels))  # two classes may share a name
+    codes = np.asarray([unique.index(n) for n in labels], np.int64)[codes] if len(values) else codes
+    return pd.Categorical.from_codes(codes, unique)
 
 
 def _number(v: float):
