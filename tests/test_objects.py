@@ -286,6 +286,14 @@ def test_real_slide_nuclei_equal_whole_image_components_and_outline_them(shared_
         pixels = area[feature["properties"]["measurements"]["Object ID"]]
         assert abs(polygon.area - pixels) <= polygon.length / 2
         assert feature["properties"]["classification"]["name"] == "nuclei"
+    # the model's recipe (seeds grown into the boundary): in 256-px chunks as on the whole map
+    grown = ts.label_objects(out, tmp_path / "grown.zarr", progress=False)
+    assert grown.recipe is not None and grown.recipe.grow > 0
+    whole = ts.label_objects(labels, classes=grown.recipe.classes, grow=grown.recipe.grow,
+                             grow_into=grown.recipe.grow_into, chunks=labels.shape, progress=False)
+    np.testing.assert_array_equal(grown.labels[:], whole.labels)
+    same = ["id", "class", "area", "centroid_y", "centroid_x", "bbox_y0", "bbox_x0", "bbox_y1", "bbox_x1"]
+    assert grown.table[same].equals(whole.table[same]) and len(grown) == n  # the numpy map has no names
 
 
 def test_merge_keeps_only_about_one_band_of_chunk_shells():
