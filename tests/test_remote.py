@@ -256,3 +256,29 @@ def test_failed_s3_run_with_nothing_done_leaves_nothing(s3, monkeypatch):
 def test_batch_mode_refuses_a_url_output_folder(rgb_tiff, capsys):
     assert main(["segment", str(rgb_tiff), str(rgb_tiff), f"s3://{BUCKET}/many/", "--quiet"]) == 2
     assert "segment remote outputs one input at a time" in capsys.readouterr().err
+
+
+def test_a_block_whose_put_fails_gets_no_marker_and_the_run_resumes_it(s3, monkeypatch):
+    """A block's marker is PUT only after every PUT of its chunks returned."""
+    import s3fs
+
+    image = np.random.default_rng(4).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    out = f"s3://{BUCKET}/put-fails.zarr"
+    original = s3fs.S3FileSystem._pipe_file
+
+    async def failing(self, path, data, *args, **kwargs):
+        if path.endswith("put-fails.zarr/0/c/0/1"):  # the only chunk of block 1 (blocks of 32 x 32)
+            raise OSError("PUT failed: 503 Slow Down")
+        return await original(self, path, data, *args, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_pipe_file", failing)
+    with pytest.raises(OSError, match="Slow Down"):
+        ts.segment(image, _net(), out, tile_size=32, chunk_size=32, progress=False)
+    monkeypatch.undo()
+    done = list(Manifest(out).done_blocks())
+    assert 0 in done and 1 not in done  # block 0 went in before; block 1's chunk never did
+    fs, _ = s3
+    fs.invalidate_cache()
+    assert not fs.exists(f"{BUCKET}/put-fails.zarr/0/c/0/1")
+    resumed = ts.segment(image, _net(), out, tile_size=32, chunk_size=32, resume=True, progress=False)
+    np.testing.assert_array_equal(resumed[:], ts.segment(image, _net(), tile_size=32, progress=False))

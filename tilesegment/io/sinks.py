@@ -16,6 +16,7 @@ import numpy as np
 
 from ..contracts import Region, Sink
 from ..errors import OutputExistsError, UsageError
+from . import durable
 from .manifest import Manifest
 from .ngff import downsample, multiscales, ngff_version, pyramid_factors, write_ome
 from .remote import filesystem_options, is_url
@@ -61,7 +62,8 @@ class BlockSink:
     """Writes blocks straight into an existing zarr array and records them done.
 
     What a distributed task uses: it owns a few blocks of an output that the
-    client created, writes each synchronously, then marks it in the manifest.
+    client created, writes each synchronously (fsynced on a local disk), then
+    marks it in the manifest.
     """
 
     def __init__(self, array: Any, manifest: Optional[Manifest] = None) -> None:
@@ -74,6 +76,7 @@ class BlockSink:
                failed: Optional[list] = None) -> None:
         self.array[region] = buffer
         if self.manifest is not None and block is not None:
+            durable.sync_region(self.array, region)  # the marker promises the chunks are on the disk
             self.manifest.mark_done(block, failed)
 
     def close(self) -> Any:
@@ -139,7 +142,9 @@ class ZarrSink:
     only once complete, so a failed run never destroys the old one.
 
     With a run `record` (local paths and URLs), every block is marked done in
-    the output's manifest after its chunks are written; a run that stops
+    the output's manifest after its chunks are written (on a local disk:
+    fsynced, `tilesegment.io.durable`; on an object store: every PUT
+    returned); a run that stops
     early (error, Ctrl-C, SIGKILL) with at least one block done leaves a
     resumable output, and ``resume=True`` reopens it. A failed run with
     nothing done removes what it wrote.
@@ -384,9 +389,11 @@ class ZarrSink:
         self._raise_failed()
 
     def _write(self, region: Region, buffer: np.ndarray, block: Optional[int], failed) -> None:
-        self.array[region] = buffer
+        self.array[region] = buffer  # returns once every chunk is written (every PUT, on a store)
         if self.manifest is not None and block is not None:
-            self.manifest.mark_done(block, failed)  # only now are the block's chunks on disk
+            # The marker promises the chunks survive a power loss: sync them first (local disks).
+            durable.sync_region(self.array, region)
+            self.manifest.mark_done(block, failed)
 
     def _raise_failed(self) -> None:
         done = [f for f in self._futures if f.done()]
@@ -414,6 +421,11 @@ class ZarrSink:
             self.group.attrs["tilesegment"] = {**(self._record or {}), "complete": True,
                                                "failed_tiles": self.failed_tiles, **classes}
             self._pool.shutdown(wait=True)
+            if self._final is not None:
+                # Pyramid, metadata and attributes on the disk before the manifest goes: a power
+                # loss after this leaves a complete image, before it a resumable one. Blocks
+                # marked done were synced when they were written.
+                durable.sync_tree(self._path, skip=("0",) if self.manifest is not None else ())
             if self.manifest is not None:
                 self.manifest.finish()
         except BaseException:
@@ -428,6 +440,8 @@ class ZarrSink:
                 backup.rename(self._final)  # put the old output back where it was
                 raise
             _remove(backup)
+        if self._final is not None:  # the output's entry (a new folder, or the swap) before saying done
+            durable.sync_files([], [self._final.parent])
         import zarr
 
         root = zarr.open_group(self._final if self._final is not None else self.group.store, mode="r")
