@@ -282,3 +282,33 @@ def test_a_block_whose_put_fails_gets_no_marker_and_the_run_resumes_it(s3, monke
     assert not fs.exists(f"{BUCKET}/put-fails.zarr/0/c/0/1")
     resumed = ts.segment(image, _net(), out, tile_size=32, chunk_size=32, resume=True, progress=False)
     np.testing.assert_array_equal(resumed[:], ts.segment(image, _net(), tile_size=32, progress=False))
+
+
+def test_an_expired_lease_on_s3_is_taken_over_and_a_live_one_refuses(s3):
+    import time
+
+    from tilesegment.io.lock import Holder, OutputLock
+
+    fs, _ = s3
+    out = f"s3://{BUCKET}/leased.zarr"
+    lock = f"{BUCKET}/.leased.zarr.lock"
+    image = np.zeros((32, 32, 3), np.uint8)
+    fs.pipe_file(lock, Holder("elsewhere", 4321, time.time() - 600, "theirs", "segment",
+                              expires=time.time() + 60).to_bytes())
+    with pytest.raises(ts.OutputBusyError, match="is being written by pid 4321 on host elsewhere since .*; wait for it"):
+        ts.segment(image, _net(), out, tile_size=32, progress=False)
+    fs.pipe_file(lock, Holder("elsewhere", 4321, time.time() - 600, "theirs", "segment",
+                              expires=time.time() - 5).to_bytes())
+    with pytest.warns(ts.StaleLockWarning, match=r"pid 4321 on host elsewhere .* but its lease expired \d+ s ago"):
+        ts.segment(image, _net(), out, tile_size=32, progress=False)
+    fs.invalidate_cache()
+    assert not fs.exists(lock) and zarr.open_group(out, mode="r").attrs["tilesegment"]["complete"]
+    # The lock is created only if none is there (If-None-Match), and its lease is pushed forward.
+    with OutputLock(out) as held:
+        with pytest.raises(ts.OutputBusyError, match=f"pid {os.getpid()}"):
+            OutputLock(out).acquire()
+        before = Holder.from_bytes(fs.cat_file(lock)).expires
+        time.sleep(0.01)
+        held.renew()
+        assert Holder.from_bytes(fs.cat_file(lock)).expires > before
+    assert not fs.exists(lock)
