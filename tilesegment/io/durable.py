@@ -112,25 +112,32 @@ def chunk_files(array: Any, region: tuple[slice, ...]) -> Optional[list[Path]]:
     return [root / array.metadata.encode_chunk_key(coords) for coords in itertools.product(*ranges)]
 
 
-def sync_region(array: Any, region: tuple[slice, ...]) -> None:
+def sync_region(array: Any, region: tuple[slice, ...], known: Optional[set] = None) -> None:
     """fsync the chunk files of `region` of a local zarr `array` (written), then, once each, the
-    folders between them and the array's folder (zarr creates chunk folders as it goes)."""
+    folders between them and the array's folder (zarr creates chunk folders as it goes).
+
+    `known` (kept by the caller across blocks) holds folders whose own entry in
+    their parent was synced already: their parents are not synced again, so a
+    block costs a sync per chunk file and one per folder holding them, and the
+    folders above only when a new one appeared below them.
+    """
     if not ENABLED:
         return
     files = chunk_files(array, region)
     if not files:
         return
     root = _array_folder(array)
+    known = set() if known is None else known
     folders: dict[Path, None] = {}
     for path in files:
         for folder in path.parents:
-            if folder in folders:
-                break  # and so are its parents
-            folders[folder] = None
-            if folder == root:
+            folders[folder] = None  # it holds a new entry: the chunk, or a folder not known yet
+            if folder == root or folder in known:
                 break
     # deepest first: a folder's entry in its parent is synced after the folder's own entries
-    sync_files(files, sorted(folders, key=lambda f: len(f.parts), reverse=True))
+    order = sorted(folders, key=lambda f: len(f.parts), reverse=True)
+    sync_files(files, order)
+    known.update(order)  # only once synced: another thread must not skip a sync still to come
 
 
 def sync_tree(root: PathLike, skip: Iterable[str] = ()) -> None:

@@ -68,6 +68,7 @@ class BlockSink:
 
     def __init__(self, array: Any, manifest: Optional[Manifest] = None) -> None:
         self.array, self.manifest = array, manifest
+        self._synced: set = set()  # chunk folders whose entries are on the disk (durable.sync_region)
 
     def buffer(self, region: Region) -> np.ndarray:
         return _zeros_like_region(self.array, region)
@@ -76,7 +77,8 @@ class BlockSink:
                failed: Optional[list] = None) -> None:
         self.array[region] = buffer
         if self.manifest is not None and block is not None:
-            durable.sync_region(self.array, region)  # the marker promises the chunks are on the disk
+            # the marker promises the chunks are on the disk
+            durable.sync_region(self.array, region, self._synced)
             self.manifest.mark_done(block, failed)
 
     def close(self) -> Any:
@@ -238,6 +240,7 @@ class ZarrSink:
         self._slots = threading.BoundedSemaphore(2 * max(1, writers))
         self._futures: list[Future] = []
         self._scratch: list[str] = []
+        self._synced: set = set()  # chunk folders whose entries are on the disk (durable.sync_region)
 
     @property
     def _zarr_format(self) -> int:
@@ -392,7 +395,7 @@ class ZarrSink:
         self.array[region] = buffer  # returns once every chunk is written (every PUT, on a store)
         if self.manifest is not None and block is not None:
             # The marker promises the chunks survive a power loss: sync them first (local disks).
-            durable.sync_region(self.array, region)
+            durable.sync_region(self.array, region, self._synced)
             self.manifest.mark_done(block, failed)
 
     def _raise_failed(self) -> None:
