@@ -256,3 +256,59 @@ def test_failed_s3_run_with_nothing_done_leaves_nothing(s3, monkeypatch):
 def test_batch_mode_refuses_a_url_output_folder(rgb_tiff, capsys):
     assert main(["segment", str(rgb_tiff), str(rgb_tiff), f"s3://{BUCKET}/many/", "--quiet"]) == 2
     assert "segment remote outputs one input at a time" in capsys.readouterr().err
+
+
+def test_a_block_whose_put_fails_gets_no_marker_and_the_run_resumes_it(s3, monkeypatch):
+    """A block's marker is PUT only after every PUT of its chunks returned."""
+    import s3fs
+
+    image = np.random.default_rng(4).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    out = f"s3://{BUCKET}/put-fails.zarr"
+    original = s3fs.S3FileSystem._pipe_file
+
+    async def failing(self, path, data, *args, **kwargs):
+        if path.endswith("put-fails.zarr/0/c/0/1"):  # the only chunk of block 1 (blocks of 32 x 32)
+            raise OSError("PUT failed: 503 Slow Down")
+        return await original(self, path, data, *args, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_pipe_file", failing)
+    with pytest.raises(OSError, match="Slow Down"):
+        ts.segment(image, _net(), out, tile_size=32, chunk_size=32, progress=False)
+    monkeypatch.undo()
+    done = list(Manifest(out).done_blocks())
+    assert 0 in done and 1 not in done  # block 0 went in before; block 1's chunk never did
+    fs, _ = s3
+    fs.invalidate_cache()
+    assert not fs.exists(f"{BUCKET}/put-fails.zarr/0/c/0/1")
+    resumed = ts.segment(image, _net(), out, tile_size=32, chunk_size=32, resume=True, progress=False)
+    np.testing.assert_array_equal(resumed[:], ts.segment(image, _net(), tile_size=32, progress=False))
+
+
+def test_an_expired_lease_on_s3_is_taken_over_and_a_live_one_refuses(s3):
+    import time
+
+    from tilesegment.io.lock import Holder, OutputLock
+
+    fs, _ = s3
+    out = f"s3://{BUCKET}/leased.zarr"
+    lock = f"{BUCKET}/.leased.zarr.lock"
+    image = np.zeros((32, 32, 3), np.uint8)
+    fs.pipe_file(lock, Holder("elsewhere", 4321, time.time() - 600, "theirs", "segment",
+                              expires=time.time() + 60).to_bytes())
+    with pytest.raises(ts.OutputBusyError, match="is being written by pid 4321 on host elsewhere since .*; wait for it"):
+        ts.segment(image, _net(), out, tile_size=32, progress=False)
+    fs.pipe_file(lock, Holder("elsewhere", 4321, time.time() - 600, "theirs", "segment",
+                              expires=time.time() - 5).to_bytes())
+    with pytest.warns(ts.StaleLockWarning, match=r"pid 4321 on host elsewhere .* but its lease expired \d+ s ago"):
+        ts.segment(image, _net(), out, tile_size=32, progress=False)
+    fs.invalidate_cache()
+    assert not fs.exists(lock) and zarr.open_group(out, mode="r").attrs["tilesegment"]["complete"]
+    # The lock is created only if none is there (If-None-Match), and its lease is pushed forward.
+    with OutputLock(out) as held:
+        with pytest.raises(ts.OutputBusyError, match=f"pid {os.getpid()}"):
+            OutputLock(out).acquire()
+        before = Holder.from_bytes(fs.cat_file(lock)).expires
+        time.sleep(0.01)
+        held.renew()
+        assert Holder.from_bytes(fs.cat_file(lock)).expires > before
+    assert not fs.exists(lock)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -151,8 +152,9 @@ class Job:
 
     def final_output(self, **settings: Any) -> Output:
         """`destination` with what the run knows of its result: pixel size, record, class names,
-        instance recipe (and `settings`, such as the writer threads)."""
-        return replace(self.destination, pixel_size=self.tiler.source.pixel_size, record=self.record,
+        instance recipe (and `settings`, such as the writer threads), for `run`, which holds
+        its lock."""
+        return replace(self.destination, pixel_size=self.tiler.source.pixel_size, record=self.record, locked=True,
                        class_names=self.class_names,
                        instances=None if self.instances is None else self.instances.to_dict(), **settings)
 
@@ -260,18 +262,29 @@ class Job:
         (see `tilesegment.distributed`); both paths compute through
         `tilesegment.runner.run_blocks`. `progress` and `cancel` are those of
         `segment`; a cancelled run raises `Cancelled` and keeps what it finished.
+
+        An output is written by one run at a time: the run holds the output's
+        lock (`tilesegment.io.lock`; on the client, for a cluster run) from
+        before it writes anything until it ends, however it ends.
+
+        Raises
+        ------
+        OutputBusyError
+            If another live run writes the output; the message names it.
         """
         reporter = as_reporter(progress, cancel)
         start = time.perf_counter()
+        lock = None if self.destination is None else self.destination.lock("segment")
         try:
-            if client is not None:
-                from .distributed import run_on_cluster
+            with lock if lock is not None else contextlib.nullcontext():
+                if client is not None:
+                    from .distributed import run_on_cluster
 
-                result = run_on_cluster(self, client, reporter)
-                where = f"cluster ({len(client.scheduler_info()['workers'])} workers)"
-            else:
-                result = run_blocks(self, None, reporter).result
-                where = ", ".join(str(d) for d in self.devices)
+                    result = run_on_cluster(self, client, reporter)
+                    where = f"cluster ({len(client.scheduler_info()['workers'])} workers)"
+                else:
+                    result = run_blocks(self, None, reporter).result
+                    where = ", ".join(str(d) for d in self.devices)
         finally:
             reporter.close()
         stats = RunStats(

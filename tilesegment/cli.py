@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import re
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .errors import TileSegmentError, UsageError
+from .errors import OutputBusyError, TileSegmentError, UsageError
 from .geometry import compact
 from .modes import mode_names
 from .options import COMPILE_MODES
@@ -386,6 +387,8 @@ def _segment_one(args, image: str, output: str, client, resume: Optional[bool] =
     try:
         with exact_fp32(), cudnn_autotune():  # the command owns its process (tilesegment.process)
             _, run = job.run(progress=not args.quiet, client=client)
+    except OutputBusyError:
+        raise  # the blocks saved there are the other run's, still being written
     except BaseException:
         if not args.overwrite:  # an overwrite run writes beside the old output: nothing to resume
             _say_resumable(output, plan.n_blocks, args.storage_options)
@@ -658,12 +661,33 @@ def _actions(parser: argparse.ArgumentParser) -> list:
     return actions
 
 
+@contextlib.contextmanager
+def _notes():
+    """Print a taken-over stale lock (`StaleLockWarning`, `tilesegment.io.lock`) as one note line."""
+    import warnings
+
+    from .errors import StaleLockWarning
+
+    with warnings.catch_warnings():
+        shown = warnings.showwarning
+
+        def show(message, category, *args, **kwargs):
+            if issubclass(category, StaleLockWarning):
+                print(f"tilesegment: note: {message}", file=sys.stderr)
+            else:
+                shown(message, category, *args, **kwargs)
+
+        warnings.showwarning = show
+        yield
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the CLI; return the exit status (0 ok, 1 runtime error, 2 usage error)."""
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        return args.run(args)
+        with _notes():
+            return args.run(args)
     except TileSegmentError as exc:
         if args.debug:
             raise

@@ -9,9 +9,11 @@ __all__ = [
     "InputError",
     "ModelError",
     "OutputExistsError",
+    "OutputBusyError",
     "TileReadError",
     "ModelOutputError",
     "Cancelled",
+    "StaleLockWarning",
 ]
 
 
@@ -50,6 +52,12 @@ class OutputExistsError(TileSegmentError, FileExistsError):
     exit_code = 2
 
 
+class OutputBusyError(TileSegmentError):
+    """Another live run is writing the output (`tilesegment.io.lock`); the message names it."""
+
+    exit_code = 2
+
+
 class TileReadError(TileSegmentError):
     """A region of the image could not be read or decoded during the run."""
 
@@ -62,3 +70,7 @@ class Cancelled(TileSegmentError):
     """The caller cancelled the run (a `Reporter` said so); what was finished is kept."""
 
     exit_code = 130
+
+
+class StaleLockWarning(UserWarning):
+    """A lock left on an output by a run that is no longer alive was taken over (`tilesegment.io.lock`)."""

@@ -4,8 +4,12 @@ Inside an OME-Zarr output being written, ``.tilesegment/run.json`` holds the
 run's identity (input, model hash, tile size, mode, ...) and
 ``.tilesegment/done/<block>`` is an empty file created only after that
 block's chunks are written, so a killed run can be resumed exactly where it
-stopped. When the run completes, the record moves into the group's
-attributes (``tilesegment``) and the folder is removed.
+stopped. On a local disk the chunks are fsynced before the marker is created
+and the marker is fsynced with its folder (`tilesegment.io.durable`), so a
+marker survives a power loss only with its chunks; on an object store the
+marker is PUT after every PUT of the block's chunks returned. When the run
+completes, the record moves into the group's attributes (``tilesegment``) and
+the folder is removed.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from ..errors import UsageError
+from . import durable
 
 __all__ = ["Manifest", "model_hash", "input_identity"]
 
@@ -56,7 +61,8 @@ class Manifest:
     def __init__(self, output: Union[os.PathLike, str], storage_options: Optional[dict] = None) -> None:
         from .remote import filesystem, is_url, join
 
-        if is_url(output):
+        self._local = not is_url(output)
+        if not self._local:
             self._fs, root = filesystem(output, storage_options)
         else:
             from fsspec.implementations.local import LocalFileSystem
@@ -78,16 +84,30 @@ class Manifest:
     def start(self, record: dict) -> None:
         """Begin a run: write its identity, with no block done."""
         self._fs.makedirs(self._done, exist_ok=True)  # a no-op on object stores
-        self._fs.pipe_file(self._run, json.dumps(record, indent=1, sort_keys=True).encode())
+        self._put(self._run, json.dumps(record, indent=1, sort_keys=True).encode())
+        if self._local:  # the folders themselves, so that the first marker has somewhere to be
+            root = os.path.dirname(self.folder)
+            durable.sync_files([], [self._done, self.folder, root, os.path.dirname(root)])
+
+    def _put(self, path: str, data: bytes) -> None:
+        """Write a small file: fsynced with its folder on a local disk, one PUT on an object store."""
+        if self._local:
+            durable.write_synced(path, data)
+        else:
+            self._fs.pipe_file(path, data)
 
     def record(self) -> dict:
         return json.loads(self._fs.cat_file(self._run))
 
     def mark_done(self, block: int, failed_tiles: Optional[list] = None) -> None:
-        """Record `block` as written (with its unreadable tiles). Call only after its chunks are on disk."""
+        """Record `block` as written (with its unreadable tiles).
+
+        Call only once its chunks are stored: on a local disk, written and fsynced
+        (`tilesegment.io.durable.sync_region`); on an object store, every PUT returned.
+        """
         if failed_tiles:  # beside the marker, so that finishing reads only these
-            self._fs.pipe_file(f"{self._done}/{int(block)}.failed", json.dumps(failed_tiles).encode())
-        self._fs.pipe_file(f"{self._done}/{int(block)}", b"")
+            self._put(f"{self._done}/{int(block)}.failed", json.dumps(failed_tiles).encode())
+        self._put(f"{self._done}/{int(block)}", b"")
 
     def failed_tiles(self) -> list:
         """Unreadable tiles recorded with the finished blocks, in block order."""
@@ -122,5 +142,7 @@ class Manifest:
             return None
         record = self.record()
         self._fs.rm(self.folder, recursive=True)
+        if self._local:
+            durable.sync_files([], [os.path.dirname(self.folder)])
         self._fresh()
         return record

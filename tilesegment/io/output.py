@@ -2,7 +2,8 @@
 
 `segment()`, the `Stitcher`, the distributed runner and the CLI all go
 through an `Output`; `ZarrSink` does the writing (chunks, manifest, pyramid,
-the swap of an overwritten output) and `Manifest` the completion records.
+the swap of an overwritten output), `Manifest` the completion records and
+`OutputLock` the one-writer rule (`Job.run` holds it while it writes).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from ..errors import OutputExistsError, UsageError
+from ..errors import OutputExistsError, TileSegmentError, UsageError
+from .lock import OutputLock
 from .manifest import Manifest
 from .remote import is_url
 from .sinks import ZarrSink, _store_has_group, check_ngff, is_local_path
@@ -53,6 +55,9 @@ class Output:
         Identity of the run, kept in the output's manifest for `resume`.
     writers : int
         Threads that compress and write finished blocks.
+    locked : bool
+        The caller holds this output's `lock` (as `Job.run` does while it
+        writes), so `check` does not take it for another run's.
     """
 
     target: Any
@@ -65,6 +70,7 @@ class Output:
     instances: Optional[dict] = None
     record: Optional[dict] = None
     writers: int = 2
+    locked: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ngff", check_ngff(self.ngff))
@@ -83,9 +89,35 @@ class Output:
         """Whether runs into this target keep a manifest (local paths and URLs, not stores)."""
         return is_local_path(self.target) or is_url(self.target)
 
+    def lock(self, command: str = "segment") -> Optional[OutputLock]:
+        """The lock a run must hold while it writes this output (`tilesegment.io.lock`); None
+        for zarr stores given as objects, which have no name to put a lock beside."""
+        if not self._recorded:
+            return None
+        return OutputLock(self.target, self.storage_options, command)
+
     def check(self, image: Any = None) -> None:
-        """Refuse, before any work, an output that exists (without `overwrite` or a run to
-        resume), a folder that cannot be written, or one that is the input `image`."""
+        """Refuse, before any work, an output that another live run writes, one that exists
+        (without `overwrite` or a run to resume), a folder that cannot be written, or one
+        that is the input `image`."""
+        lock = None if self.locked else self.lock()
+        if lock is not None:
+            lock.check()
+        try:
+            self._check_target()
+        except TileSegmentError:
+            if lock is not None:
+                lock.check()  # a run that started meanwhile: name it rather than what it wrote
+            raise
+        if isinstance(image, (str, os.PathLike)) and isinstance(self.target, (str, os.PathLike)):
+            a, b = Path(image).resolve(), Path(self.target).resolve()
+            if a == b or a in b.parents or b in a.parents:
+                raise UsageError(
+                    f"output {str(self.target)!r} is (or contains, or is inside) the input {str(image)!r}; "
+                    "write the result somewhere else"
+                )
+
+    def _check_target(self) -> None:
         if self.resume and self._recorded and Manifest(self.target, self.storage_options).exists:
             pass  # a stopped run to continue
         elif self.resume and self._exists:
@@ -99,13 +131,6 @@ class Output:
             )
         else:
             ZarrSink.check_output(self.target, self.overwrite, self.storage_options)
-        if isinstance(image, (str, os.PathLike)) and isinstance(self.target, (str, os.PathLike)):
-            a, b = Path(image).resolve(), Path(self.target).resolve()
-            if a == b or a in b.parents or b in a.parents:
-                raise UsageError(
-                    f"output {str(self.target)!r} is (or contains, or is inside) the input {str(image)!r}; "
-                    "write the result somewhere else"
-                )
 
     def done_blocks(self, record: dict) -> Optional[np.ndarray]:
         """Blocks an earlier run with the same `record` finished, when resuming; None when

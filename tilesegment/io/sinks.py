@@ -16,6 +16,7 @@ import numpy as np
 
 from ..contracts import Region, Sink
 from ..errors import OutputExistsError, UsageError
+from . import durable
 from .manifest import Manifest
 from .ngff import downsample, multiscales, ngff_version, pyramid_factors, write_ome
 from .remote import filesystem_options, is_url
@@ -61,11 +62,13 @@ class BlockSink:
     """Writes blocks straight into an existing zarr array and records them done.
 
     What a distributed task uses: it owns a few blocks of an output that the
-    client created, writes each synchronously, then marks it in the manifest.
+    client created, writes each synchronously (fsynced on a local disk), then
+    marks it in the manifest.
     """
 
     def __init__(self, array: Any, manifest: Optional[Manifest] = None) -> None:
         self.array, self.manifest = array, manifest
+        self._synced: set = set()  # chunk folders whose entries are on the disk (durable.sync_region)
 
     def buffer(self, region: Region) -> np.ndarray:
         return _zeros_like_region(self.array, region)
@@ -74,6 +77,8 @@ class BlockSink:
                failed: Optional[list] = None) -> None:
         self.array[region] = buffer
         if self.manifest is not None and block is not None:
+            # the marker promises the chunks are on the disk
+            durable.sync_region(self.array, region, self._synced)
             self.manifest.mark_done(block, failed)
 
     def close(self) -> Any:
@@ -139,7 +144,9 @@ class ZarrSink:
     only once complete, so a failed run never destroys the old one.
 
     With a run `record` (local paths and URLs), every block is marked done in
-    the output's manifest after its chunks are written; a run that stops
+    the output's manifest after its chunks are written (on a local disk:
+    fsynced, `tilesegment.io.durable`; on an object store: every PUT
+    returned); a run that stops
     early (error, Ctrl-C, SIGKILL) with at least one block done leaves a
     resumable output, and ``resume=True`` reopens it. A failed run with
     nothing done removes what it wrote.
@@ -233,6 +240,7 @@ class ZarrSink:
         self._slots = threading.BoundedSemaphore(2 * max(1, writers))
         self._futures: list[Future] = []
         self._scratch: list[str] = []
+        self._synced: set = set()  # chunk folders whose entries are on the disk (durable.sync_region)
 
     @property
     def _zarr_format(self) -> int:
@@ -384,9 +392,11 @@ class ZarrSink:
         self._raise_failed()
 
     def _write(self, region: Region, buffer: np.ndarray, block: Optional[int], failed) -> None:
-        self.array[region] = buffer
+        self.array[region] = buffer  # returns once every chunk is written (every PUT, on a store)
         if self.manifest is not None and block is not None:
-            self.manifest.mark_done(block, failed)  # only now are the block's chunks on disk
+            # The marker promises the chunks survive a power loss: sync them first (local disks).
+            durable.sync_region(self.array, region, self._synced)
+            self.manifest.mark_done(block, failed)
 
     def _raise_failed(self) -> None:
         done = [f for f in self._futures if f.done()]
@@ -414,6 +424,11 @@ class ZarrSink:
             self.group.attrs["tilesegment"] = {**(self._record or {}), "complete": True,
                                                "failed_tiles": self.failed_tiles, **classes}
             self._pool.shutdown(wait=True)
+            if self._final is not None:
+                # Pyramid, metadata and attributes on the disk before the manifest goes: a power
+                # loss after this leaves a complete image, before it a resumable one. Blocks
+                # marked done were synced when they were written.
+                durable.sync_tree(self._path, skip=("0",) if self.manifest is not None else ())
             if self.manifest is not None:
                 self.manifest.finish()
         except BaseException:
@@ -428,6 +443,8 @@ class ZarrSink:
                 backup.rename(self._final)  # put the old output back where it was
                 raise
             _remove(backup)
+        if self._final is not None:  # the output's entry (a new folder, or the swap) before saying done
+            durable.sync_files([], [self._final.parent])
         import zarr
 
         root = zarr.open_group(self._final if self._final is not None else self.group.store, mode="r")

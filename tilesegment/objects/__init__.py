@@ -15,6 +15,7 @@ The rooms: `input` reads the map, `passes` labels, numbers and writes it,
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -23,6 +24,7 @@ import numpy as np
 from .._components import Tally
 from ..contracts import ChunkStep
 from ..errors import UsageError
+from ..io.lock import OutputLock, lock_location
 from ..io.ngff import read_ome, write_ome
 from ..options import InstanceRecipe
 from ..report import Cancel, Reporter, as_reporter
@@ -135,6 +137,11 @@ def label_objects(
         `grow_into` (or the reverse), an unknown step.
     OutputExistsError
         Instance labels already there, without `overwrite`.
+    OutputBusyError
+        Another live run writes the map (a segment run) or where the labels
+        go (another objects pass). The pass holds that lock itself while it
+        writes (`tilesegment.io.lock`): the segment output for
+        ``labels/objects``, else `output`.
 
     Examples
     --------
@@ -147,7 +154,9 @@ def label_objects(
     >>> objs.table[["id", "class", "area"]].values.tolist()
     [[1, 1, 2], [2, 2, 2], [3, 1, 1], [4, 1, 2]]
     """
+    _refuse_busy(labels, output)  # before reading a map that a live run is still writing
     inp = open_input(labels, chunks, probabilities)
+    _refuse_busy(inp.group_path)
     if class_names is not None:
         names = class_names if isinstance(class_names, dict) else dict(enumerate(class_names))
         inp.names = {**inp.names, **{int(k): str(v) for k, v in names.items()}}
@@ -173,14 +182,24 @@ def label_objects(
     reporter = as_reporter(progress, cancel, unit="chunk")
     stepped = 0 if growth is None and not steps else len(chunk_regions(inp.shape, chunk_edge(inp)))
     reporter.start(2 * inp.grid.n_chunks + stepped, "objects")  # label every chunk, write it, step it
+    target = inp.group_path if where == "group" else where
+    lock = None if target is None or lock_location(target) is None else OutputLock(target, command="objects")
     try:
-        runner = task_runner(client, workers)
-        task = ChunkTask(inp, wanted, int(connectivity), into, keep=not runner.remote)
-        objs = _label_and_write(task, growth, steps, where, overwrite, runner, reporter)
+        with lock if lock is not None else contextlib.nullcontext():
+            runner = task_runner(client, workers)
+            task = ChunkTask(inp, wanted, int(connectivity), into, keep=not runner.remote)
+            objs = _label_and_write(task, growth, steps, where, overwrite, runner, reporter)
         objs.recipe = recipe
         return objs
     finally:
         reporter.close()
+
+
+def _refuse_busy(*targets: Any) -> None:
+    """Raise `OutputBusyError` if a live run writes one of `targets` (paths or URLs; others pass)."""
+    for target in targets:
+        if target is not None and lock_location(target) is not None:
+            OutputLock(target).check()
 
 
 def _grow_into(inp: Input, grow: Any, grow_into: Optional[Sequence[int]]) -> tuple[int, ...]:

@@ -219,9 +219,15 @@ def finish_sink(sink: Any, where: Any) -> Any:
     """Close the sink (pyramid, NGFF metadata); point the label image at its image."""
     import zarr
 
+    from ..io import durable
+
     array = sink.close()  # opened read-only
     if where == "group":
+        folder = Path(array.store.root)  # labels/objects, where an overwrite was swapped in
         group = zarr.open_group(array.store.with_read_only(False), mode="r+")
         ome = read_ome(group)
         write_ome(group, {**ome, "image-label": {**ome.get("image-label", {}), "source": {"image": "../../"}}})
+        # labels/objects, labels/ (which lists it) and the image group (which holds labels/)
+        for metadata in (folder, folder.parent, folder.parent.parent):
+            durable.sync_metadata(metadata)
     return array
