@@ -9,6 +9,11 @@ sets), each into a fresh folder; the median of `--repeats` is reported.
 
     python benchmarks/fsync.py [--sizes 2048 8192] [--repeats 5] [--folder /data/tmp]
 
+``--segment`` measures whole runs instead, where the syncs overlap the
+network: ``ts.segment`` of a synthetic RGB slide into OME-Zarr, with the
+demo model at 2048² and a tiny U-Net (base 4, depth 2: the write path's
+worst case, little compute to hide it behind) at 8192².
+
 Writes benchmarks/results/fsync.{csv,json}. The figure depends on the disk
 under `--folder` (default: the system's temporary folder).
 """
@@ -21,6 +26,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -55,6 +61,47 @@ def write_once(folder: Path, size: int, data: list) -> float:
     return seconds
 
 
+def segment_once(folder: Path, image: Path, model) -> float:
+    """Seconds of one ``ts.segment`` run of `image` into a fresh output."""
+    import tilesegment as ts
+
+    out = folder / "seg.zarr"
+    start = time.perf_counter()
+    ts.segment(image, model, out, tile_size=512, progress=False)
+    seconds = time.perf_counter() - start
+    shutil.rmtree(out)
+    return seconds
+
+
+def segment_rows(sizes: list[int], repeats: int, folder: Optional[Path]) -> list[dict]:
+    import torch
+
+    import tilesegment as ts
+    from _common import synthetic_rgb_tiff
+    from tilesegment.io import durable
+
+    torch.manual_seed(0)
+    rows = []
+    for size in sizes:
+        model = ts.load_model("demo") if size <= 2048 else ts.UNet(3, 3, base_channels=4, depth=2)
+        name = "demo model" if size <= 2048 else "UNet base 4 depth 2"
+        with tempfile.TemporaryDirectory(dir=folder) as tmp:
+            image = synthetic_rgb_tiff(Path(tmp) / "slide.tif", size)
+            segment_once(Path(tmp), image, model)  # warm up
+            times: dict[bool, list[float]] = {True: [], False: []}
+            for _ in range(repeats):
+                for enabled in (True, False):
+                    durable.ENABLED = enabled
+                    times[enabled].append(segment_once(Path(tmp), image, model))
+            durable.ENABLED = True
+        on, off = statistics.median(times[True]), statistics.median(times[False])
+        rows.append({"size": size, "run": f"ts.segment, {name}", "repeats": repeats,
+                     "seconds_fsync": round(on, 3), "seconds_no_fsync": round(off, 3),
+                     "overhead_pct": round(100 * (on - off) / off, 1)})
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     from tilesegment.io import durable
 
@@ -62,7 +109,11 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[2048, 8192])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--folder", type=Path, default=None, help="where the outputs are written")
+    parser.add_argument("--segment", action="store_true", help="whole ts.segment runs (fsync_segment.csv)")
     args = parser.parse_args()
+    if args.segment:
+        write_rows("fsync_segment", segment_rows(args.sizes, args.repeats, args.folder))
+        return
     rows = []
     for size in args.sizes:
         data = list(blocks(size))
