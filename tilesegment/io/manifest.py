@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -62,6 +63,7 @@ class Manifest:
             from fsspec.implementations.local import LocalFileSystem
 
             self._fs, root = LocalFileSystem(), os.fspath(Path(output).absolute())
+        self._root = None if is_url(output) else Path(root)
         self.folder = join(root, _FOLDER)
         self._run = join(self.folder, "run.json")
         self._done = join(self.folder, "done")
@@ -76,9 +78,32 @@ class Manifest:
         return self._fs.isfile(self._run)
 
     def start(self, record: dict) -> None:
-        """Begin a run: write its identity, with no block done."""
+        """Begin a run: write its identity, with no block done.
+
+        A local output that does not exist yet is created here, atomically,
+        with its manifest inside: built in a hidden sibling and renamed. A run
+        killed at any moment after that leaves a folder that ``--resume``
+        continues; before it, nothing (a stale sibling, removed by the next
+        run). On object stores each object appears whole.
+        """
+        text = json.dumps(record, indent=1, sort_keys=True).encode()
+        if self._root is not None and not self._root.exists():
+            tmp = self._root.with_name(f".{self._root.name}.{uuid.uuid4().hex[:8]}.tmp")
+            os.makedirs(tmp / _FOLDER / "done")
+            (tmp / _FOLDER / "run.json").write_bytes(text)
+            os.rename(tmp, self._root)
+            return
         self._fs.makedirs(self._done, exist_ok=True)  # a no-op on object stores
-        self._fs.pipe_file(self._run, json.dumps(record, indent=1, sort_keys=True).encode())
+        if self._root is not None:  # never a half-written run.json, which would block --resume
+            tmp = Path(f"{self._run}.{uuid.uuid4().hex[:8]}.tmp")
+            tmp.write_bytes(text)
+            os.replace(tmp, self._run)
+        else:
+            self._fs.pipe_file(self._run, text)
+
+    def reopen(self) -> None:
+        """Continue a stopped run: its markers folder may be gone (stopped while finishing)."""
+        self._fs.makedirs(self._done, exist_ok=True)
 
     def record(self) -> dict:
         return json.loads(self._fs.cat_file(self._run))
@@ -121,6 +146,12 @@ class Manifest:
         if not self.exists:
             return None
         record = self.record()
-        self._fs.rm(self.folder, recursive=True)
+        # run.json goes last: a run killed while the markers are removed is still resumable
+        # (it redoes the blocks whose markers are gone), never a finished output with debris.
+        if self._fs.exists(self._done):
+            self._fs.rm(self._done, recursive=True)
+        self._fs.rm_file(self._run)
+        if self._fs.exists(self.folder):  # other files of the run (object stores have no folders)
+            self._fs.rm(self.folder, recursive=True)
         self._fresh()
         return record
