@@ -179,8 +179,8 @@ def _segment(args: argparse.Namespace) -> int:
     if len(args.paths) < 2:
         raise UsageError("segment needs an INPUT and an OUTPUT, e.g. tilesegment segment slide.svs slide.zarr")
     *inputs, output = args.paths
-    if args.objects and len(inputs) == 1 and not any(c in inputs[0] for c in "*?["):
-        _check_objects_outputs(output, args.overwrite)
+    if args.objects and not args.resume and len(inputs) == 1 and not any(c in inputs[0] for c in "*?["):
+        _check_objects_outputs(output, args.overwrite)  # resuming, they are this run's to redo
     with _client(args.scheduler) as client:
         if len(inputs) == 1 and not any(c in inputs[0] for c in "*?["):
             return _segment_one(args, inputs[0], output, client)
@@ -228,23 +228,36 @@ def _segment_many(args, inputs: list[str], folder: Path, client) -> int:
         raise UsageError(f"several inputs would write {', '.join(clashes)}; segment them into "
                          "different folders or rename them")
     folder.mkdir(parents=True, exist_ok=True)
-    failed = []
+    failed: list[tuple[str, str]] = []
     for i, (image, out) in enumerate(zip(inputs, outputs), 1):
         print(f"[{i}/{len(inputs)}] {image} -> {out}", file=sys.stderr)
-        resume = args.resume or Manifest(out).exists
         try:
+            resume = args.resume or Manifest(out).exists
             if out.exists() and not args.overwrite and not Manifest(out).exists:
-                if _finished_earlier(args, out):
+                if not _finished_earlier(args, out):
+                    raise UsageError(f"{out} exists from another run (other model or mode, or not ours); "
+                                     "--overwrite replaces it")
+                if not args.objects or _objects_done(str(out)):
                     print("         finished earlier: skipped", file=sys.stderr)
                     continue
-                raise UsageError(f"{out} exists from another run (other model or mode, or not ours); "
-                                 "--overwrite replaces it")
+                resume = True  # finished, but not its objects: `_segment_one` makes them
             _segment_one(args, image, str(out), client, resume=resume and not args.overwrite)
-        except TileSegmentError as exc:
-            print(f"tilesegment: error: {exc}", file=sys.stderr)
-            failed.append(image)
+        except KeyboardInterrupt:
+            raise  # stop the batch; what is saved is resumable (`main` says so)
+        except Exception as exc:  # one slide's failure, whatever it is, never stops the others
+            if args.debug:
+                import traceback
+
+                traceback.print_exc()
+            reason = (_for_the_cli(str(exc), _parser()) if isinstance(exc, TileSegmentError)
+                      else f"{type(exc).__name__}: {exc}")
+            print(f"tilesegment: error: {reason}", file=sys.stderr)
+            failed.append((image, reason.splitlines()[0] if reason else type(exc).__name__))
     if failed:
-        print(f"tilesegment: {len(failed)} of {len(inputs)} inputs failed: {', '.join(failed)}", file=sys.stderr)
+        print(f"tilesegment: {len(failed)} of {len(inputs)} inputs failed (rerun the same command with "
+              "--resume to redo only those and any unfinished):", file=sys.stderr)
+        for image, reason in failed:
+            print(f"  {image}: {reason}", file=sys.stderr)
         return 1
     return 0
 
@@ -254,6 +267,10 @@ def _finished_earlier(args, out: Path) -> bool:
     whatever the tile, batch or device (the exactness rule), so nothing is left to do."""
     import zarr
 
+    from .io.manifest import Manifest
+
+    if Manifest(out).exists:  # stopped while finishing (pyramid, metadata, markers): resume it
+        return False
     try:
         record = zarr.open_group(out, mode="r").attrs.get("tilesegment", {})
     except Exception:
@@ -353,6 +370,11 @@ def _segment_one(args, image: str, output: str, client, resume: Optional[bool] =
     resume = args.resume if resume is None else resume
     if resume and not args.overwrite and "://" not in output and Path(output).is_dir() and _finished_earlier(
             args, Path(output)):
+        if args.objects and not _objects_done(output):  # a run stopped in its objects pass
+            if not args.quiet:
+                print(f"done     {output} was finished earlier with this model and mode; its objects "
+                      "were not: finding them", file=sys.stderr)
+            return _segment_objects(args, output, resume=True, client=client)
         if not args.quiet:
             print(f"done     {output} was finished earlier with this model and mode: nothing to do",
                   file=sys.stderr)
@@ -396,10 +418,43 @@ def _segment_one(args, image: str, output: str, client, resume: Optional[bool] =
     say(f"done     {run.computed} tiles computed in {run.seconds:.1f} s: "
         f"{run.megapixels_per_second:.2f} {unit} -> {output}")
     if args.objects:
-        table, geojson = _beside(output)
-        geojson = str(geojson) if len(plan.shape) == 2 else None  # QuPath GeoJSON is 2-d
-        _find_objects(output, None, 1, str(table), geojson, args.overwrite or resume, args.quiet, client)
+        return _segment_objects(args, output, resume, client, ndim=len(plan.shape))
     return 0
+
+
+def _segment_objects(args, output: str, resume: bool, client, ndim: Optional[int] = None) -> int:
+    """The objects pass of ``segment --objects``: labels/objects in OUTPUT, the table and the
+    GeoJSON beside it. Resuming, whatever a stopped pass left of them is made again."""
+    table, geojson = _beside(output)
+    ndim = _stored_ndim(output) if ndim is None else ndim
+    geojson = str(geojson) if ndim == 2 else None  # QuPath GeoJSON is 2-d
+    return _find_objects(output, None, 1, str(table), geojson, args.overwrite or resume, args.quiet, client)
+
+
+def _stored_ndim(output: str) -> int:
+    """Spatial axes of a segment output (2 for images, 3 for volumes), from its OME axes."""
+    import zarr
+
+    from .io.ngff import read_ome
+
+    multiscales = read_ome(zarr.open_group(output, mode="r")).get("multiscales", [{}])
+    return sum(axis.get("type") == "space" for axis in multiscales[0].get("axes", [])) or 2
+
+
+def _objects_done(output: str) -> bool:
+    """Whether ``segment --objects`` finished the objects of `output`: labels/objects complete,
+    then the table, then (2-D) the GeoJSON, each written whole (so the last one present
+    means the ones before are complete)."""
+    import zarr
+
+    try:
+        objects = zarr.open_group(Path(output) / "labels" / "objects", mode="r")
+    except Exception:
+        return False
+    if not objects.attrs.get("tilesegment", {}).get("complete"):
+        return False
+    table, geojson = _beside(output)
+    return table.is_file() and (geojson.is_file() or _stored_ndim(output) != 2)
 
 
 def _precision(precision: str) -> str:
