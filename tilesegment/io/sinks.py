@@ -65,7 +65,7 @@ class BlockSink:
     """
 
     def __init__(self, array: Any, manifest: Optional[Manifest] = None) -> None:
-        self.array, self.manifest = array, manifest
+        self.array, self.manifest = writing_every_chunk(array), manifest
 
     def buffer(self, region: Region) -> np.ndarray:
         return _zeros_like_region(self.array, region)
@@ -81,6 +81,17 @@ class BlockSink:
 
     def abort(self) -> None:
         pass
+
+
+def writing_every_chunk(array: Any) -> Any:
+    """`array` (a zarr array opened again) writing every chunk, as `ZarrSink` creates its arrays.
+
+    The setting is not stored with an array: opened again, zarr skips chunks that hold only
+    the fill value, so a resumed run or a cluster task would leave out chunks that an
+    uninterrupted run writes (the same pixels, not the same files).
+    """
+    with_config = getattr(array, "with_config", None)
+    return with_config({"write_empty_chunks": True}) if with_config is not None else array
 
 
 def _zeros_like_region(array: Any, region: Region) -> np.ndarray:
@@ -207,7 +218,7 @@ class ZarrSink:
                 self._final = self._path = Path(output)
                 _remove_partial_writes(self._path)
             self.group = zarr.open_group(self._url or self._path, mode="r+", **zarr_options)
-            self.array = self.group["0"]
+            self.array = writing_every_chunk(self.group["0"])
             found = ngff_version(self.group)
             if found != self.ngff:
                 raise UsageError(f"cannot resume {str(output)!r}: it is NGFF {found}, this run writes "
