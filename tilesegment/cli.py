@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import functools
 import re
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -410,7 +411,7 @@ def _segment_one(args, image: str, output: str, client, resume: Optional[bool] =
             _, run = job.run(progress=not args.quiet, client=client)
     except BaseException:
         if not args.overwrite:  # an overwrite run writes beside the old output: nothing to resume
-            _say_resumable(output, plan.n_blocks, args.storage_options)
+            _say_resumable(output, plan.n_blocks, args.storage_options, _resume_command(args))
         raise
     finally:
         job.close()
@@ -428,7 +429,12 @@ def _segment_objects(args, output: str, resume: bool, client, ndim: Optional[int
     table, geojson = _beside(output)
     ndim = _stored_ndim(output) if ndim is None else ndim
     geojson = str(geojson) if ndim == 2 else None  # QuPath GeoJSON is 2-d
-    return _find_objects(output, None, 1, str(table), geojson, args.overwrite or resume, args.quiet, client)
+    try:
+        return _find_objects(output, None, 1, str(table), geojson, args.overwrite or resume, args.quiet, client)
+    except KeyboardInterrupt:
+        print(f"tilesegment: {output} is segmented, its objects are not finished; to finish them, run: "
+              f"{_resume_command(args)}", file=sys.stderr)
+        raise
 
 
 def _stored_ndim(output: str) -> int:
@@ -551,13 +557,29 @@ def _find_objects(image: str, classes, connectivity: int, table: Optional[str], 
     return 0
 
 
-def _say_resumable(output: str, n_blocks: int, storage_options: Optional[dict] = None) -> None:
+def _say_resumable(output: str, n_blocks: int, storage_options: Optional[dict] = None,
+                   command: str = "") -> None:
     from .io.output import Output
 
     saved = Output(output, storage_options=storage_options).saved_blocks()
     if saved:
+        how = f": {command}" if command else ""
         print(f"tilesegment: {saved} of {n_blocks} blocks are saved in {output}; "
-              "run the same command with --resume to continue", file=sys.stderr)
+              f"run the same command with --resume to continue{how}", file=sys.stderr)
+
+
+def _resume_command(args: argparse.Namespace) -> str:
+    """The command line that continues this run: the one given, with ``--resume``.
+
+    >>> _resume_command(argparse.Namespace(argv=["segment", "a b.svs", "o.zarr", "-q"]))
+    "tilesegment segment 'a b.svs' o.zarr -q --resume"
+    """
+    import shlex
+
+    argv = list(getattr(args, "argv", None) or [])
+    if not argv:
+        return ""
+    return shlex.join(["tilesegment", *argv, *([] if "--resume" in argv else ["--resume"])])
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -712,20 +734,52 @@ def _actions(parser: argparse.ArgumentParser) -> list:
     return actions
 
 
+class _StopOnSigterm:
+    """While the command runs, SIGTERM (``kill``, a batch scheduler's time limit, a container
+    stop) stops it as Ctrl-C does: a KeyboardInterrupt in the main thread, so the blocks being
+    written finish, the output stays resumable and the command says how to continue."""
+
+    def __init__(self) -> None:
+        self.received, self._installed = False, False
+        self._previous: Any = None
+
+    def _handle(self, signum, frame) -> None:
+        if self.received:
+            return  # a repeated SIGTERM must not break off the clean stop the first one began
+        self.received = True
+        raise KeyboardInterrupt
+
+    def __enter__(self) -> "_StopOnSigterm":
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._installed = True
+        except ValueError:  # not the main thread (main() called from a thread): leave SIGTERM be
+            pass
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the CLI; return the exit status (0 ok, 1 runtime error, 2 usage error)."""
     parser = _parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # for the command that resumes a stopped run
+    stop = _StopOnSigterm()
     try:
-        return args.run(args)
+        with stop:
+            return args.run(args)
     except TileSegmentError as exc:
         if args.debug:
             raise
         print(f"tilesegment: error: {_for_the_cli(str(exc), parser)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("tilesegment: interrupted", file=sys.stderr)
-        return 130
+        print(f"tilesegment: {'stopped by SIGTERM' if stop.received else 'interrupted'}", file=sys.stderr)
+        return 128 + signal.SIGTERM if stop.received else 130
     except Exception as exc:  # an unexpected failure still gets one line
         if args.debug:
             raise
