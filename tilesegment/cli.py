@@ -134,6 +134,16 @@ def _parser() -> argparse.ArgumentParser:
     obj.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
     obj.set_defaults(run=_objects)
 
+    check = verbs.add_parser("verify", help="check a segment output: complete, every chunk readable, metadata",
+                             description="Check an OME-Zarr that segment wrote, without changing it: the "
+                                         "run finished, every chunk of every array and pyramid level is "
+                                         "present and decodes, shapes and dtypes agree across levels, the "
+                                         "OME metadata holds together, and labels/ matches the image. One "
+                                         "line per problem; exit 0 when there is none, 1 otherwise.")
+    check.add_argument("output", metavar="OUTPUT.zarr", help="the output folder (local)")
+    check.add_argument("--quiet", "-q", action="store_true", help="print problems only, not the summary")
+    check.set_defaults(run=_verify)
+
     demo = verbs.add_parser("demo", help="segment a generated H&E slide with the bundled model",
                             description="Generate a synthetic H&E slide, segment it with the bundled "
                                         "demo model, find its objects, write OME-Zarr, a table, QuPath "
@@ -580,6 +590,22 @@ def _resume_command(args: argparse.Namespace) -> str:
     if not argv:
         return ""
     return shlex.join(["tilesegment", *argv, *([] if "--resume" in argv else ["--resume"])])
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from .io.verify import verify_output
+
+    if "://" in args.output:
+        raise UsageError(f"verify reads local outputs; {args.output!r} is a URL: copy it or mount it first")
+    found = verify_output(args.output)
+    for problem in found.problems:
+        print(f"problem  {problem}")
+    if found.ok:
+        if not args.quiet:
+            print(f"ok       {found.summary()}")
+        return 0
+    print(f"tilesegment: {len(found.problems)} problem(s) in {args.output}", file=sys.stderr)
+    return 1
 
 
 def _demo(args: argparse.Namespace) -> int:
