@@ -249,15 +249,19 @@ def count_calls(case: Case, folder: Path) -> dict[str, int]:
 
 
 def random_kills(rng: random.Random, calls: dict[str, int], seconds: float, n: int) -> list[Kill]:
-    """`n` kills: a random phase at a random call, or (one in four) a random moment of the run."""
+    """`n` kills in a row: a random phase at a random call, or (one in four) a random moment.
+
+    A resumed run does less than a full one, so the k-th kill draws from the first 1/k of
+    the calls (and of the time) of an uninterrupted run, where it is likelier to land.
+    """
     phases = sorted(p for p, c in calls.items() if c)
     kills = []
-    for _ in range(n):
+    for k in range(1, n + 1):
         if rng.random() < 0.25:
-            kills.append(Kill(delay=rng.uniform(0.05, seconds)))
+            kills.append(Kill(delay=rng.uniform(0.05, seconds / k)))
         else:
             phase = rng.choice(phases)
-            kills.append(Kill(phase, rng.randint(1, calls[phase])))
+            kills.append(Kill(phase, rng.randint(1, max(1, calls[phase] // k))))
     return kills
 
 
