@@ -181,3 +181,47 @@ def test_scheduler_local_gives_each_worker_its_own_gpu_and_refuses_more_workers_
         seen = client.run(os.getenv, "CUDA_VISIBLE_DEVICES")  # os.environ.get would pickle ours
         resources = [w["resources"] for w in client.scheduler_info()["workers"].values()]
     assert sorted(seen.values()) == ["0", "1"] and resources == [{"GPU": 1}] * 2
+
+
+def test_a_failing_slide_does_not_stop_the_batch_and_resume_redoes_only_the_failed(
+        capsys, tmp_path, rgb_image, model_file, monkeypatch):
+    import tifffile
+
+    from tilesegment import api
+
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    for name in "acd":
+        tifffile.imwrite(slides / f"{name}.tif", rgb_image, photometric="rgb")
+    (slides / "b.tif").write_bytes(b"II*\x00" + b"\xff" * 100)  # a corrupt file
+    prepare = api.prepare
+
+    def failing(image, *args, **kwargs):  # d: an unexpected error, not a TileSegmentError
+        if str(image).endswith("d.tif"):
+            raise RuntimeError("too many open files")
+        return prepare(image, *args, **kwargs)
+
+    monkeypatch.setattr(api, "prepare", failing)
+    out = tmp_path / "results"
+    args = ["segment", *(slides / f"{n}.tif" for n in "abcd"), out, "--model", model_file, "--tile-size", 32,
+            "--objects", "--quiet"]
+    code, _, err = _run(capsys, *args)
+    assert code == 1 and "Traceback" not in err
+    summary = err[err.index("tilesegment: 2 of 4 inputs failed"):].strip().splitlines()
+    assert len(summary) == 3 and "--resume to redo only those" in summary[0]
+    assert re.fullmatch(rf"  {re.escape(str(slides / 'b.tif'))}: \S.*", summary[1])
+    assert summary[2] == f"  {slides / 'd.tif'}: RuntimeError: too many open files"
+    assert sorted(p.name for p in out.glob("*.zarr")) == ["a.zarr", "c.zarr"]  # c ran after b failed
+    assert (out / "c.geojson.gz").exists()
+
+    # The files fixed, the same command with --resume redoes only the failed slides.
+    tifffile.imwrite(slides / "b.tif", rgb_image, photometric="rgb")
+    monkeypatch.setattr(api, "prepare", prepare)
+    before = (out / "a.zarr" / "0" / "c" / "0" / "0").stat().st_mtime_ns
+    code, _, err = _run(capsys, *args, "--resume")
+    assert code == 0, err
+    assert err.count("finished earlier: skipped") == 2
+    assert (out / "a.zarr" / "0" / "c" / "0" / "0").stat().st_mtime_ns == before
+    for name in "abcd":
+        assert zarr.open_group(out / f"{name}.zarr", mode="r").attrs["tilesegment"]["complete"]
+        assert (out / f"{name}.objects.csv").exists() and (out / f"{name}.geojson.gz").exists()

@@ -191,3 +191,55 @@ def test_a_progress_callback_returning_false_cancels(tmp_path, slide, model):
 def test_cancelling_an_in_memory_run_says_the_result_is_dropped(slide, model):
     with pytest.raises(ts.Cancelled, match="in-memory result is dropped"):
         ts.segment(slide, model, tile_size=64, progress=False, cancel=lambda: True)
+
+
+@pytest.fixture
+def slow_model(tmp_path, model):
+    """A module `slow` whose `build()` is the model slowed by 20 ms per tile, and the environment
+    that lets a subprocess import it."""
+    (tmp_path / "slow.py").write_text(
+        "import time, torch, tilesegment as ts\n"
+        "net = ts.load_model(%r)\n"
+        "class Slow(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__(); self.net = net\n"
+        "    geometry = net.geometry\n"
+        "    def forward(self, x):\n"
+        "        if x.device.type != 'meta': time.sleep(0.02)\n"
+        "        return self.net(x)\n"
+        "def build():\n"
+        "    return Slow()\n" % str(model)
+    )
+    return {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_sigterm_and_ctrl_c_stop_cleanly_print_the_resume_command_and_resume_to_identical(
+        tmp_path, slide, model, slow_model, sig, monkeypatch, capsys):
+    reference = tmp_path / "reference.zarr"
+    assert main(_args(slide, reference, model)) == 0
+    out = tmp_path / "out.zarr"
+    args = _args(slide, out, "slow:build")
+    proc = subprocess.Popen([sys.executable, "-m", "tilesegment.cli", *args], env=slow_model,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while len(Manifest(out).done_blocks()) < 1 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(sig)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == (143 if sig == signal.SIGTERM else 130), err
+    lines = err.strip().splitlines()
+    assert lines[-1] == ("tilesegment: stopped by SIGTERM" if sig == signal.SIGTERM else "tilesegment: interrupted")
+    command = f"tilesegment {' '.join(args)} --resume"
+    assert re.fullmatch(rf"tilesegment: \d+ of 100 blocks are saved in {re.escape(str(out))}; run the same command "
+                        rf"with --resume to continue: {re.escape(command)}", lines[-2]), err
+    assert "Traceback" not in err
+    done = len(Manifest(out).done_blocks())
+    assert 0 < done < 100 and "ome" not in zarr.open_group(out, mode="r").attrs
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main([*args, "--resume"]) == 0
+    assert not (out / ".tilesegment").exists()
+    chunks = sorted(p.relative_to(reference) for p in (reference / "0").rglob("*") if p.is_file())
+    assert chunks == sorted(p.relative_to(out) for p in (out / "0").rglob("*") if p.is_file())
+    assert all((out / c).read_bytes() == (reference / c).read_bytes() for c in chunks)

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import functools
 import re
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -134,6 +135,16 @@ def _parser() -> argparse.ArgumentParser:
     obj.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
     obj.set_defaults(run=_objects)
 
+    check = verbs.add_parser("verify", help="check a segment output: complete, every chunk readable, metadata",
+                             description="Check an OME-Zarr that segment wrote, without changing it: the "
+                                         "run finished, every chunk of every array and pyramid level is "
+                                         "present and decodes, shapes and dtypes agree across levels, the "
+                                         "OME metadata holds together, and labels/ matches the image. One "
+                                         "line per problem; exit 0 when there is none, 1 otherwise.")
+    check.add_argument("output", metavar="OUTPUT.zarr", help="the output folder (local)")
+    check.add_argument("--quiet", "-q", action="store_true", help="print problems only, not the summary")
+    check.set_defaults(run=_verify)
+
     demo = verbs.add_parser("demo", help="segment a generated H&E slide with the bundled model",
                             description="Generate a synthetic H&E slide, segment it with the bundled "
                                         "demo model, find its objects, write OME-Zarr, a table, QuPath "
@@ -180,8 +191,8 @@ def _segment(args: argparse.Namespace) -> int:
     if len(args.paths) < 2:
         raise UsageError("segment needs an INPUT and an OUTPUT, e.g. tilesegment segment slide.svs slide.zarr")
     *inputs, output = args.paths
-    if args.objects and len(inputs) == 1 and not any(c in inputs[0] for c in "*?["):
-        _check_objects_outputs(output, args.overwrite)
+    if args.objects and not args.resume and len(inputs) == 1 and not any(c in inputs[0] for c in "*?["):
+        _check_objects_outputs(output, args.overwrite)  # resuming, they are this run's to redo
     with _client(args.scheduler) as client:
         if len(inputs) == 1 and not any(c in inputs[0] for c in "*?["):
             return _segment_one(args, inputs[0], output, client)
@@ -229,23 +240,36 @@ def _segment_many(args, inputs: list[str], folder: Path, client) -> int:
         raise UsageError(f"several inputs would write {', '.join(clashes)}; segment them into "
                          "different folders or rename them")
     folder.mkdir(parents=True, exist_ok=True)
-    failed = []
+    failed: list[tuple[str, str]] = []
     for i, (image, out) in enumerate(zip(inputs, outputs), 1):
         print(f"[{i}/{len(inputs)}] {image} -> {out}", file=sys.stderr)
-        resume = args.resume or Manifest(out).exists
         try:
+            resume = args.resume or Manifest(out).exists
             if out.exists() and not args.overwrite and not Manifest(out).exists:
-                if _finished_earlier(args, out):
+                if not _finished_earlier(args, out):
+                    raise UsageError(f"{out} exists from another run (other model or mode, or not ours); "
+                                     "--overwrite replaces it")
+                if not args.objects or _objects_done(str(out)):
                     print("         finished earlier: skipped", file=sys.stderr)
                     continue
-                raise UsageError(f"{out} exists from another run (other model or mode, or not ours); "
-                                 "--overwrite replaces it")
+                resume = True  # finished, but not its objects: `_segment_one` makes them
             _segment_one(args, image, str(out), client, resume=resume and not args.overwrite)
-        except TileSegmentError as exc:
-            print(f"tilesegment: error: {exc}", file=sys.stderr)
-            failed.append(image)
+        except KeyboardInterrupt:
+            raise  # stop the batch; what is saved is resumable (`main` says so)
+        except Exception as exc:  # one slide's failure, whatever it is, never stops the others
+            if args.debug:
+                import traceback
+
+                traceback.print_exc()
+            reason = (_for_the_cli(str(exc), _parser()) if isinstance(exc, TileSegmentError)
+                      else f"{type(exc).__name__}: {exc}")
+            print(f"tilesegment: error: {reason}", file=sys.stderr)
+            failed.append((image, reason.splitlines()[0] if reason else type(exc).__name__))
     if failed:
-        print(f"tilesegment: {len(failed)} of {len(inputs)} inputs failed: {', '.join(failed)}", file=sys.stderr)
+        print(f"tilesegment: {len(failed)} of {len(inputs)} inputs failed (rerun the same command with "
+              "--resume to redo only those and any unfinished):", file=sys.stderr)
+        for image, reason in failed:
+            print(f"  {image}: {reason}", file=sys.stderr)
         return 1
     return 0
 
@@ -255,6 +279,10 @@ def _finished_earlier(args, out: Path) -> bool:
     whatever the tile, batch or device (the exactness rule), so nothing is left to do."""
     import zarr
 
+    from .io.manifest import Manifest
+
+    if Manifest(out).exists:  # stopped while finishing (pyramid, metadata, markers): resume it
+        return False
     try:
         record = zarr.open_group(out, mode="r").attrs.get("tilesegment", {})
     except Exception:
@@ -354,6 +382,11 @@ def _segment_one(args, image: str, output: str, client, resume: Optional[bool] =
     resume = args.resume if resume is None else resume
     if resume and not args.overwrite and "://" not in output and Path(output).is_dir() and _finished_earlier(
             args, Path(output)):
+        if args.objects and not _objects_done(output):  # a run stopped in its objects pass
+            if not args.quiet:
+                print(f"done     {output} was finished earlier with this model and mode; its objects "
+                      "were not: finding them", file=sys.stderr)
+            return _segment_objects(args, output, resume=True, client=client)
         if not args.quiet:
             print(f"done     {output} was finished earlier with this model and mode: nothing to do",
                   file=sys.stderr)
@@ -391,7 +424,7 @@ def _segment_one(args, image: str, output: str, client, resume: Optional[bool] =
         raise  # the blocks saved there are the other run's, still being written
     except BaseException:
         if not args.overwrite:  # an overwrite run writes beside the old output: nothing to resume
-            _say_resumable(output, plan.n_blocks, args.storage_options)
+            _say_resumable(output, plan.n_blocks, args.storage_options, _resume_command(args))
         raise
     finally:
         job.close()
@@ -399,10 +432,48 @@ def _segment_one(args, image: str, output: str, client, resume: Optional[bool] =
     say(f"done     {run.computed} tiles computed in {run.seconds:.1f} s: "
         f"{run.megapixels_per_second:.2f} {unit} -> {output}")
     if args.objects:
-        table, geojson = _beside(output)
-        geojson = str(geojson) if len(plan.shape) == 2 else None  # QuPath GeoJSON is 2-d
-        _find_objects(output, None, 1, str(table), geojson, args.overwrite or resume, args.quiet, client)
+        return _segment_objects(args, output, resume, client, ndim=len(plan.shape))
     return 0
+
+
+def _segment_objects(args, output: str, resume: bool, client, ndim: Optional[int] = None) -> int:
+    """The objects pass of ``segment --objects``: labels/objects in OUTPUT, the table and the
+    GeoJSON beside it. Resuming, whatever a stopped pass left of them is made again."""
+    table, geojson = _beside(output)
+    ndim = _stored_ndim(output) if ndim is None else ndim
+    geojson = str(geojson) if ndim == 2 else None  # QuPath GeoJSON is 2-d
+    try:
+        return _find_objects(output, None, 1, str(table), geojson, args.overwrite or resume, args.quiet, client)
+    except KeyboardInterrupt:
+        print(f"tilesegment: {output} is segmented, its objects are not finished; to finish them, run: "
+              f"{_resume_command(args)}", file=sys.stderr)
+        raise
+
+
+def _stored_ndim(output: str) -> int:
+    """Spatial axes of a segment output (2 for images, 3 for volumes), from its OME axes."""
+    import zarr
+
+    from .io.ngff import read_ome
+
+    multiscales = read_ome(zarr.open_group(output, mode="r")).get("multiscales", [{}])
+    return sum(axis.get("type") == "space" for axis in multiscales[0].get("axes", [])) or 2
+
+
+def _objects_done(output: str) -> bool:
+    """Whether ``segment --objects`` finished the objects of `output`: labels/objects complete,
+    then the table, then (2-D) the GeoJSON, each written whole (so the last one present
+    means the ones before are complete)."""
+    import zarr
+
+    try:
+        objects = zarr.open_group(Path(output) / "labels" / "objects", mode="r")
+    except Exception:
+        return False
+    if not objects.attrs.get("tilesegment", {}).get("complete"):
+        return False
+    table, geojson = _beside(output)
+    return table.is_file() and (geojson.is_file() or _stored_ndim(output) != 2)
 
 
 def _precision(precision: str) -> str:
@@ -499,13 +570,45 @@ def _find_objects(image: str, classes, connectivity: int, table: Optional[str], 
     return 0
 
 
-def _say_resumable(output: str, n_blocks: int, storage_options: Optional[dict] = None) -> None:
+def _say_resumable(output: str, n_blocks: int, storage_options: Optional[dict] = None,
+                   command: str = "") -> None:
     from .io.output import Output
 
     saved = Output(output, storage_options=storage_options).saved_blocks()
     if saved:
+        how = f": {command}" if command else ""
         print(f"tilesegment: {saved} of {n_blocks} blocks are saved in {output}; "
-              "run the same command with --resume to continue", file=sys.stderr)
+              f"run the same command with --resume to continue{how}", file=sys.stderr)
+
+
+def _resume_command(args: argparse.Namespace) -> str:
+    """The command line that continues this run: the one given, with ``--resume``.
+
+    >>> _resume_command(argparse.Namespace(argv=["segment", "a b.svs", "o.zarr", "-q"]))
+    "tilesegment segment 'a b.svs' o.zarr -q --resume"
+    """
+    import shlex
+
+    argv = list(getattr(args, "argv", None) or [])
+    if not argv:
+        return ""
+    return shlex.join(["tilesegment", *argv, *([] if "--resume" in argv else ["--resume"])])
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from .io.verify import verify_output
+
+    if "://" in args.output:
+        raise UsageError(f"verify reads local outputs; {args.output!r} is a URL: copy it or mount it first")
+    found = verify_output(args.output)
+    for problem in found.problems:
+        print(f"problem  {problem}")
+    if found.ok:
+        if not args.quiet:
+            print(f"ok       {found.summary()}")
+        return 0
+    print(f"tilesegment: {len(found.problems)} problem(s) in {args.output}", file=sys.stderr)
+    return 1
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -681,12 +784,43 @@ def _notes():
         yield
 
 
+class _StopOnSigterm:
+    """While the command runs, SIGTERM (``kill``, a batch scheduler's time limit, a container
+    stop) stops it as Ctrl-C does: a KeyboardInterrupt in the main thread, so the blocks being
+    written finish, the output stays resumable and the command says how to continue."""
+
+    def __init__(self) -> None:
+        self.received, self._installed = False, False
+        self._previous: Any = None
+
+    def _handle(self, signum, frame) -> None:
+        if self.received:
+            return  # a repeated SIGTERM must not break off the clean stop the first one began
+        self.received = True
+        raise KeyboardInterrupt
+
+    def __enter__(self) -> "_StopOnSigterm":
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._installed = True
+        except ValueError:  # not the main thread (main() called from a thread): leave SIGTERM be
+            pass
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the CLI; return the exit status (0 ok, 1 runtime error, 2 usage error)."""
     parser = _parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # for the command that resumes a stopped run
+    stop = _StopOnSigterm()
     try:
-        with _notes():
+        with _notes(), stop:
             return args.run(args)
     except TileSegmentError as exc:
         if args.debug:
@@ -694,8 +828,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"tilesegment: error: {_for_the_cli(str(exc), parser)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("tilesegment: interrupted", file=sys.stderr)
-        return 130
+        print(f"tilesegment: {'stopped by SIGTERM' if stop.received else 'interrupted'}", file=sys.stderr)
+        return 128 + signal.SIGTERM if stop.received else 130
     except Exception as exc:  # an unexpected failure still gets one line
         if args.debug:
             raise

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -68,6 +69,7 @@ class Manifest:
             from fsspec.implementations.local import LocalFileSystem
 
             self._fs, root = LocalFileSystem(), os.fspath(Path(output).absolute())
+        self._root = None if is_url(output) else Path(root)
         self.folder = join(root, _FOLDER)
         self._run = join(self.folder, "run.json")
         self._done = join(self.folder, "done")
@@ -82,12 +84,32 @@ class Manifest:
         return self._fs.isfile(self._run)
 
     def start(self, record: dict) -> None:
-        """Begin a run: write its identity, with no block done."""
+        """Begin a run: write its identity, with no block done.
+
+        A local output that does not exist yet is created here, atomically,
+        with its manifest inside: built in a hidden sibling and renamed. A run
+        killed at any moment after that leaves a folder that ``--resume``
+        continues; before it, nothing (a stale sibling, removed by the next
+        run). On object stores each object appears whole.
+        """
+        text = json.dumps(record, indent=1, sort_keys=True).encode()
+        if self._root is not None and not self._root.exists():
+            tmp = self._root.with_name(f".{self._root.name}.{uuid.uuid4().hex[:8]}.tmp")
+            os.makedirs(tmp / _FOLDER / "done")
+            durable.write_synced(tmp / _FOLDER / "run.json", text)
+            durable.sync_files([], [tmp / _FOLDER / "done", tmp / _FOLDER, tmp])
+            os.rename(tmp, self._root)
+            durable.sync_files([], [self._root.parent])
+            return
         self._fs.makedirs(self._done, exist_ok=True)  # a no-op on object stores
-        self._put(self._run, json.dumps(record, indent=1, sort_keys=True).encode())
-        if self._local:  # the folders themselves, so that the first marker has somewhere to be
+        if self._local:  # never a half-written run.json (it would block --resume), and durable
+            tmp = f"{self._run}.{uuid.uuid4().hex[:8]}.tmp"
+            durable.write_synced(tmp, text)
+            os.replace(tmp, self._run)
             root = os.path.dirname(self.folder)
             durable.sync_files([], [self._done, self.folder, root, os.path.dirname(root)])
+        else:
+            self._fs.pipe_file(self._run, text)
 
     def _put(self, path: str, data: bytes) -> None:
         """Write a small file: fsynced with its folder on a local disk, one PUT on an object store."""
@@ -95,6 +117,10 @@ class Manifest:
             durable.write_synced(path, data)
         else:
             self._fs.pipe_file(path, data)
+
+    def reopen(self) -> None:
+        """Continue a stopped run: its markers folder may be gone (stopped while finishing)."""
+        self._fs.makedirs(self._done, exist_ok=True)
 
     def record(self) -> dict:
         return json.loads(self._fs.cat_file(self._run))
@@ -141,7 +167,13 @@ class Manifest:
         if not self.exists:
             return None
         record = self.record()
-        self._fs.rm(self.folder, recursive=True)
+        # run.json goes last: a run killed while the markers are removed is still resumable
+        # (it redoes the blocks whose markers are gone), never a finished output with debris.
+        if self._fs.exists(self._done):
+            self._fs.rm(self._done, recursive=True)
+        self._fs.rm_file(self._run)
+        if self._fs.exists(self.folder):  # other files of the run (object stores have no folders)
+            self._fs.rm(self.folder, recursive=True)
         if self._local:
             durable.sync_files([], [os.path.dirname(self.folder)])
         self._fresh()

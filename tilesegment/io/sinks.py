@@ -67,7 +67,7 @@ class BlockSink:
     """
 
     def __init__(self, array: Any, manifest: Optional[Manifest] = None) -> None:
-        self.array, self.manifest = array, manifest
+        self.array, self.manifest = writing_every_chunk(array), manifest
         self._synced: set = set()  # chunk folders whose entries are on the disk (durable.sync_region)
 
     def buffer(self, region: Region) -> np.ndarray:
@@ -86,6 +86,17 @@ class BlockSink:
 
     def abort(self) -> None:
         pass
+
+
+def writing_every_chunk(array: Any) -> Any:
+    """`array` (a zarr array opened again) writing every chunk, as `ZarrSink` creates its arrays.
+
+    The setting is not stored with an array: opened again, zarr skips chunks that hold only
+    the fill value, so a resumed run or a cluster task would leave out chunks that an
+    uninterrupted run writes (the same pixels, not the same files).
+    """
+    with_config = getattr(array, "with_config", None)
+    return with_config({"write_empty_chunks": True}) if with_config is not None else array
 
 
 def _zeros_like_region(array: Any, region: Region) -> np.ndarray:
@@ -205,11 +216,16 @@ class ZarrSink:
         self._storage_options = storage_options
         # zarr takes storage_options only with URLs.
         zarr_options = {"storage_options": filesystem_options(storage_options)} if self._url else {}
+        if resume and not _has_array(output, zarr_options):
+            # Stopped before its array existed: nothing to keep, start again.
+            self._clear_unstarted(output)
+            resume = False
         if resume:
             if self._url is None:
                 self._final = self._path = Path(output)
+                _remove_partial_writes(self._path)
             self.group = zarr.open_group(self._url or self._path, mode="r+", **zarr_options)
-            self.array = self.group["0"]
+            self.array = writing_every_chunk(self.group["0"])
             found = ngff_version(self.group)
             if found != self.ngff:
                 raise UsageError(f"cannot resume {str(output)!r}: it is NGFF {found}, this run writes "
@@ -218,23 +234,30 @@ class ZarrSink:
                 raise UsageError(f"cannot resume {str(output)!r}: its array is {self.array.shape} "
                                  f"{self.array.dtype}, this run writes {tuple(shape)} {np.dtype(dtype)}")
             self.manifest = Manifest(self._url or self._path, storage_options)
+            self.manifest.reopen()
+            self.keep = True  # written by earlier runs too: never removed on abort
         else:
             self.check_output(output, overwrite, storage_options)
             target = output
             if is_local_path(output):
                 self._final = Path(output)
-                for stale in self._final.parent.glob(f".{self._final.name}.*.tmp"):
-                    _remove(stale)  # left by an overwrite run that was killed
+                _remove_stale_siblings(self._final)
                 if self._final.exists():
                     target = self._final.with_name(f".{self._final.name}.{uuid.uuid4().hex[:8]}.tmp")
                 self._path = Path(target)
             mode = "w" if overwrite and not is_local_path(output) else "w-"
+            if record is not None and (self._final is not None or self._url is not None):
+                self.manifest = Manifest(self._url or self._path, storage_options)
+            # The manifest comes first (mode "w" would clear it): a run killed from here on
+            # leaves an output that --resume continues, even before its group exists.
+            if self.manifest is not None and mode == "w-":
+                self.manifest.start(record)
+                mode = "a"  # what is there is the manifest just started ("w-" refuses any data)
             self.group = zarr.open_group(target, mode=mode, zarr_format=self._zarr_format, **zarr_options)
             # The OME metadata is written last, in close(): until then the group is not an
             # image, so a run killed midway never leaves something that looks complete.
             self.array = self._create("0", shape, chunks, dtype)
-            if record is not None and (self._final is not None or self._url is not None):
-                self.manifest = Manifest(self._url or self._path, storage_options)
+            if self.manifest is not None and mode == "w":
                 self.manifest.start(record)
         self._pool = ThreadPoolExecutor(max(1, writers), thread_name_prefix="tilesegment-write")
         self._slots = threading.BoundedSemaphore(2 * max(1, writers))
@@ -245,6 +268,22 @@ class ZarrSink:
     @property
     def _zarr_format(self) -> int:
         return 2 if self.ngff == "0.4" else 3
+
+    def _clear_unstarted(self, output: Any) -> None:
+        """Remove an output whose run stopped before its array was created (a manifest and
+        perhaps a group): moved aside at once, so that a kill meanwhile leaves no half of it."""
+        if is_local_path(output):
+            path = Path(output)
+            if path.exists():
+                aside = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+                path.rename(aside)
+                _remove(aside)
+        else:
+            from .remote import filesystem
+
+            fs, root = filesystem(output, self._storage_options)
+            if fs.exists(root):
+                fs.rm(root, recursive=True)
 
     def _create(self, name: str, shape, chunks, dtype, scratch: bool = False):
         options: dict[str, Any]
@@ -435,6 +474,8 @@ class ZarrSink:
             self.abort()
             raise
         if self._final is not None and self._path != self._final:
+            # Killed between the two renames, the old output waits as .old: the next run
+            # into this path puts it back (`_remove_stale_siblings`).
             backup = self._final.with_name(f".{self._final.name}.{uuid.uuid4().hex[:8]}.old")
             self._final.rename(backup)
             try:
@@ -475,6 +516,37 @@ class ZarrSink:
 
             fs, root = filesystem(self._url, self._storage_options)
             fs.rm(root, recursive=True)  # what this run wrote (an overwritten store was cleared)
+
+
+def _has_array(output: Any, zarr_options: dict) -> bool:
+    """Whether `output` holds a zarr group with the result array ``"0"`` (a run that stopped
+    before creating it has nothing to resume)."""
+    import zarr
+
+    try:
+        return "0" in zarr.open_group(output, mode="r", **zarr_options)
+    except Exception:  # no group (yet), or one zarr cannot read
+        return False
+
+
+def _remove_stale_siblings(final: Path) -> None:
+    """Clear what killed runs into `final` left beside it: temporaries of an overwrite run or
+    of a new output's creation (removed), and an old output moved aside while its
+    replacement was swapped in (put back when `final` is missing, else removed)."""
+    for stale in [*final.parent.glob(f".{final.name}.*.tmp"), *final.parent.glob(f"..{final.name}.*.tmp")]:
+        _remove(stale)
+    for old in final.parent.glob(f".{final.name}.*.old"):
+        if final.exists():
+            _remove(old)
+        else:
+            old.rename(final)
+
+
+def _remove_partial_writes(path: Path) -> None:
+    """Remove the temporaries zarr writes a chunk into before renaming it (``*.partial``)
+    that a killed run left in a local output; a resumed run rewrites those chunks."""
+    for partial in path.rglob("*.partial"):
+        partial.unlink(missing_ok=True)
 
 
 def _store_has_group(store: Any, storage_options: Optional[dict] = None) -> bool:

@@ -7,6 +7,9 @@ from the instance labels chunk by chunk when asked for.
 
 from __future__ import annotations
 
+import contextlib
+import gzip
+import io
 import json
 import os
 from pathlib import Path
@@ -109,16 +112,25 @@ class Objects:
         """Write the table as CSV (``.csv``, ``.csv.gz``) or Parquet (``.parquet``, needs pyarrow)."""
         path = _new_file(path, overwrite)
         name = path.name.lower()
-        if name.endswith(".parquet"):
-            try:
-                import pyarrow  # noqa: F401
-            except ImportError:
-                raise UsageError("Parquet needs pyarrow: pip install pyarrow, or write .csv") from None
-            self.table.to_parquet(path, index=False)
-        elif name.endswith((".csv", ".csv.gz", ".tsv")):
-            self.table.to_csv(path, index=False, sep="\t" if name.endswith(".tsv") else ",")
-        else:
-            raise UsageError(f"table {str(path)!r}: use a .csv, .csv.gz, .tsv or .parquet name")
+        tmp = path.with_name(f".{path.name}.tmp")  # renamed when whole: never half a table
+        try:
+            if name.endswith(".parquet"):
+                try:
+                    import pyarrow  # noqa: F401
+                except ImportError:
+                    raise UsageError("Parquet needs pyarrow: pip install pyarrow, or write .csv") from None
+                self.table.to_parquet(tmp, index=False)
+            elif name.endswith((".csv", ".csv.gz", ".tsv")):
+                # gzip without a time stamp: the same table gives the same bytes
+                compression = {"method": "gzip", "mtime": 0} if name.endswith(".gz") else None
+                self.table.to_csv(tmp, index=False, sep="\t" if name.endswith(".tsv") else ",",
+                                  compression=compression)
+            else:
+                raise UsageError(f"table {str(path)!r}: use a .csv, .csv.gz, .tsv or .parquet name")
+            tmp.replace(path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         return path
 
     def outlines(self) -> Iterator[tuple[int, Any]]:
@@ -156,8 +168,6 @@ class Objects:
         are complete. `scale` multiplies the coordinates (the downsample of
         the segmented level, when that was not full resolution).
         """
-        import gzip
-
         path = _new_file(path, overwrite)
         if self.ndim != 2:
             raise UsageError("GeoJSON is for 2-D maps; a 3-D map has labels and a table only")
@@ -169,12 +179,11 @@ class Objects:
         row_of = np.full(self._merged.n_objects + 1, -1, np.int64)  # rows are the objects present
         row_of[rows["id"].to_numpy()] = np.arange(len(rows))
         annotate = {int(k) for k in annotation_classes}
-        opener = gzip.open if path.name.lower().endswith(".gz") else open
         tmp = path.with_name(f".{path.name}.tmp")
         bar = TqdmReporter(progress, unit="object")
         bar.start(len(self), "objects: GeoJSON")
         try:
-            with opener(tmp, "wt", encoding="utf-8") as out:
+            with _text_file(tmp, gz=path.name.lower().endswith(".gz")) as out:
                 out.write('{"type": "FeatureCollection", "features": [\n')
                 for n, (oid, geometry) in enumerate(self.outlines()):
                     if scale != 1.0:
@@ -201,6 +210,20 @@ class Objects:
         finally:
             bar.close()
         return path
+
+
+@contextlib.contextmanager
+def _text_file(path: Path, gz: bool) -> Iterator[Any]:
+    """`path` opened for UTF-8 text; with `gz`, gzipped with neither a file name nor a time
+    stamp in the header, so that the same text gives the same bytes (a resumed run's
+    GeoJSON equals an uninterrupted run's)."""
+    if not gz:
+        with open(path, "w", encoding="utf-8") as out:
+            yield out
+        return
+    with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as packed, \
+            io.TextIOWrapper(packed, encoding="utf-8") as out:
+        yield out
 
 
 def _names(pd: Any, classes: np.ndarray, names: dict) -> Any:
