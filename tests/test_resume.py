@@ -171,8 +171,9 @@ def test_progress_callable_hears_every_tile_and_a_cancel_leaves_a_resumable_outp
     stopped_at = seen[-1][0]
     assert 20 <= stopped_at <= 22  # within one batch of the cancel (batch 1, two more in flight at most)
     done = len(Manifest(out).done_blocks())
-    # One tile per block: the blocks recorded are finished tiles; writes still queued may be dropped.
-    assert stopped_at - 2 <= done <= stopped_at
+    # One tile per block: the blocks recorded are finished tiles; writes still queued (at most
+    # 2 per writer thread, with the fsync of each block slow on a loaded disk) may be dropped.
+    assert stopped_at - 4 <= done <= stopped_at
     resumed_seen = []
     resumed = ts.segment(slide, model, out, tile_size=64, chunk_size=64, resume=True,
                          progress=lambda d, t: resumed_seen.append((d, t)))
