@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import re
 import sys
@@ -241,7 +242,7 @@ def _segment_many(args, inputs: list[str], folder: Path, client) -> int:
                                  "--overwrite replaces it")
             _segment_one(args, image, str(out), client, resume=resume and not args.overwrite)
         except TileSegmentError as exc:
-            print(f"tilesegment: error: {exc}", file=sys.stderr)
+            print(f"tilesegment: error: {_one_line(str(exc))}", file=sys.stderr)
             failed.append(image)
     if failed:
         print(f"tilesegment: {len(failed)} of {len(inputs)} inputs failed: {', '.join(failed)}", file=sys.stderr)
@@ -662,11 +663,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        return args.run(args)
+        with _library_warnings(shown=args.debug):
+            return args.run(args)
     except TileSegmentError as exc:
         if args.debug:
             raise
-        print(f"tilesegment: error: {_for_the_cli(str(exc), parser)}", file=sys.stderr)
+        print(f"tilesegment: error: {_one_line(_for_the_cli(str(exc), parser))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("tilesegment: interrupted", file=sys.stderr)
@@ -674,9 +676,39 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as exc:  # an unexpected failure still gets one line
         if args.debug:
             raise
-        print(f"tilesegment: error: {type(exc).__name__}: {exc} (rerun with --debug for the "
-              "traceback)", file=sys.stderr)
+        print(f"tilesegment: error: {_one_line(f'{type(exc).__name__}: {exc}')} (rerun with --debug for "
+              "the traceback)", file=sys.stderr)
         return 1
+
+
+def _one_line(message: str) -> str:
+    """`message` on one line: the CLI's contract is one line per error.
+
+    >>> _one_line("bad tag\n  details")
+    'bad tag details'
+    """
+    return " ".join(message.split())
+
+
+@contextlib.contextmanager
+def _library_warnings(shown: bool):
+    """Keep format libraries' log warnings off stderr unless `shown` (``--debug``).
+
+    tifffile logs a warning or an error for every odd tag of a damaged file
+    it still reads, and several before one it cannot; what stops the run
+    reaches us as an exception, so the error line (or the finished run) says
+    what matters, and ``--debug`` shows the log.
+    """
+    import logging
+
+    logger = logging.getLogger("tifffile")
+    level = logger.level
+    if not shown:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 if __name__ == "__main__":  # pragma: no cover

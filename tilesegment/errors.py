@@ -62,3 +62,22 @@ class Cancelled(TileSegmentError):
     """The caller cancelled the run (a `Reporter` said so); what was finished is kept."""
 
     exit_code = 130
+
+
+def cause(exc: BaseException, limit: int = 300) -> str:
+    """A library exception as a short clause for our messages: ``"TypeName: first line"``.
+
+    Format libraries (tifffile, zarr, PyYAML, pydantic) write messages over
+    several lines; ours stay on one, so only the first non-empty line is kept,
+    cut at `limit` characters.
+
+    Examples
+    --------
+    >>> cause(ValueError("bad tag\\n  details"))
+    'ValueError: bad tag'
+    """
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
