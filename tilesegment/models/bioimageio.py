@@ -57,7 +57,7 @@ def _zip_has_rdf(path: Path) -> bool:
     try:
         with zipfile.ZipFile(path) as archive:
             return any(n.endswith(("rdf.yaml", "bioimageio.yaml")) for n in archive.namelist())
-    except (OSError, zipfile.BadZipFile):
+    except Exception:  # a damaged zip directory fails in kind (BadZipFile, UnicodeDecodeError...)
         return False
 
 
@@ -284,7 +284,7 @@ def _check_members(path: Path) -> None:
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
-    except (OSError, zipfile.BadZipFile) as exc:
+    except Exception as exc:
         raise ModelError(f"{path.name} is not a readable zip package ({cause(exc)})") from None
     for name in names:
         posix, windows = PurePosixPath(name), PureWindowsPath(name)

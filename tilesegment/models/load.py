@@ -128,7 +128,7 @@ def _load_file(path: Path) -> nn.Module:
     try:
         with zipfile.ZipFile(path) as archive:
             is_script = any(name.endswith("constants.pkl") for name in archive.namelist())
-    except (OSError, zipfile.BadZipFile) as exc:
+    except Exception as exc:  # zipfile fails in kind on a damaged directory (BadZipFile, UnicodeDecodeError...)
         raise ModelError(f"cannot read model file {str(path)!r}: {cause(exc)}") from None
     if is_script:
         try:
