@@ -316,3 +316,26 @@ def test_a_checkpoint_whose_zip_directory_is_damaged_is_a_model_error(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(ts.ModelError, match="cannot read model file .*m.pt"):
         ts.load_model(path)
+
+
+def test_a_checkpoint_with_damaged_weights_fails_its_checksum_instead_of_giving_nan(tmp_path):
+    path = ts.save_model(small_unet(), tmp_path / "m.pt")
+    with zipfile.ZipFile(path) as archive:
+        info = next(i for i in archive.infolist() if "/data/" in i.filename and i.file_size > 64)
+        start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    data = bytearray(path.read_bytes())
+    data[start + 8 : start + 12] = b"\xff\xff\xff\x7f"  # a NaN in a tensor (was: loaded, then NaN logits)
+    path.write_bytes(bytes(data))
+    with pytest.raises(ts.ModelError, match=rf"m.pt' is damaged: its part '{info.filename}' fails its checksum"):
+        ts.load_model(path)
+
+
+def test_library_warnings_about_a_damaged_package_stay_off_stderr(package, tmp_path, rgb_tiff, capsys):
+    import warnings
+
+    path, _ = _damaged_package(package, tmp_path, None, seed=1923199435)  # a fuzz case: rdf.yaml cut short
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert main(["info", str(rgb_tiff), "--model", str(path)]) == 2
+    assert not [w for w in seen if "bioimageio" in w.filename]  # was: a UserWarning before the error line
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1

@@ -692,7 +692,7 @@ def _one_line(message: str) -> str:
 
 @contextlib.contextmanager
 def _library_warnings(shown: bool):
-    """Keep format libraries' log warnings off stderr unless `shown` (``--debug``).
+    """Keep format libraries' log lines and warnings off stderr unless `shown` (``--debug``).
 
     tifffile logs a warning or an error for every odd tag of a damaged file
     it still reads, and several before one it cannot; what stops the run
@@ -700,15 +700,19 @@ def _library_warnings(shown: bool):
     what matters, and ``--debug`` shows the log.
     """
     import logging
+    import warnings
 
     logger = logging.getLogger("tifffile")
     level = logger.level
-    if not shown:
-        logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
+    with warnings.catch_warnings():
+        if not shown:
+            logger.setLevel(logging.CRITICAL)
+            # bioimageio.spec warns about fields of a damaged description it then refuses anyway.
+            warnings.filterwarnings("ignore", module="bioimageio")
+        try:
+            yield
+        finally:
+            logger.setLevel(level)
 
 
 if __name__ == "__main__":  # pragma: no cover

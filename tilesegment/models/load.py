@@ -128,8 +128,14 @@ def _load_file(path: Path) -> nn.Module:
     try:
         with zipfile.ZipFile(path) as archive:
             is_script = any(name.endswith("constants.pkl") for name in archive.namelist())
+            # torch reads tensors without checking their CRC: damaged weights would load and
+            # give NaN or wrong labels. Checking costs one read of the file (~1 s a GB).
+            damaged = archive.testzip()
     except Exception as exc:  # zipfile fails in kind on a damaged directory (BadZipFile, UnicodeDecodeError...)
         raise ModelError(f"cannot read model file {str(path)!r}: {cause(exc)}") from None
+    if damaged is not None:
+        raise ModelError(f"model file {str(path)!r} is damaged: its part {damaged!r} fails its checksum (CRC); "
+                         "copy or save the model again")
     if is_script:
         try:
             return torch.jit.load(str(path), map_location="cpu")
