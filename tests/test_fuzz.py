@@ -20,9 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tifffile
 import torch
-import zarr
 
 import tilesegment as ts
 from tilesegment import _fuzz as fuzz

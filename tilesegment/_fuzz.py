@@ -55,7 +55,8 @@ KINDS = {
     "bioimageio": 0.03,
 }
 #: Outcomes that break the contract.
-BAD = ("harness", "unexpected", "traceback", "unnamed", "noisy", "stray-file", "side-effect", "hang", "crash", "other-exit")
+BAD = ("harness", "unexpected", "traceback", "unnamed", "noisy", "stray-file", "side-effect", "hang", "crash",
+       "other-exit")
 #: The shared Aperio slide (tests skip its kind when it is absent).
 SHARED_SVS = Path(__file__).resolve().parents[2] / "shared" / "data" / "small_HE.svs"
 

@@ -684,7 +684,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _one_line(message: str) -> str:
     """`message` on one line: the CLI's contract is one line per error.
 
-    >>> _one_line("bad tag\n  details")
+    >>> _one_line("bad tag\\n  details")
     'bad tag details'
     """
     return " ".join(message.split())
