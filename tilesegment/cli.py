@@ -261,10 +261,10 @@ def _segment_many(args, inputs: list[str], folder: Path, client) -> int:
                 import traceback
 
                 traceback.print_exc()
-            reason = (_for_the_cli(str(exc), _parser()) if isinstance(exc, TileSegmentError)
-                      else f"{type(exc).__name__}: {exc}")
+            reason = _one_line(_for_the_cli(str(exc), _parser()) if isinstance(exc, TileSegmentError)
+                               else f"{type(exc).__name__}: {exc}")
             print(f"tilesegment: error: {reason}", file=sys.stderr)
-            failed.append((image, reason.splitlines()[0] if reason else type(exc).__name__))
+            failed.append((image, reason or type(exc).__name__))
     if failed:
         print(f"tilesegment: {len(failed)} of {len(inputs)} inputs failed (rerun the same command with "
               "--resume to redo only those and any unfinished):", file=sys.stderr)
@@ -820,12 +820,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args.argv = argv  # for the command that resumes a stopped run
     stop = _StopOnSigterm()
     try:
-        with _notes(), stop:
+        with _notes(), stop, _library_warnings(shown=args.debug):
             return args.run(args)
     except TileSegmentError as exc:
         if args.debug:
             raise
-        print(f"tilesegment: error: {_for_the_cli(str(exc), parser)}", file=sys.stderr)
+        print(f"tilesegment: error: {_one_line(_for_the_cli(str(exc), parser))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"tilesegment: {'stopped by SIGTERM' if stop.received else 'interrupted'}", file=sys.stderr)
@@ -833,9 +833,43 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as exc:  # an unexpected failure still gets one line
         if args.debug:
             raise
-        print(f"tilesegment: error: {type(exc).__name__}: {exc} (rerun with --debug for the "
-              "traceback)", file=sys.stderr)
+        print(f"tilesegment: error: {_one_line(f'{type(exc).__name__}: {exc}')} (rerun with --debug for "
+              "the traceback)", file=sys.stderr)
         return 1
+
+
+def _one_line(message: str) -> str:
+    """`message` on one line: the CLI's contract is one line per error.
+
+    >>> _one_line("bad tag\\n  details")
+    'bad tag details'
+    """
+    return " ".join(message.split())
+
+
+@contextlib.contextmanager
+def _library_warnings(shown: bool):
+    """Keep format libraries' log lines and warnings off stderr unless `shown` (``--debug``).
+
+    tifffile logs a warning or an error for every odd tag of a damaged file
+    it still reads, and several before one it cannot; what stops the run
+    reaches us as an exception, so the error line (or the finished run) says
+    what matters, and ``--debug`` shows the log.
+    """
+    import logging
+    import warnings
+
+    logger = logging.getLogger("tifffile")
+    level = logger.level
+    with warnings.catch_warnings():
+        if not shown:
+            logger.setLevel(logging.CRITICAL)
+            # bioimageio.spec warns about fields of a damaged description it then refuses anyway.
+            warnings.filterwarnings("ignore", module="bioimageio")
+        try:
+            yield
+        finally:
+            logger.setLevel(level)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -74,3 +74,22 @@ class Cancelled(TileSegmentError):
 
 class StaleLockWarning(UserWarning):
     """A lock left on an output by a run that is no longer alive was taken over (`tilesegment.io.lock`)."""
+
+
+def cause(exc: BaseException, limit: int = 300) -> str:
+    """A library exception as a short clause for our messages: ``"TypeName: first line"``.
+
+    Format libraries (tifffile, zarr, PyYAML, pydantic) write messages over
+    several lines; ours stay on one, so only the first non-empty line is kept,
+    cut at `limit` characters.
+
+    Examples
+    --------
+    >>> cause(ValueError("bad tag\\n  details"))
+    'ValueError: bad tag'
+    """
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

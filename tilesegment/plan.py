@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
 from .errors import InvalidTileSize
-from .geometry import Geometry, Shape, ShapeLike, as_shape, axis_names
+from .geometry import Geometry, Shape, ShapeLike, as_shape, axis_names, compact
 
 __all__ = ["TilePlan", "Tile", "Block"]
+
+#: Tiles a plan may have: its arrays take some 50 bytes a tile (13 GB at this
+#: bound), and 2**28 tiles of the smallest sensible tile (16 px) cover 7e10 px,
+#: more than the largest slides. Beyond it the shape is damaged or the tile too small.
+MAX_TILES = 2**28
 
 
 @dataclass(frozen=True)
@@ -155,6 +161,13 @@ class TilePlan:
         block = tuple(max(t, c) for t, c in zip(tile, chunk))
         n_blocks = tuple(-(-n // b) for n, b in zip(shape, block))
         per_block = tuple(b // t for b, t in zip(block, tile))
+        n_tiles = math.prod(n_blocks) * math.prod(per_block)  # Python ints: no overflow
+        if n_tiles > MAX_TILES:
+            raise InvalidTileSize(
+                f"image shape {shape} in tiles of {compact(tile)} makes {n_tiles:.3g} tiles, more than the "
+                f"{MAX_TILES:.3g} a plan holds in memory; use a larger tile_size, or check the image's "
+                "shape (a damaged file can claim an absurd one)"
+            )
         # Blocks row-major, tiles row-major inside; stack axes go fastest among the blocks
         # when the source's chunks hold several of a tile's planes (see source_chunks).
         deep = source_chunks is not None and any(c > t for c, t in zip(source_chunks[:stacked], tile))

@@ -10,7 +10,7 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from .errors import TileReadError, UsageError
+from .errors import InvalidTileSize, TileReadError, UsageError, cause
 from .geometry import Geometry, ShapeLike, axis_names
 from .io.chunks import DEFAULT_CACHE_BYTES, VOLUME_CACHE_BYTES, ChunkCache
 from .io.mirror import gather_nd, normalization_affine, pad_indices
@@ -125,8 +125,12 @@ class Tiler:
         self.geometry = Geometry.of(geometry)
         self.source: ImageSource = open_image(image, axes=axes, level=level, ndim=self.geometry.ndim)
         check_axes(self.source, self.geometry)
-        self.plan = TilePlan.build(self.source.shape, self.geometry, tile_size, chunk_size,
-                                   axes=self.source.plan_axes, source_chunks=self.source.chunk_shape)
+        try:
+            self.plan = TilePlan.build(self.source.shape, self.geometry, tile_size, chunk_size,
+                                       axes=self.source.plan_axes, source_chunks=self.source.chunk_shape)
+        except InvalidTileSize as exc:  # say which image: the CLI may be segmenting several
+            self.source.close()
+            raise InvalidTileSize(f"{self.source.name}: {exc}") from None
         pad_indices(0, 1, 1, padding)  # fail now on an unknown mode, not in a thread
         self.padding = padding
         self.scale, self.offset = normalization_affine(
@@ -206,7 +210,7 @@ class Tiler:
             if self.on_error == "raise":
                 raise TileReadError(
                     f"cannot read tile {index} at {self.plan.position(index)} of {self.source.name}: "
-                    f"{type(exc).__name__}: {exc}; the file may be corrupt there "
+                    f"{cause(exc)}; the file may be corrupt there "
                     "(on_error='skip' / --on-error=skip fills such tiles and records them)"
                 ) from exc
             out[...] = 0

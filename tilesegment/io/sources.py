@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 
-from ..errors import InputError, UsageError
+from ..errors import InputError, UsageError, cause
 from ..registry import readers
 from .remote import is_url, url_name
 
@@ -551,7 +551,7 @@ def _check_readable(source: ImageSource) -> None:
     except Exception as exc:
         source.close()
         raise InputError(
-            f"cannot read the end of {source.name} ({type(exc).__name__}: {exc}); the file is "
+            f"cannot read the end of {source.name} ({cause(exc)}); the file is "
             "truncated or corrupt, or needs a codec that is not installed (pip install imagecodecs)"
         ) from None
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ModelError
+from ..errors import ModelError, cause
 from ..geometry import Geometry
 from .base import ModelBase
 
@@ -57,7 +57,7 @@ def _zip_has_rdf(path: Path) -> bool:
     try:
         with zipfile.ZipFile(path) as archive:
             return any(n.endswith(("rdf.yaml", "bioimageio.yaml")) for n in archive.namelist())
-    except (OSError, zipfile.BadZipFile):
+    except Exception:  # a damaged zip directory fails in kind (BadZipFile, UnicodeDecodeError...)
         return False
 
 
@@ -241,6 +241,7 @@ def load_bioimageio(source: Union[str, os.PathLike], weights: Optional[str] = No
         raise ModelError("bioimage.io models need bioimageio.spec and bioimageio.core: "
                          "pip install bioimageio.spec bioimageio.core") from None
     text = os.fspath(source)
+    _check_members(Path(text))
     try:
         descr = load_model_description(text, perform_io_checks=True, format_version="latest")
     except Exception as exc:
@@ -251,16 +252,84 @@ def load_bioimageio(source: Union[str, os.PathLike], weights: Optional[str] = No
     if len(descr.inputs) != 1 or len(descr.outputs) != 1:
         raise ModelError(f"{name}: has {len(descr.inputs)} inputs and {len(descr.outputs)} outputs; "
                          "tilesegment runs models with one of each")
-    geometry = geometry_of(descr)
-    inp, out = descr.inputs[0], descr.outputs[0]
-    in_channels = int(_axes(inp, name, "input")["channel"].size)
-    pre = [op for step in inp.preprocessing if (op := _pixel_op(step, "preprocessing", name))]
-    post = [op for step in out.postprocessing if (op := _pixel_op(step, "postprocessing", name))]
-    network, used = _load_network(descr, weights, geometry)
+    try:
+        geometry = geometry_of(descr)
+        inp, out = descr.inputs[0], descr.outputs[0]
+        in_channels = int(_axes(inp, name, "input")["channel"].size)
+        pre = [op for step in inp.preprocessing if (op := _pixel_op(step, "preprocessing", name))]
+        post = [op for step in out.postprocessing if (op := _pixel_op(step, "postprocessing", name))]
+        network, used = _load_network(descr, weights, geometry)
+    except ModelError as exc:  # our messages name the model; the file is what a user has at hand
+        path = Path(text)
+        raise ModelError(f"{path.name if path.suffix.lower() == '.zip' else path.parent.name + '/' + path.name}: "
+                         f"{exc}") from None
     from bioimageio.spec.utils import load_array
 
     tests = (load_array(inp.test_tensor).astype(np.float32), load_array(out.test_tensor).astype(np.float32))
     return BioimageioModel(network, geometry, pre, post, in_channels, name, text, used, tests).eval()
+
+
+def _check_members(path: Path) -> None:
+    """Refuse a package whose zip names a member outside the package (``../x``, ``/x``, ``C:x``).
+
+    Such a member has no place in a package; unpacking it naively would write
+    outside the package's folder (a "zip slip"), so the package is refused
+    before any of it is read or unpacked.
+    """
+    import zipfile
+    from pathlib import PurePosixPath, PureWindowsPath
+
+    if path.suffix.lower() != ".zip":
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except Exception as exc:
+        raise ModelError(f"{path.name} is not a readable zip package ({cause(exc)})") from None
+    for name in names:
+        posix, windows = PurePosixPath(name), PureWindowsPath(name)
+        if posix.is_absolute() or windows.is_absolute() or windows.drive or ".." in posix.parts + windows.parts:
+            raise ModelError(f"{path.name} has a member {name!r} outside the package; a package that could "
+                             "write outside its folder is refused. Rebuild it, or get it from its source")
+    missing = _missing_sources(_archive_yaml(path, names), set(names))
+    if missing:
+        raise ModelError(f"{path.name} names the file {missing!r}, which the package does not contain; the "
+                         "package is incomplete. Rebuild it, or get it from its source")
+
+
+def _archive_yaml(path: Path, names: list[str]) -> Any:
+    """The parsed description inside the package at `path`, or None when it does not parse
+    (bioimageio.spec then says why)."""
+    import zipfile
+
+    import yaml
+
+    rdf = next((n for n in names if n.endswith(("rdf.yaml", "bioimageio.yaml"))), None)
+    if rdf is None:
+        return None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return yaml.safe_load(archive.read(rdf))
+    except Exception:  # a damaged description: bioimageio.spec reports it in its own words
+        return None
+
+
+def _missing_sources(node: Any, members: set[str]) -> Optional[str]:
+    """The first file a description names (``source:`` without a URL scheme) that is not in `members`."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "source" and isinstance(value, str) and "://" not in value and (
+                    value.removeprefix("./") not in members):
+                return value
+            found = _missing_sources(value, members)
+            if found:
+                return found
+    elif isinstance(node, list):
+        for value in node:
+            found = _missing_sources(value, members)
+            if found:
+                return found
+    return None
 
 
 def _read_bytes(entry: Any) -> bytes:
@@ -322,8 +391,7 @@ def _load_network(descr: Any, wanted: Optional[str], geometry: Geometry) -> tupl
         except ImportError as exc:
             raise ModelError(f"{name}: {fmt} weights need a package that is missing ({exc})") from None
         except Exception as exc:
-            raise ModelError(f"{name}: cannot load its {fmt} weights ({type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+            raise ModelError(f"{name}: cannot load its {fmt} weights ({cause(exc)})") from None
     raise ModelError(f"{name}: no usable weights (has {', '.join(available) or 'none'}; tilesegment "
                      f"runs {', '.join(_WEIGHTS_ORDER)})")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import os
 import pickle
+import re
 import sys
 import zipfile
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any, Union
 import torch
 from torch import nn
 
-from ..errors import ModelError
+from ..errors import ModelError, cause
 from .unet import UNet
 
 __all__ = ["save_model", "load_model", "ModelSpec"]
@@ -124,34 +125,67 @@ def _load_file(path: Path) -> nn.Module:
             f"model file {str(path)!r} is not a PyTorch checkpoint or TorchScript file; "
             "save one with ts.save_model(model, path) or torch.jit.save"
         )
-    with zipfile.ZipFile(path) as archive:
-        is_script = any(name.endswith("constants.pkl") for name in archive.namelist())
+    try:
+        with zipfile.ZipFile(path) as archive:
+            is_script = any(name.endswith("constants.pkl") for name in archive.namelist())
+            # torch reads tensors without checking their CRC: damaged weights would load and
+            # give NaN or wrong labels. Checking costs one read of the file (~1 s a GB).
+            damaged = archive.testzip()
+    except Exception as exc:  # zipfile fails in kind on a damaged directory (BadZipFile, UnicodeDecodeError...)
+        raise ModelError(f"cannot read model file {str(path)!r}: {cause(exc)}") from None
+    if damaged is not None:
+        raise ModelError(f"model file {str(path)!r} is damaged: its part {damaged!r} fails its checksum (CRC); "
+                         "copy or save the model again")
     if is_script:
-        return torch.jit.load(str(path), map_location="cpu")
+        try:
+            return torch.jit.load(str(path), map_location="cpu")
+        except Exception as exc:  # TorchScript's own unpickler: no Python code runs, but it fails in kind
+            raise ModelError(f"model file {str(path)!r} looks like TorchScript but cannot be loaded "
+                             f"({cause(exc)}); the file is damaged or not TorchScript") from None
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # weights_only refuses pickled classes: a whole module saved with torch.save(model).
+    except pickle.UnpicklingError as exc:
+        # weights_only refuses pickled classes and callables before running any: a whole module
+        # saved with torch.save(model), or a file made to run code when it is loaded.
+        refused = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = f" ({refused.group(1)})" if refused else ""
         raise ModelError(
-            f"model file {str(path)!r} is a whole pickled module (torch.save(model)), which would "
-            "run code to load; save it with ts.save_model(model, path) or torch.jit.save, or load "
-            "it yourself and pass the module (Python) or a 'package.module:factory' (CLI)"
+            f"model file {str(path)!r} holds pickled Python objects{what} that only running code "
+            "could load, so it was refused unread; if it is a whole pickled module (torch.save(model)), "
+            "save it with ts.save_model(model, path) or torch.jit.save, or load it yourself and pass the "
+            "module (Python) or a 'package.module:factory' (CLI)"
         ) from None
     except Exception as exc:
-        raise ModelError(f"cannot read model file {str(path)!r}: {type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+        raise ModelError(f"cannot read model file {str(path)!r}: {cause(exc)}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != _FORMAT:
         raise ModelError(
             f"model file {str(path)!r} is a PyTorch file but not a tilesegment checkpoint; "
             "write one with ts.save_model, or pass 'package.module:factory'"
         )
-    arch = _ARCHITECTURES.get(ckpt["architecture"])
+    arch = _ARCHITECTURES.get(ckpt.get("architecture")) if isinstance(ckpt.get("architecture"), str) else None
     if arch is None:
-        raise ModelError(f"checkpoint architecture {ckpt['architecture']!r} is unknown")
-    model = arch(**ckpt["config"], normalization=ckpt.get("normalization"))
-    model.load_state_dict(ckpt["state_dict"])
+        raise ModelError(f"checkpoint {str(path)!r} names architecture {ckpt.get('architecture')!r}, which is "
+                         f"unknown (known: {', '.join(_ARCHITECTURES)}); the file is damaged or from a newer "
+                         "tilesegment")
+    try:
+        model = arch(**ckpt["config"], normalization=ckpt.get("normalization"))
+    except Exception as exc:
+        raise ModelError(f"checkpoint {str(path)!r} has an invalid config for {ckpt['architecture']} "
+                         f"({cause(exc)}); the file is damaged") from None
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except Exception as exc:
+        raise ModelError(f"checkpoint {str(path)!r}: its weights do not fit its {ckpt['architecture']} "
+                         f"config ({_state_mismatch(exc)}); the file is damaged") from None
     model.metadata = ckpt.get("metadata", {})
     return model
+
+
+def _state_mismatch(exc: Exception, limit: int = 300) -> str:
+    """torch's many-line load_state_dict message as one clause: the keys and shapes that differ."""
+    lines = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
+    text = " ".join(lines) or cause(exc)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _load_factory(text: str) -> nn.Module:

@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ...errors import InputError
+from ...errors import InputError, TileSegmentError, cause
 from ...registry import readers
 from ..remote import is_url, open_remote_file, url_name
 from ..sources import Backend, ImageSource, Level, check_level, unreadable
@@ -89,9 +89,12 @@ def _open_tiff(path: Any, axes: Optional[str], level: int, series: int,
             else tifffile.TiffFile(path)
         all_series = tif.series
     except Exception as exc:
-        raise unreadable(name, str(exc)) from None
+        raise unreadable(name, cause(exc)) from None
     resources: tuple = (tif,)  # closed again if anything below fails
     try:
+        if not all_series:
+            raise InputError(f"{name} holds no image that tifffile can read (no series); the file is "
+                             "damaged or truncated")
         if not 0 <= series < len(all_series):
             raise InputError(
                 f"series {series} is out of range for {name}: it has {len(all_series)} "
@@ -107,7 +110,7 @@ def _open_tiff(path: Any, axes: Optional[str], level: int, series: int,
         try:
             array = open_level(level)
         except Exception as exc:
-            raise InputError(f"cannot read {name} (level {level}): {exc}") from None
+            raise InputError(f"cannot read {name} (level {level}): {cause(exc)}") from None
         named = (axes or chosen.levels[level].axes).upper()  # an override names every level's axes
         plan = ImageSource(array, named, name=name).plan_axes
         base, z = _tiff_pixel_size(tif), _tiff_z_spacing(tif)
@@ -127,10 +130,15 @@ def _open_tiff(path: Any, axes: Optional[str], level: int, series: int,
                           thumbnails=_tiff_thumbnails(all_series, chosen, native), resources=resources)
         return ImageSource(array, axes or chosen.levels[level].axes, levels[level].pixel_size, name=name,
                            format=_tiff_format(tif), levels=tuple(levels), backend=backend)
-    except Exception:
+    except Exception as exc:
         for resource in resources:
             resource.close()
-        raise
+        if isinstance(exc, TileSegmentError):
+            raise
+        # tifffile reads tags lazily: a damaged IFD entry (a count, a type, a value that is no
+        # member of its enum) fails here, as any exception type, not when the file was opened.
+        raise InputError(f"cannot read {name}: its TIFF structure is damaged ({cause(exc)}); "
+                         "check the file, or convert it again") from None
 
 
 def _tiff_thumbnails(all_series, chosen, axes: str) -> tuple:
@@ -197,18 +205,46 @@ class _TileDecoder:
         os.close(self._fd)
 
 
+def _positive(value: Any) -> Optional[float]:
+    """`value` as a positive finite float, else None: a damaged or absurd size is an unknown one.
+
+    >>> _positive("0.25"), _positive("0"), _positive("nan"), _positive(b"x")
+    (0.25, None, None, None)
+    """
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return number if np.isfinite(number) and number > 0 else None
+
+
 def _tiff_z_spacing(tif) -> Optional[float]:
-    """Micrometres between Z planes from OME (PhysicalSizeZ) or ImageJ (spacing); None if unknown."""
+    """Micrometres between Z planes from OME (PhysicalSizeZ) or ImageJ (spacing); None if unknown
+    (or not a positive number)."""
     if tif.is_ome and tif.ome_metadata:
         z = re.search(r'PhysicalSizeZ="([0-9.eE+-]+)"', tif.ome_metadata)
         if z:
-            return float(z.group(1))
+            return _positive(z.group(1))
     spacing = (getattr(tif, "imagej_metadata", None) or {}).get("spacing")
-    return float(spacing) if spacing else None
+    return _positive(spacing) if spacing else None
 
 
 def _tiff_pixel_size(tif) -> Optional[tuple[float, float]]:
-    """Micrometres per pixel from OME, Aperio or resolution tags; None if unknown."""
+    """Micrometres per pixel from OME, Aperio or resolution tags; None if unknown.
+
+    Metadata that does not give a positive finite size (a damaged tag, ``MPP = 0``) counts
+    as unknown: the pixels are still readable, and ``mpp=`` then says the size is unknown.
+    """
+    try:
+        size = _tiff_pixel_size_as_stored(tif)
+    except (TypeError, ValueError, IndexError, KeyError, ZeroDivisionError, OverflowError):
+        return None  # a resolution tag of the wrong type or count
+    if size is None or any(_positive(v) is None for v in size):
+        return None
+    return (float(size[0]), float(size[1]))
+
+
+def _tiff_pixel_size_as_stored(tif) -> Optional[tuple[float, float]]:
     if tif.is_ome and tif.ome_metadata:
         y = re.search(r'PhysicalSizeY="([0-9.eE+-]+)"', tif.ome_metadata)
         x = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tif.ome_metadata)
