@@ -118,6 +118,18 @@ def test_a_tiff_whose_first_ifd_is_missing_says_so(tmp_path):
         ts.open_image(path)
 
 
+@pytest.mark.parametrize("slide", ["generated", "shared"])
+def test_a_damaged_width_that_needs_more_tiles_than_the_file_lists_is_refused(tmp_path, request, slide):
+    if slide == "shared":
+        path = tmp_path / "small_HE.svs"
+        shutil.copyfile(request.getfixturevalue("shared_svs"), path)
+    else:
+        path = _tiff(tmp_path)
+    _poke(path, _entry(path, 256)["at"] + 8, 60000, 2)  # ImageWidth (was: a slow run over missing tiles)
+    with pytest.raises(ts.InputError, match=rf"{path.name} is damaged: its size .* needs \d+ tiles .* lists"):
+        ts.open_image(path)
+
+
 def test_tifffile_log_lines_stay_off_stderr_unless_debug(tmp_path):
     """In its own process: pytest's log capture would hide the lines this is about."""
     import os

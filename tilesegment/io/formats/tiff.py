@@ -102,6 +102,7 @@ def _open_tiff(path: Any, axes: Optional[str], level: int, series: int,
             )
         chosen = all_series[series]
         check_level(level, len(chosen.levels), name)
+        _check_tiles(chosen.levels[level], name)
         native = chosen.levels[0].axes
 
         def open_level(index: int):
@@ -139,6 +140,19 @@ def _open_tiff(path: Any, axes: Optional[str], level: int, series: int,
         # member of its enum) fails here, as any exception type, not when the file was opened.
         raise InputError(f"cannot read {name}: its TIFF structure is damaged ({cause(exc)}); "
                          "check the file, or convert it again") from None
+
+
+def _check_tiles(series, name: str) -> None:
+    """Refuse a tiled level that lists fewer tiles than its size needs: a damaged width or
+    height (one bit in ImageWidth makes a slide 30 times wider) would otherwise be read as an
+    image of mostly missing tiles, slowly, and segmented as background."""
+    page = next(iter(getattr(series, "pages", ())), None)
+    if page is None or not getattr(page, "is_tiled", False):
+        return
+    needed, listed = int(np.prod(page.chunked)), len(page.dataoffsets)
+    if listed < needed:
+        raise InputError(f"{name} is damaged: its size ({' x '.join(map(str, page.shape))}) needs {needed} "
+                         f"tiles of {page.tilelength} x {page.tilewidth}, but it lists {listed}")
 
 
 def _tiff_thumbnails(all_series, chosen, axes: str) -> tuple:
