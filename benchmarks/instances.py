@@ -25,7 +25,7 @@ real slide's most crowded crop, outlines of plain CC beside seeds + grow.
 
 Output: results/instances.{csv,json}.
 
-    python benchmarks/instances.py [--size 2048] [--seed 4321] [--svs PATH] [--picture]
+    python benchmarks/instances.py [--size 2048] [--seed 4321] [--svs PATH] [--picture] [--model demo]
 """
 
 from __future__ import annotations
@@ -136,10 +136,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=4321)
     parser.add_argument("--svs", default=str(ROOT.parent / "shared" / "data" / "small_HE.svs"))
     parser.add_argument("--picture", action="store_true", help="also draw " + str(PICTURE.relative_to(ROOT)))
+    parser.add_argument("--model", default="demo", help="a candidate checkpoint to score instead of the demo model")
     args = parser.parse_args()
     import tilesegment as ts
 
-    model = ts.load_model("demo")
+    model = ts.load_model(args.model)
     recipe = model.metadata["instances"]
     rows = synthetic_rows(model, recipe, args.size, args.seed)
     if Path(args.svs).exists():

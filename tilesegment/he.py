@@ -36,7 +36,7 @@ CLASSES = ("background", "tissue", "nuclei", "nucleus boundary")
 #: this Euclidean distance of a pixel that is not the same instance. Two touching
 #: nuclei then keep their interiors at least this far apart, so the interiors are
 #: separate seeds, and growing each seed by ``BOUNDARY_WIDTH + 1`` px recovers it.
-BOUNDARY_WIDTH = 2
+BOUNDARY_WIDTH = 1
 
 # Ruifrok & Johnston (2001) stain vectors, rows: haematoxylin, eosin, DAB (as scikit-image).
 _RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])

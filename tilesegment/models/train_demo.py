@@ -28,13 +28,12 @@ Data, all derived by this script:
 Loss: cross-entropy with class weights 1/1/2/2 and, after the U-Net paper's
 weight map, an extra weight `CONTACT_WEIGHT` on boundary pixels within
 `BOUNDARY_WIDTH` of another nucleus (where touching nuclei meet), the pixels
-whose mistakes merge instances. With these weights the model predicts too
-few interior pixels (a third of the true ones on an unseen crowded slide), so
-many small nuclei get no seed and are lost; a second run with 1/1/3/1 to
-favour the interior did worse on every score (instance F1 0.74 against 0.80,
-real-slide nuclei Dice 0.80 against 0.84; its log is
-``benchmarks/results/train_demo_weights_1-1-3-1.log``), so the bundled
-model is the 1/1/2/2 one.
+whose mistakes merge instances. The ring is 1 px wide: with 2 px the model
+predicted a third of the true interior pixels, so small nuclei had no seed
+(instance F1 0.80, real-slide nuclei Dice 0.84, against 0.97 and 0.90 with
+1 px; ``benchmarks/results/train_demo_width2.log``). Class weights 1/1/3/1,
+to favour the interior instead, did worse on every score
+(``benchmarks/results/train_demo_weights_1-1-3-1.log``).
 
 Augmentation: flips, 90-degree rotations,
 per-channel optical-density scaling (stain variation) and brightness. A
