@@ -169,6 +169,8 @@ class Job:
         stopped = f"run cancelled {done} tiles" if done else "run cancelled"
         if self.destination is None:
             return f"{stopped}; the in-memory result is dropped"
+        if self.destination._recorded and not self.destination.saved_blocks():  # removed: nothing to resume
+            return f"{stopped} before a block was finished; {str(self.output)!r} was not kept"
         return (f"{stopped}; the finished blocks are kept in {str(self.output)!r}: run again "
                 "with resume=True (CLI: --resume) to continue")
 
