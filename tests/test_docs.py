@@ -43,8 +43,13 @@ SKIP = {
     ("docs/models.md", 'pip install -e ".[onnx]"'): "installs packages (the test extra has them)",
     ("docs/models.md", 'pip install -e ".[bioimageio]"'):
         "needs a bioimage.io package (tests/test_bioimageio.py builds one and runs the same through the CLI)",
-    ("docs/objects.md", 'pip install "napari[all]"'): "installs napari, and needs a display",
-    ("docs/objects.md", "import napari"): "needs napari and a display",
+    ("docs/napari.md", 'pip install "tilesegment[napari]" pyqt5'): "installs packages (the test extra has them)",
+    ("docs/napari.md", "napari --plugin tilesegment slide.zarr"):
+        "opens a napari window (tests/test_napari_viewer.py opens the same in a viewer on Xvfb)",
+    ("docs/napari.md", "napari --plugin tilesegment slide.svs"):
+        "opens a napari window (tests/test_napari.py reads a slide through the same reader)",
+    ("docs/objects.md", 'pip install "tilesegment[napari]" pyqt5'):
+        "installs packages, and opens a napari window (tests/test_napari_viewer.py does the same on Xvfb)",
     ("docs/remote.md", 'pip install -e ".[remote]"'):
         "needs the network (tests/test_remote.py runs the same against a local S3 and HTTP server)",
     ("docs/remote.md", '"endpoint_url": "https://minio.example.org"'):

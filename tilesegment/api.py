@@ -150,12 +150,21 @@ class Job:
         """Class names the model carries (checkpoint metadata ``classes``), if any."""
         return self.model.metadata.get("classes")
 
+    @property
+    def source(self) -> Optional[dict]:
+        """Where the pixels came from, for the output's ``tilesegment.source``: the file's
+        absolute path (or URL) and its read options; None for an array in memory."""
+        if self.image_path is None:
+            return None
+        path = self.image_path if is_url(self.image_path) else os.path.abspath(self.image_path)
+        return {"path": path, **self.read.to_dict()}
+
     def final_output(self, **settings: Any) -> Output:
         """`destination` with what the run knows of its result: pixel size, record, class names,
         instance recipe (and `settings`, such as the writer threads), for `run`, which holds
         its lock."""
         return replace(self.destination, pixel_size=self.tiler.source.pixel_size, record=self.record, locked=True,
-                       class_names=self.class_names,
+                       class_names=self.class_names, source=self.source,
                        instances=None if self.instances is None else self.instances.to_dict(), **settings)
 
     @property

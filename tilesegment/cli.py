@@ -439,7 +439,9 @@ def _segment_one(args, image: str, output: str, client, resume: Optional[bool] =
 def _segment_objects(args, output: str, resume: bool, client, ndim: Optional[int] = None) -> int:
     """The objects pass of ``segment --objects``: labels/objects in OUTPUT, the table and the
     GeoJSON beside it. Resuming, whatever a stopped pass left of them is made again."""
-    table, geojson = _beside(output)
+    from .objects.export import files_beside
+
+    table, geojson = files_beside(output)
     ndim = _stored_ndim(output) if ndim is None else ndim
     geojson = str(geojson) if ndim == 2 else None  # QuPath GeoJSON is 2-d
     try:
@@ -466,13 +468,15 @@ def _objects_done(output: str) -> bool:
     means the ones before are complete)."""
     import zarr
 
+    from .objects.export import files_beside
+
     try:
         objects = zarr.open_group(Path(output) / "labels" / "objects", mode="r")
     except Exception:
         return False
     if not objects.attrs.get("tilesegment", {}).get("complete"):
         return False
-    table, geojson = _beside(output)
+    table, geojson = files_beside(output)
     return table.is_file() and (geojson.is_file() or _stored_ndim(output) != 2)
 
 
@@ -485,17 +489,11 @@ def _precision(precision: str) -> str:
     return precision if precision == "fp32" else f"{precision} (not exact)"
 
 
-def _beside(output: str) -> tuple[Path, Path]:
-    """Where `segment --objects` puts the table and the GeoJSON: beside OUTPUT, named after it."""
-    out = Path(output)
-    stem = out.name[:-len(".ome.zarr")] if out.name.endswith(".ome.zarr") else out.stem
-    return out.with_name(f"{stem}.objects.csv"), out.with_name(f"{stem}.geojson.gz")
-
-
 def _check_objects_outputs(output: str, overwrite: bool) -> None:
     from .errors import OutputExistsError
+    from .objects.export import files_beside
 
-    for path in _beside(output):
+    for path in files_beside(output):
         if path.exists() and not overwrite:
             raise OutputExistsError(f"{str(path)!r} exists (objects of an earlier run); pass --overwrite or "
                                     "another OUTPUT")

@@ -51,6 +51,12 @@ class Output:
     instances : dict, optional
         The model's instance recipe (`tilesegment.options.InstanceRecipe.to_dict`),
         recorded in the output (``tilesegment.instances``) for `label_objects`.
+    source : dict, optional
+        Where the pixels came from: ``{"path": ..., "level": ..., ...}`` (the
+        file's absolute path or URL and the `open_image` options), recorded
+        in the output (``tilesegment.source``) so that a viewer can open the
+        image beside the result. Not part of the run's identity: a moved
+        slide still resumes.
     record : dict, optional
         Identity of the run, kept in the output's manifest for `resume`.
     writers : int
@@ -68,6 +74,7 @@ class Output:
     pixel_size: Optional[tuple[float, ...]] = None
     class_names: Optional[Sequence[str]] = None
     instances: Optional[dict] = None
+    source: Optional[dict] = None
     record: Optional[dict] = None
     writers: int = 2
     locked: bool = False
@@ -175,7 +182,7 @@ class Output:
                         pixel_size=self.pixel_size, writers=self.writers, labels=labels, record=self.record,
                         resume=self.resume, ngff=self.ngff, storage_options=self.storage_options,
                         dimension_names=tuple(names), class_names=self.class_names,
-                        instances=self.instances)
+                        instances=self.instances, source=self.source)
 
     def saved_blocks(self) -> int:
         """Blocks a stopped run left saved for ``resume`` (0 when none, or nothing to resume)."""

@@ -192,6 +192,7 @@ class ZarrSink:
         class_names: Optional[Sequence[str]] = None,
         label_image: bool = False,
         instances: Optional[dict] = None,
+        source: Optional[dict] = None,
         fast: bool = False,
         nearest: Optional[bool] = None,
     ) -> None:
@@ -203,6 +204,7 @@ class ZarrSink:
         self._pixel_size, self._labels, self._label_image = pixel_size, labels, label_image
         self._class_names = None if class_names is None else [str(n) for n in class_names]
         self._instances = instances
+        self._source = source
         self._fast = fast
         self._nearest = labels is not None if nearest is None else bool(nearest)
         self._first_level: Any = None  # pyramid level 1, when `writer` fills it
@@ -460,6 +462,8 @@ class ZarrSink:
                 classes["label_values"] = self._labels  # values 0 .. label_values - 1
             if self._instances:
                 classes["instances"] = dict(self._instances)
+            if self._source:
+                classes["source"] = dict(self._source)
             self.group.attrs["tilesegment"] = {**(self._record or {}), "complete": True,
                                                "failed_tiles": self.failed_tiles, **classes}
             self._pool.shutdown(wait=True)

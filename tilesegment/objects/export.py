@@ -22,7 +22,20 @@ from ..errors import OutputExistsError, UsageError
 from ..report import TqdmReporter
 from .input import Input
 
-__all__ = ["Objects"]
+__all__ = ["Objects", "files_beside"]
+
+
+def files_beside(output: Union[str, os.PathLike]) -> tuple[Path, Path]:
+    """Where ``segment --objects`` puts the table and the GeoJSON of `output`: beside it,
+    named after it (``slide.zarr`` -> ``slide.objects.csv``, ``slide.geojson.gz``); the
+    napari reader looks for the table there.
+
+    >>> [p.name for p in files_beside("runs/slide.ome.zarr")]
+    ['slide.objects.csv', 'slide.geojson.gz']
+    """
+    out = Path(output)
+    stem = out.name[:-len(".ome.zarr")] if out.name.endswith(".ome.zarr") else out.stem
+    return out.with_name(f"{stem}.objects.csv"), out.with_name(f"{stem}.geojson.gz")
 
 
 class Objects:
