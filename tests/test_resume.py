@@ -206,8 +206,9 @@ def test_cancelling_before_a_block_is_finished_says_nothing_was_kept(tmp_path, s
 
 @pytest.fixture
 def slow_model(tmp_path, model):
-    """A module `slow` whose `build()` is the model slowed by 20 ms per tile, and the environment
-    that lets a subprocess import it."""
+    """A module `slow` whose `build()` is the model slowed by 50 ms per tile, and the environment
+    that lets a subprocess import it. 100 tiles take 5 s: with 20 ms a loaded CI machine once
+    let the run finish before the test could signal it."""
     (tmp_path / "slow.py").write_text(
         "import time, torch, tilesegment as ts\n"
         "net = ts.load_model(%r)\n"
@@ -216,7 +217,7 @@ def slow_model(tmp_path, model):
         "        super().__init__(); self.net = net\n"
         "    geometry = net.geometry\n"
         "    def forward(self, x):\n"
-        "        if x.device.type != 'meta': time.sleep(0.02)\n"
+        "        if x.device.type != 'meta': time.sleep(0.05)\n"
         "        return self.net(x)\n"
         "def build():\n"
         "    return Slow()\n" % str(model)
