@@ -694,6 +694,7 @@ def _info(args: argparse.Namespace) -> int:
     source = ts.open_image(args.input, axes=args.axes, storage_options=args.storage_options,
                            ndim=geometry.ndim if geometry is not None else 2)
     print(f"image      {args.input} ({source.format})")
+    print(f"reader     {_reader_of(args.input)}")
     letters = " x ".join(source.plan_axes)
     print(f"shape      {' x '.join(map(str, source.shape))} px ({letters}), axes {source.axes}, "
           f"{source.channels} channel(s), {source.dtype}")
@@ -725,6 +726,21 @@ def _info(args: argparse.Namespace) -> int:
                                             f"{_by_axis(geometry.input_size(t), 'zyx', 'x')})" for t in tiles))
     source.close()
     return 0
+
+
+def _reader_of(image: str) -> str:
+    """Which reader `open_image` chose for `image`, and why: readers are asked in priority order,
+    and the first whose ``can_open`` accepts the file (by its bytes, name or layout) opens it."""
+    from .registry import readers
+
+    asked = []
+    for reader in readers:
+        if reader.can_open(image):
+            passed = f"; {', '.join(asked)} declined" if asked else ""
+            return (f"{reader.name} (priority {reader.priority}, reads {reader.formats}: "
+                    f"the first to accept it{passed})")
+        asked.append(reader.name)
+    return "none"
 
 
 def _for_the_cli(message: str, parser: argparse.ArgumentParser) -> str:

@@ -3,14 +3,17 @@
 `tilesegment.registry.readers` imports this package on its first lookup.
 Each module holds one `tilesegment.contracts.Reader` and registers it:
 
+- `openslide`: MRXS, VMS/VMU, BIF, SVSLIDE through OpenSlide, the extra
+  ``tilesegment[openslide]`` (8: before tifffile, which would misread a BIF);
 - `tiff`: the TIFF family through tifffile (priority 10);
 - `zarr`: zarr arrays and OME-Zarr images (20);
+- `plain`: PNG, JPEG, BMP, WebP and GIF through Pillow, read whole (30);
 - `array`: arrays in memory, the catch-all (100).
 
 A reader in another package registers through an entry point in the
 ``tilesegment.readers`` group instead (see docs/io.md, "Readers").
 """
 
-from . import array, tiff, zarr
+from . import array, openslide, plain, tiff, zarr
 
-__all__ = ["array", "tiff", "zarr"]
+__all__ = ["array", "openslide", "plain", "tiff", "zarr"]
