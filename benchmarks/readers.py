@@ -10,7 +10,11 @@ repeats. Images:
 - the same pixels as a tiled deflate TIFF (OpenSlide's generic-tiff) through
   both;
 - the same pixels as a PNG through the plain-image reader (the whole file is
-  decoded at open, which is timed with the reads).
+  decoded at open, which is timed with the reads);
+- the SVS converted to DICOM by wsidicomizer (its JPEG tiles copied, so the
+  same encoded tiles) through wsidicom, one frame per chunk;
+- the same pixels as a CZI of zstd subblocks (pylibCZIrw) against a tiled
+  TIFF of zstd tiles of the same size, so both decode the same codec.
 
 Output: results/readers.{csv,json}.
 
@@ -62,12 +66,31 @@ def main() -> None:
     tifffile.imwrite(tiff, rgb, tile=(256, 256), photometric="rgb", compression="zlib")
     png = work / "same.png"
     Image.fromarray(rgb).save(png, compress_level=1)
+    from pylibCZIrw import czi as pyczi
+    from wsidicomizer import WsiDicomizer
+
+    dicom = work / "svs-dicom"
+    dicom.mkdir()
+    WsiDicomizer.convert(args.svs, dicom, tile_size=ts.open_image(args.svs).chunk_shape[0], include_label=False,
+                         include_overview=False, include_thumbnail=False)
+    zstd_tiff = work / "same-zstd.tif"
+    tifffile.imwrite(zstd_tiff, rgb, tile=(256, 256), photometric="rgb", compression="zstd",
+                     compressionargs={"level": 1})
+    czi = work / "same.czi"
+    with pyczi.create_czi(str(czi), exist_ok=True) as w:
+        for y in range(0, rgb.shape[0], 256):
+            for x in range(0, rgb.shape[1], 256):
+                w.write(rgb[y:y + 256, x:x + 256, ::-1].copy(), plane={"C": 0}, location=(x, y),
+                        compression_options="zstd0:ExplicitLevel=1")
     cases = {
         ("svs (JPEG)", "tifffile"): lambda: ts.open_image(args.svs),
         ("svs (JPEG)", "openslide"): lambda: open_slide(args.svs),
         ("tiled TIFF (deflate)", "tifffile"): lambda: ts.open_image(tiff),
         ("tiled TIFF (deflate)", "openslide"): lambda: open_slide(tiff),
         ("PNG", "plain (Pillow, whole)"): lambda: ts.open_image(png),
+        ("svs (JPEG)", "dicom (wsidicom)"): lambda: ts.open_image(dicom),
+        ("tiled TIFF (zstd)", "tifffile"): lambda: ts.open_image(zstd_tiff),
+        ("tiled TIFF (zstd)", "czi (pylibCZIrw)"): lambda: ts.open_image(czi),
     }
     times: dict = {key: [] for key in cases}
     for _ in range(args.repeats):
@@ -79,11 +102,10 @@ def main() -> None:
         seconds = statistics.median(ts_)
         rows.append({"image": image, "reader": reader, "megapixels": round(mpx, 2), "seconds": round(seconds, 4),
                      "mpx_per_s": round(mpx / seconds, 1)})
-    svs_ref = next(r for r in rows if r["image"] == "svs (JPEG)" and r["reader"] == "tifffile")
-    tiff_ref = next(r for r in rows if r["image"] == "tiled TIFF (deflate)" and r["reader"] == "tifffile")
-    for r in rows:  # against tifffile decoding the same pixels (the PNG: against the deflate TIFF)
-        ref = svs_ref if r["image"] == "svs (JPEG)" else tiff_ref
-        r["vs_tifffile"] = round(ref["seconds"] / r["seconds"], 3)
+    refs = {r["image"]: r for r in rows if r["reader"] == "tifffile"}
+    refs["PNG"] = refs["tiled TIFF (deflate)"]
+    for r in rows:  # against tifffile decoding the same pixels, from the same codec where both can
+        r["vs_tifffile"] = round(refs[r["image"]]["seconds"] / r["seconds"], 3)
     write_rows("readers", rows)
     for r in rows:
         print(r)

@@ -36,7 +36,7 @@ def _with_plugins(tmp_path, *folders: Path) -> dict:
 def test_readers_are_asked_by_priority_with_the_array_catch_all_last():
     names = readers.names()
     # OpenSlide before tifffile (a BIF starts like any TIFF), plain images after zarr
-    assert names[:4] == ["openslide", "tiff", "zarr", "plain"] and names[-1] == "array"
+    assert names[:6] == ["openslide", "tiff", "dicom", "zarr", "czi", "plain"] and names[-1] == "array"
     priorities = [r.priority for r in readers]
     assert priorities == sorted(priorities)
     assert all(isinstance(r, Reader) for r in readers)
@@ -84,7 +84,7 @@ def test_a_tiff_is_told_by_its_bytes_and_other_files_by_none(tmp_path, rgb_image
     text = tmp_path / "notes.tif"
     text.write_text("hello")
     with pytest.raises(ts.InputError, match=r"'notes.tif' is not a readable TIFF-family image \(.*b'hello'.*\); "
-                                            r"supported: .*TIFF, SVS, OME-TIFF, NDPI, QPTIFF, OME-Zarr.*PNG, JPEG"):
+                                            r"supported: .*TIFF, SVS, OME-TIFF, NDPI, QPTIFF, .*OME-Zarr.*CZI.*PNG, JPEG"):
         ts.open_image(text)
     with pytest.raises(ts.InputError, match="a URL with this name.*supported: .*TIFF, SVS"):
         ts.open_image("s3://bucket/slide.unknown")

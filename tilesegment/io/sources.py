@@ -495,6 +495,40 @@ def open_image(
     return source
 
 
+def first_bytes(target: Any, count: int) -> bytes:
+    """The first `count` bytes of the local file `target`, for a reader's ``can_open``.
+
+    Empty for URLs, objects that are not paths, folders and unreadable or
+    missing files, so that ``can_open`` never raises.
+    """
+    if is_url(target) or not isinstance(target, (str, os.PathLike)):
+        return b""
+    try:
+        with open(target, "rb") as f:
+            return f.read(count)
+    except (OSError, ValueError):  # missing, a folder, unreadable, a NUL in the name
+        return b""
+
+
+def reader_library(module: str, image: str, needs: str, extra: str, package: str) -> Any:
+    """Import `module`, the library a reader needs for `image`, or raise the one line that
+    names the extra to install (``needs`` says what the file is or needs, in words).
+
+    Raises
+    ------
+    InputError
+        When `module` cannot be imported.
+    """
+    import importlib
+
+    try:
+        importlib.import_module(module.partition(".")[0])  # a package blocked or missing, even if
+        return importlib.import_module(module)             # its submodule was imported before
+    except ImportError:
+        raise InputError(f"{image!r} {needs}: pip install 'tilesegment[{extra}]' ({package}) "
+                         "to read it") from None
+
+
 def check_level(level: int, count: int, name: str) -> None:
     """Refuse a pyramid `level` outside ``0..count - 1`` of the image called `name`.
 

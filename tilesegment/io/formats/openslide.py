@@ -28,7 +28,7 @@ import numpy as np
 from ...errors import InputError, cause
 from ...registry import readers
 from ..remote import is_url
-from ..sources import Backend, ImageSource, Level, check_level
+from ..sources import Backend, ImageSource, Level, check_level, reader_library
 
 __all__ = ["OpenSlideReader", "SUFFIXES"]
 
@@ -72,11 +72,8 @@ def open_slide(target: Any, level: int = 0) -> ImageSource:
     InputError
         When openslide is not installed (naming the extra) or cannot read the file.
     """
-    try:
-        import openslide
-    except ImportError:
-        raise InputError(f"{Path(target).name!r} needs OpenSlide: pip install 'tilesegment[openslide]' "
-                         "(openslide-python with the openslide-bin library)") from None
+    openslide = reader_library("openslide", Path(target).name, "needs OpenSlide", "openslide",
+                               "openslide-python with the openslide-bin library")
     path = Path(target)
     try:
         slide = openslide.OpenSlide(str(path))

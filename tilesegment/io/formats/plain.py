@@ -17,7 +17,6 @@ measurement), so none is set: pass ``mpp`` only to files that have one.
 
 from __future__ import annotations
 
-import os
 import threading
 from pathlib import Path
 from typing import Any, Optional
@@ -26,8 +25,7 @@ import numpy as np
 
 from ...errors import InputError, cause
 from ...registry import readers
-from ..remote import is_url
-from ..sources import ImageSource, check_level
+from ..sources import ImageSource, check_level, first_bytes
 
 __all__ = ["PlainImageReader", "MAX_DECODED_BYTES", "signature"]
 
@@ -60,13 +58,7 @@ def signature(path: Any) -> Optional[str]:
     >>> signature("missing.png") is None
     True
     """
-    if is_url(path) or not isinstance(path, (str, os.PathLike)):
-        return None
-    try:
-        with open(path, "rb") as f:
-            head = f.read(16)
-    except (OSError, ValueError):
-        return None
+    head = first_bytes(path, 16)
     for offset, magic, name in _SIGNATURES:
         if head[offset:offset + len(magic)] == magic and (name != "WebP" or head[:4] == b"RIFF"):
             return name

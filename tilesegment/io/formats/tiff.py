@@ -22,7 +22,7 @@ import numpy as np
 from ...errors import InputError, TileSegmentError, cause
 from ...registry import readers
 from ..remote import is_url, open_remote_file, url_name
-from ..sources import Backend, ImageSource, Level, check_level, unreadable
+from ..sources import Backend, ImageSource, Level, check_level, first_bytes, unreadable
 
 __all__ = ["TiffReader"]
 
@@ -43,13 +43,7 @@ class TiffReader:
         """Whether `target` is a TIFF file (by its first bytes) or a URL with a TIFF suffix."""
         if is_url(target):
             return url_name(target).lower().endswith(_SUFFIXES)
-        if not isinstance(target, (str, os.PathLike)):
-            return False
-        try:
-            with open(target, "rb") as f:
-                return f.read(4) in _MAGIC
-        except (OSError, ValueError):  # missing, a folder, unreadable, a NUL in the name
-            return False
+        return first_bytes(target, 4) in _MAGIC
 
     def open(self, target: Any, *, axes: Optional[str], level: int, series: int,
              storage_options: Optional[dict], ndim: int) -> ImageSource:
