@@ -61,6 +61,19 @@ def test_a_bif_goes_to_openslide_before_tifffile(tmp_path, rgb):
     np.testing.assert_array_equal(source.read_region((0, 0), (300, 410)), rgb)
 
 
+def test_a_bif_named_tif_is_told_by_its_ventana_xmp(tmp_path, rgb):
+    bif = tmp_path / "scan.tif"  # scanners write BIFs as .tif too
+    tifffile.imwrite(bif, rgb, tile=(64, 64), photometric="rgb",
+                     extratags=[(700, "B", 0, b'<?xml version="1.0"?><iScan Magnification="40"/>', True)])
+    plain = _tiled_tiff(tmp_path / "plain.tif", rgb)
+    first = readers.first(lambda r: r.can_open(str(bif))).name
+    assert (first, readers.first(lambda r: r.can_open(str(plain))).name) == ("openslide", "tiff")
+    # Not a real BIF (no tile-joint metadata): OpenSlide's Ventana driver refuses it in one line,
+    # where tifffile would have read it without the overlaps a real one has
+    with pytest.raises(ts.InputError, match="OpenSlide cannot read 'scan.tif'"):
+        ts.open_image(bif)
+
+
 def test_missing_extra_and_unreadable_files_are_one_line(tmp_path, monkeypatch):
     fake = tmp_path / "case.mrxs"
     fake.write_text("[GENERAL]\n")

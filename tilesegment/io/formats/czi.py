@@ -119,7 +119,7 @@ def _subblock_edge(reader: Any) -> tuple[int, int]:
     def count(_: int, info: Any) -> bool:
         if info.get_zoom() == 1.0:
             sizes[(info.logicalRect.h, info.logicalRect.w)] += 1
-        return len(sizes) < 64 or sum(sizes.values()) < 4096  # enough to know the grid
+        return sizes.total() < 4096  # enough to know the grid; False stops the enumeration
 
     reader.enumerate_subblocks(count)
     return sizes.most_common(1)[0][0] if sizes else (1024, 1024)

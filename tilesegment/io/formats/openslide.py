@@ -5,7 +5,8 @@ Through ``openslide-python`` and the self-contained ``openslide-bin`` wheel
 reads well (SVS, NDPI, generic TIFF); this reader takes the formats it does
 not read (MRXS's folder of JPEG tiles, VMS's index) or reads wrong (a BIF's
 tiles overlap, which a plain TIFF reader ignores), asked before tifffile so
-that a BIF, which starts like any TIFF, comes here.
+that a BIF, which starts like any TIFF, comes here, by its name or, named
+``.tif``, by the ``iScan`` element in its XMP (OpenSlide's own test).
 
 OpenSlide's API reads regions (``read_region``), not stored tiles, so a
 region costs a call into OpenSlide that may decode tiles shared with its
@@ -28,7 +29,8 @@ import numpy as np
 from ...errors import InputError, cause
 from ...registry import readers
 from ..remote import is_url
-from ..sources import Backend, ImageSource, Level, check_level, reader_library
+from ..sources import Backend, ImageSource, Level, check_level, first_bytes, reader_library
+from .tiff import TIFF_MAGIC
 
 __all__ = ["OpenSlideReader", "SUFFIXES"]
 
@@ -46,18 +48,45 @@ class OpenSlideReader:
     formats = "MRXS, VMS/VMU, BIF, SVSLIDE (tilesegment[openslide])"
 
     def can_open(self, target: Any) -> bool:
-        """Whether `target` is a local file with one of `SUFFIXES`."""
+        """Whether `target` is a local file with one of `SUFFIXES`, or a Ventana BIF by its content
+        (a TIFF whose XMP holds an ``iScan`` element, as OpenSlide detects it), whatever its name:
+        scanners also write BIFs as ``.tif``, which tifffile would read without their tile overlaps."""
         if is_url(target) or not isinstance(target, (str, os.PathLike)):
             return False
         try:
-            return Path(target).suffix.lower() in SUFFIXES and Path(target).is_file()
+            if Path(target).suffix.lower() in SUFFIXES:
+                return Path(target).is_file()
         except (OSError, ValueError):
             return False
+        return is_ventana(target)
 
     def open(self, target: Any, *, axes: Optional[str], level: int, series: int,
              storage_options: Optional[dict], ndim: int) -> ImageSource:
         """Open level `level` of the slide at `target` (RGB, ``YXS``)."""
         return open_slide(target, level)
+
+
+#: Directories whose XMP `is_ventana` looks at (a BIF's is on its first pages).
+_PAGES_LOOKED_AT = 4
+
+
+def is_ventana(path: Any) -> bool:
+    """Whether the local file `path` is a Ventana BIF by its content: a TIFF whose XMP tag, on
+    one of its first directories, holds an ``iScan`` element. Never raises."""
+    if first_bytes(path, 4) not in TIFF_MAGIC:
+        return False
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            for page in tif.pages[:_PAGES_LOOKED_AT]:
+                xmp = page.tags.get(700)  # XMP
+                value = b"" if xmp is None else xmp.value
+                if b"<iScan" in (value.encode() if isinstance(value, str) else bytes(value)):
+                    return True
+    except Exception:  # damaged TIFFs are the tiff reader's to report
+        return False
+    return False
 
 
 def open_slide(target: Any, level: int = 0) -> ImageSource:

@@ -27,7 +27,7 @@ from ..sources import Backend, ImageSource, Level, check_level, first_bytes, unr
 __all__ = ["TiffReader"]
 
 #: The first four bytes of a TIFF (little- and big-endian) and of a BigTIFF.
-_MAGIC = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")
+TIFF_MAGIC = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")
 #: Names of TIFF-family files, for URLs (local files are told by their bytes).
 _SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".qptiff", ".scn", ".btf", ".tf2", ".tf8", ".bif")
 
@@ -43,7 +43,7 @@ class TiffReader:
         """Whether `target` is a TIFF file (by its first bytes) or a URL with a TIFF suffix."""
         if is_url(target):
             return url_name(target).lower().endswith(_SUFFIXES)
-        return first_bytes(target, 4) in _MAGIC
+        return first_bytes(target, 4) in TIFF_MAGIC
 
     def open(self, target: Any, *, axes: Optional[str], level: int, series: int,
              storage_options: Optional[dict], ndim: int) -> ImageSource:
