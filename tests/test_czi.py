@@ -1,12 +1,16 @@
 """The CZI reader: files written by pylibCZIrw (Zeiss's libCZI), read back subblock by subblock.
 
-pylibCZIrw writes subblocks losslessly (zstd or uncompressed) and no pyramid,
-so a CZI reads as exactly the pixels it was written from, and segments as
-those pixels do under the tiled == whole-image contract.
+pylibCZIrw writes subblocks losslessly (zstd or uncompressed), so a CZI reads
+as exactly the pixels it was written from, and segments as those pixels do
+under the tiled == whole-image contract. It writes no pyramid subblocks, so
+`_make_pyramid` turns subblocks it wrote into pyramid subblocks by editing
+their directory entries (ZISRAW format: logical size = factor x stored size),
+which libCZI then reads as the file's pyramid.
 """
 
 from __future__ import annotations
 
+import struct
 import sys
 from pathlib import Path
 
@@ -96,6 +100,80 @@ def test_fluorescence_z_stack_with_scenes_and_a_gap(tmp_path):
     net = ts.UNet(3, 2, base_channels=2, depth=1, ndim=3, pooling=[(1, 2, 2)]).eval()
     reference = ts.segment(expected, net, axes="ZYXC", tile_size=(2, 200, 260), mode="logits", progress=False)
     assert_labels_match(ts.segment(path, net, tile_size=(1, 32, 48), progress=False), reference)
+
+
+def _make_pyramid(path: Path, last: int, factor: int) -> None:
+    """Make the `last` subblocks written to the CZI at `path` pyramid subblocks of `factor`:
+    their X and Y entries get a logical size `factor` times the stored one, in the subblock
+    directory and in each subblock's own copy of its entry."""
+    data = bytearray(path.read_bytes())
+    segments, at = [], 0
+    while at + 32 <= len(data):  # segment header: id (16 bytes), allocated size, used size
+        segments.append((bytes(data[at:at + 16]).rstrip(b"\0"), at))
+        at += 32 + struct.unpack_from("<q", data, at + 16)[0]
+
+    def entry(offset: int, pyramid: bool) -> tuple[int, int]:
+        """(file position, size in bytes) of the directory entry at `offset`; rewritten if `pyramid`."""
+        assert data[offset:offset + 2] == b"DV"
+        position, = struct.unpack_from("<q", data, offset + 6)
+        dimensions, = struct.unpack_from("<i", data, offset + 28)
+        if pyramid:
+            data[offset + 22] = 1  # PyramidType: single subblock
+            for k in range(dimensions):
+                dim = offset + 32 + 20 * k  # name, start, size, start coordinate, stored size
+                if bytes(data[dim:dim + 4]).rstrip(b"\0") in (b"X", b"Y"):
+                    start, size, coordinate, _ = struct.unpack_from("<iifi", data, dim + 4)
+                    struct.pack_into("<iifi", data, dim + 4, start, size * factor, coordinate, size)
+        return position, 32 + 20 * dimensions
+
+    pyramid = {p for name, p in segments if name == b"ZISRAWSUBBLOCK"}
+    pyramid = set(sorted(pyramid)[-last:])
+    for p in pyramid:
+        entry(p + 48, True)  # after the header and the metadata, attachment and data sizes
+    for name, p in segments:
+        if name == b"ZISRAWDIRECTORY":
+            offset = p + 32 + 128  # entry count, then 124 reserved bytes
+            for _ in range(struct.unpack_from("<i", data, p + 32)[0]):
+                position, size = entry(offset, False)
+                if position in pyramid:
+                    entry(offset, True)
+                offset += size
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("factor", [2, 3])
+def test_the_pyramid_subblocks_are_the_levels(tmp_path, factor):
+    full = np.random.default_rng(factor).integers(0, 256, (600, 900, 3), dtype=np.uint8)
+    coarse = full[::factor, ::factor].copy()
+    path = tmp_path / "pyramid.czi"
+    with pyczi.create_czi(str(path), exist_ok=True) as w:
+        _write(path, {(("C", 0),): full}, 256, writer=w)
+        # the coarse level's subblocks, each placed over the full-resolution area it covers
+        blocks = 0
+        for y in range(0, coarse.shape[0], 128):
+            for x in range(0, coarse.shape[1], 128):
+                w.write(np.ascontiguousarray(coarse[y:y + 128, x:x + 128, ::-1]), plane={"C": 0},
+                        location=(x * factor, y * factor))
+                blocks += 1
+        w.write_metadata(document_name="pyramid", scale_x=0.25e-6, scale_y=0.25e-6)
+    _make_pyramid(path, blocks, factor)
+
+    source = ts.open_image(path)
+    assert [lv.shape for lv in source.levels] == [(600, 900), (600 // factor, 900 // factor)]
+    assert source.levels[1].pixel_size == pytest.approx((0.25 * factor,) * 2)
+    np.testing.assert_array_equal(source.read_region((0, 0), (600, 900)), full)  # level 0 unchanged
+    level = ts.open_image(path, level=1)
+    assert level.chunk_shape == (128, 128) and level.pixel_size == pytest.approx((0.25 * factor,) * 2)
+    np.testing.assert_array_equal(level.read_region((0, 0), level.shape), coarse)
+    rng = np.random.default_rng(0)
+    for _ in range(60):  # any region of the level is the stored pixels, none shifted
+        y0, x0 = rng.integers(0, coarse.shape[0]), rng.integers(0, coarse.shape[1])
+        y1, x1 = rng.integers(y0 + 1, coarse.shape[0] + 1), rng.integers(x0 + 1, coarse.shape[1] + 1)
+        np.testing.assert_array_equal(level.read_region((y0, x0), (y1, x1)), coarse[y0:y1, x0:x1])
+    np.testing.assert_array_equal(source.at_level(1).read_chunk(1, 1), coarse[128:256, 128:256])
+    # --mpp at the coarse level's pixel size reads that level, not full resolution resampled
+    np.testing.assert_array_equal(ts.open_image(path, mpp=0.25 * factor).read_region((0, 0), coarse.shape[:2]),
+                                  coarse)
 
 
 def test_missing_extra_and_damaged_files_are_one_line(tmp_path, monkeypatch):

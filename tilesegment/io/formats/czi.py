@@ -14,9 +14,12 @@ and reads scenes. A file is recognised by its first bytes (``ZISRAWFILE``).
 - Areas no subblock covers come back as the fill value: white for
   brightfield, 0 for fluorescence.
 - Pixel size comes from the ``Scaling`` metadata.
-- Only the full-resolution level is exposed: coarser levels (``--mpp``,
-  overviews) are made from it by tilesegment's resampling, not read from
-  the file's pyramid subblocks, which pylibCZIrw cannot write for testing.
+- The pyramid is the file's pyramid subblocks (those stored at 1/2, 1/3...
+  of their size), one level per factor, read by libCZI at that zoom, so
+  ``--level``, ``--mpp`` and overviews read them rather than full
+  resolution; level k is ``floor(size / factor)`` pixels, pixel ``i`` of it
+  at full-resolution ``i * factor``. Pyramids are read for 2-D images; a Z
+  stack or time series is read at full resolution.
 """
 
 from __future__ import annotations
@@ -81,7 +84,6 @@ def open_czi(target: Any, level: int = 0, scene: int = 0) -> ImageSource:
 
 
 def _source(reader: Any, pyczi: Any, name: str, level: int, scene: int) -> ImageSource:
-    check_level(level, 1, name)
     scenes = reader.scenes_bounding_rectangle
     if scenes:
         keys = sorted(scenes)
@@ -103,26 +105,40 @@ def _source(reader: Any, pyczi: Any, name: str, level: int, scene: int) -> Image
     if samples > 1 and sizes.get("C", 1) > 1:
         raise InputError(f"{name!r} has {sizes['C']} colour (Bgr) channels; tilesegment reads one")
     stack = "".join(a for a in "TZC" if sizes.get(a, 1) > 1)
-    array = SubblockArray(reader, pyczi, box, scene_id, stack, {a: bounds[a][0] for a in "TZC" if a in bounds},
-                          tuple(sizes[a] for a in stack), np.dtype(dtype), samples, _subblock_edge(reader))
-    pixel_size = _pixel_size(reader.metadata, "ZYX" if "Z" in stack else "YX")
-    return ImageSource(array, stack + "YX" + ("S" if samples > 1 else ""), pixel_size=pixel_size, name=name,
-                       format="czi", levels=(Level(shape=array.shape[len(stack):len(stack) + 2],
-                                                   pixel_size=pixel_size and pixel_size[-2:]),),
-                       backend=Backend(resources=(reader,)))
+    grids = _grids(reader)
+    planar = not any(a in stack for a in "TZ")
+    factors = [f for f in grids if f == 1 or (planar and box.h // f and box.w // f)]
+    check_level(level, len(factors), name)
+    base = _pixel_size(reader.metadata, "ZYX" if "Z" in stack else "YX")
+    planes = tuple(sizes[a] for a in stack if a in "TZ")
+    levels = tuple(Level(shape=planes + (box.h // f, box.w // f),
+                         pixel_size=None if base is None else base[:-2] + (base[-2] * f, base[-1] * f))
+                   for f in factors)
+    start = {a: bounds[a][0] for a in "TZC" if a in bounds}
+
+    def open_level(i: int) -> "SubblockArray":
+        return SubblockArray(reader, pyczi, box, scene_id, stack, start, tuple(sizes[a] for a in stack),
+                             np.dtype(dtype), samples, factors[i], grids[factors[i]])
+
+    return ImageSource(open_level(level), stack + "YX" + ("S" if samples > 1 else ""),
+                       pixel_size=levels[level].pixel_size, name=name, format="czi", levels=levels,
+                       backend=Backend(open_level=open_level, resources=(reader,)))
 
 
-def _subblock_edge(reader: Any) -> tuple[int, int]:
-    """The commonest (height, width) of the full-resolution subblocks: the file's tile grid."""
-    sizes: Counter = Counter()
+def _grids(reader: Any) -> dict[int, tuple[int, int]]:
+    """The file's tile grids: for each factor its subblocks are stored at (1 for full resolution,
+    2, 3... for pyramid subblocks), the commonest stored (height, width), factors ascending."""
+    sizes: dict[int, Counter] = {}
 
     def count(_: int, info: Any) -> bool:
-        if info.get_zoom() == 1.0:
-            sizes[(info.logicalRect.h, info.logicalRect.w)] += 1
-        return sizes.total() < 4096  # enough to know the grid; False stops the enumeration
+        zoom = info.get_zoom()
+        factor = 1 if zoom >= 1 or zoom <= 0 else round(1 / zoom)
+        sizes.setdefault(factor, Counter())[(info.physicalSize.h, info.physicalSize.w)] += 1
+        return True  # go on: pyramid subblocks may come last
 
     reader.enumerate_subblocks(count)
-    return sizes.most_common(1)[0][0] if sizes else (1024, 1024)
+    grids = {f: counts.most_common(1)[0][0] for f, counts in sorted(sizes.items())}
+    return grids if 1 in grids else {1: (1024, 1024), **grids}
 
 
 def _pixel_size(metadata: dict, axes: str) -> Optional[tuple[float, ...]]:
@@ -143,22 +159,29 @@ class SubblockArray:
 
     def __init__(self, reader: Any, pyczi: Any, box: Any, scene: Optional[int], stack: str,
                  start: dict, stack_shape: tuple[int, ...], dtype: np.dtype, samples: int,
-                 edge: tuple[int, int]) -> None:
+                 factor: int, edge: tuple[int, int]) -> None:
         self._reader, self._box, self._scene, self._stack, self._start = reader, box, scene, stack, start
-        self._samples = samples
+        self._samples, self._factor = samples, factor
         # libCZI takes the fill as a colour in [0, 1]; brightfield gaps are white, fluorescence 0
         self._fill = pyczi.Color(1.0, 1.0, 1.0) if samples > 1 else pyczi.Color(0.0, 0.0, 0.0)
         self._lock = threading.Lock()  # one libCZI reader, not documented as thread-safe
         self.dtype = dtype
         tail = (samples,) if samples > 1 else ()
-        self.shape = stack_shape + (box.h, box.w) + tail
+        self.shape = stack_shape + (box.h // factor, box.w // factor) + tail
         self.ndim = len(self.shape)
         self.chunks = (1,) * len(stack) + edge + tail
 
-    def _read_plane(self, roi: tuple[int, int, int, int], plane: dict) -> np.ndarray:
-        """The region `roi` (x, y, w, h, in the file's coordinates) of one plane, ``(h, w, S)``."""
+    def _read_plane(self, y0: int, y1: int, x0: int, x1: int, plane: dict) -> np.ndarray:
+        """Pixels ``[y0:y1, x0:x1]`` of this level of one plane, ``(h, w, S)``."""
+        f = self._factor
+        # libCZI's output is floor(roi * zoom) pixels; one more full-resolution pixel makes that
+        # exactly the level's pixels (without it, some regions come back shifted by one)
+        extra = 1 if f > 1 else 0
+        roi = (self._box.x + x0 * f, self._box.y + y0 * f, (x1 - x0) * f + extra, (y1 - y0) * f + extra)
         with self._lock:
-            pixels = self._reader.read(roi=roi, plane=plane, scene=self._scene, background_pixel=self._fill)
+            pixels = self._reader.read(roi=roi, plane=plane, scene=self._scene, zoom=1 / f if f > 1 else None,
+                                       background_pixel=self._fill)
+        pixels = pixels[:y1 - y0, :x1 - x0]
         if self._samples > 1:  # BGR -> RGB in place: three times faster than a reversed copy
             blue = pixels[..., 0].copy()
             pixels[..., 0] = pixels[..., 2]
@@ -173,9 +196,8 @@ class SubblockArray:
         planes = [range(self.shape[i])[s] if isinstance(s, slice) else [range(self.shape[i])[s]]
                   for i, s in enumerate(index[:k])]
         (y0, y1, ys), (x0, x1, xs) = (s.indices(n) for s, n in zip(index[k:k + 2], self.shape[k:k + 2]))
-        roi = (self._box.x + x0, self._box.y + y0, max(x1 - x0, 0), max(y1 - y0, 0))
-        if not k and roi[2] and roi[3]:  # one plane (a slide): libCZI's fresh array, no copy
-            out = self._read_plane(roi, dict(self._start))[::ys, ::xs]
+        if not k and y1 > y0 and x1 > x0:  # one plane (a slide): libCZI's fresh array, no copy
+            out = self._read_plane(y0, y1, x0, x1, dict(self._start))[::ys, ::xs]
         else:
             out = np.empty([len(p) for p in planes] + [len(range(y0, y1, ys)), len(range(x0, x1, xs)),
                                                         self._samples], self.dtype)
@@ -183,7 +205,7 @@ class SubblockArray:
                 for at in np.ndindex(*out.shape[:k]):
                     plane = {**self._start, **{a: self._start[a] + planes[i][j]
                                                  for i, (a, j) in enumerate(zip(self._stack, at))}}
-                    out[at] = self._read_plane(roi, plane)[::ys, ::xs]
+                    out[at] = self._read_plane(y0, y1, x0, x1, plane)[::ys, ::xs]
         # integer indices drop their axes; the sample axis is kept only for colour
         drop = tuple(0 if not isinstance(s, slice) else slice(None) for s in index[:k])
         out = out[drop + (Ellipsis,)]
