@@ -34,6 +34,7 @@ import numpy as np
 from ...errors import InputError, cause
 from ...registry import readers
 from ..sources import Backend, ImageSource, Level, check_level, first_bytes, reader_library
+from ._regions import RegionReads
 
 __all__ = ["CziReader", "open_czi"]
 
@@ -56,7 +57,7 @@ class CziReader:
 
     def open(self, target: Any, *, axes: Optional[str], level: int, series: int,
              storage_options: Optional[dict], ndim: int) -> ImageSource:
-        """Open scene `series` of the CZI at `target` (only level 0 exists)."""
+        """Open scene `series`, pyramid level `level`, of the CZI at `target`."""
         return open_czi(target, level, series)
 
 
@@ -153,65 +154,41 @@ def _pixel_size(metadata: dict, axes: str) -> Optional[tuple[float, ...]]:
     return size if all(v > 0 for v in size) else None
 
 
-class SubblockArray:
+class SubblockArray(RegionReads):
     """One scene of a CZI as a read-only array-like over ``(*stack, Y, X[, S])``: slicing
     reads each plane's region through libCZI, which composes it from the subblocks."""
 
     def __init__(self, reader: Any, pyczi: Any, box: Any, scene: Optional[int], stack: str,
                  start: dict, stack_shape: tuple[int, ...], dtype: np.dtype, samples: int,
                  factor: int, edge: tuple[int, int]) -> None:
-        self._reader, self._box, self._scene, self._stack, self._start = reader, box, scene, stack, start
+        self._reader, self._box, self._scene, self._axes, self._start = reader, box, scene, stack, start
         self._samples, self._factor = samples, factor
+        self.stack = len(stack)
         # libCZI takes the fill as a colour in [0, 1]; brightfield gaps are white, fluorescence 0
         self._fill = pyczi.Color(1.0, 1.0, 1.0) if samples > 1 else pyczi.Color(0.0, 0.0, 0.0)
         self._lock = threading.Lock()  # one libCZI reader, not documented as thread-safe
         self.dtype = dtype
         tail = (samples,) if samples > 1 else ()
         self.shape = stack_shape + (box.h // factor, box.w // factor) + tail
-        self.ndim = len(self.shape)
         self.chunks = (1,) * len(stack) + edge + tail
 
-    def _read_plane(self, y0: int, y1: int, x0: int, x1: int, plane: dict) -> np.ndarray:
-        """Pixels ``[y0:y1, x0:x1]`` of this level of one plane, ``(h, w, S)``."""
+    def _read(self, plane: tuple[int, ...], y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         f = self._factor
         # libCZI's output is floor(roi * zoom) pixels; one more full-resolution pixel makes that
         # exactly the level's pixels (without it, some regions come back shifted by one)
         extra = 1 if f > 1 else 0
         roi = (self._box.x + x0 * f, self._box.y + y0 * f, (x1 - x0) * f + extra, (y1 - y0) * f + extra)
+        coordinate = {**self._start, **{a: self._start[a] + i for a, i in zip(self._axes, plane)}}
         with self._lock:
-            pixels = self._reader.read(roi=roi, plane=plane, scene=self._scene, zoom=1 / f if f > 1 else None,
-                                       background_pixel=self._fill)
+            pixels = self._reader.read(roi=roi, plane=coordinate, scene=self._scene,
+                                       zoom=1 / f if f > 1 else None, background_pixel=self._fill)
         pixels = pixels[:y1 - y0, :x1 - x0]
-        if self._samples > 1:  # BGR -> RGB in place: three times faster than a reversed copy
-            blue = pixels[..., 0].copy()
-            pixels[..., 0] = pixels[..., 2]
-            pixels[..., 2] = blue
-        return pixels
-
-    def __getitem__(self, index: Any) -> np.ndarray:
-        if not isinstance(index, tuple):
-            index = (index,)
-        index = index + (slice(None),) * (self.ndim - len(index))
-        k = len(self._stack)
-        planes = [range(self.shape[i])[s] if isinstance(s, slice) else [range(self.shape[i])[s]]
-                  for i, s in enumerate(index[:k])]
-        (y0, y1, ys), (x0, x1, xs) = (s.indices(n) for s, n in zip(index[k:k + 2], self.shape[k:k + 2]))
-        if not k and y1 > y0 and x1 > x0:  # one plane (a slide): libCZI's fresh array, no copy
-            out = self._read_plane(y0, y1, x0, x1, dict(self._start))[::ys, ::xs]
-        else:
-            out = np.empty([len(p) for p in planes] + [len(range(y0, y1, ys)), len(range(x0, x1, xs)),
-                                                        self._samples], self.dtype)
-            if out.size:
-                for at in np.ndindex(*out.shape[:k]):
-                    plane = {**self._start, **{a: self._start[a] + planes[i][j]
-                                                 for i, (a, j) in enumerate(zip(self._stack, at))}}
-                    out[at] = self._read_plane(y0, y1, x0, x1, plane)[::ys, ::xs]
-        # integer indices drop their axes; the sample axis is kept only for colour
-        drop = tuple(0 if not isinstance(s, slice) else slice(None) for s in index[:k])
-        out = out[drop + (Ellipsis,)]
         if self._samples == 1:
-            return out[..., 0]
-        return out[..., index[-1]]
+            return pixels[..., 0]
+        blue = pixels[..., 0].copy()  # BGR -> RGB in place: three times faster than a reversed copy
+        pixels[..., 0] = pixels[..., 2]
+        pixels[..., 2] = blue
+        return pixels
 
 
 readers.register(CziReader.name, CziReader())

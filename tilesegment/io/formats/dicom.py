@@ -32,6 +32,7 @@ from ...errors import InputError, cause
 from ...registry import readers
 from ..remote import is_url
 from ..sources import Backend, ImageSource, Level, check_level, first_bytes, reader_library
+from ._regions import RegionReads
 
 __all__ = ["DicomReader", "open_dicom"]
 
@@ -131,18 +132,15 @@ def open_dicom(target: Any, level: int = 0, path_index: int = 0) -> ImageSource:
                        backend=Backend(open_level=open_level, decode_chunk=array.read_frame, resources=(slide,)))
 
 
-class FrameArray:
+class FrameArray(RegionReads):
     """One level and optical path of a DICOM slide as a read-only array-like, ``(Y, X, S)``
     for colour and ``(Y, X)`` for grey: slicing reads the region through wsidicom."""
-
-    ndim: int
 
     def __init__(self, slide: Any, level: Any, path: str, samples: int, dtype: np.dtype) -> None:
         self._slide, self._level, self._path = slide, level.level, path
         self.dtype = dtype
         self._samples = samples
         self.shape = (level.size.height, level.size.width) + ((samples,) if samples > 1 else ())
-        self.ndim = len(self.shape)
         self.chunks = (level.tile_size.height, level.tile_size.width) + self.shape[2:]
         data = level.default_instance.image_data
         dataset = level.datasets[0]
@@ -175,17 +173,8 @@ class FrameArray:
             tile = self._pixels(self._slide.read_tile(self._level, (ix, iy), path=self._path))
         return tile if tile.ndim == 3 else tile[..., None]
 
-    def __getitem__(self, index: Any) -> np.ndarray:
-        if not isinstance(index, tuple):
-            index = (index,)
-        index = index + (slice(None),) * (self.ndim - len(index))
-        (y0, y1, ys), (x0, x1, xs) = (s.indices(n) for s, n in zip(index[:2], self.shape[:2]))
-        if y1 <= y0 or x1 <= x0:
-            empty = np.zeros((len(range(y0, y1, ys)), len(range(x0, x1, xs))) + self.shape[2:], self.dtype)
-            return empty[(slice(None), slice(None), *index[2:])]
-        region = self._pixels(self._slide.read_region((x0, y0), self._level, (x1 - x0, y1 - y0),
-                                                      path=self._path))
-        return region[::ys, ::xs][(slice(None), slice(None), *index[2:])]
+    def _read(self, plane: tuple[int, ...], y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        return self._pixels(self._slide.read_region((x0, y0), self._level, (x1 - x0, y1 - y0), path=self._path))
 
 
 readers.register(DicomReader.name, DicomReader())

@@ -30,6 +30,7 @@ from ...errors import InputError, cause
 from ...registry import readers
 from ..remote import is_url
 from ..sources import Backend, ImageSource, Level, check_level, first_bytes, reader_library
+from ._regions import RegionReads
 from .tiff import TIFF_MAGIC
 
 __all__ = ["OpenSlideReader", "SUFFIXES"]
@@ -129,12 +130,11 @@ def open_slide(target: Any, level: int = 0) -> ImageSource:
                        backend=Backend(open_level=open_level, resources=(slide,)))
 
 
-class RegionArray:
+class RegionArray(RegionReads):
     """One level of an OpenSlide slide as a read-only ``(Y, X, 3)`` uint8 array-like: slicing
     reads that region through ``read_region`` (RGBA, composited over the background)."""
 
     dtype = np.dtype(np.uint8)
-    ndim = 3
 
     def __init__(self, slide: Any, level: int, tile: tuple[int, int], fill: np.ndarray) -> None:
         self._slide, self._level, self._fill = slide, level, fill
@@ -143,22 +143,14 @@ class RegionArray:
         self.chunks = (*tile, 3)  # the chunk grid the tiler reads in
         self._scale = slide.level_downsamples[level]
 
-    def __getitem__(self, index: Any) -> np.ndarray:
-        if not isinstance(index, tuple):
-            index = (index,)
-        index = index + (slice(None),) * (3 - len(index))
-        (y0, y1, ys), (x0, x1, xs) = (s.indices(n) for s, n in zip(index[:2], self.shape[:2]))
-        if y1 <= y0 or x1 <= x0:
-            return np.zeros((len(range(y0, y1, ys)), len(range(x0, x1, xs)), 3), np.uint8)[..., index[2]]
+    def _read(self, plane: tuple[int, ...], y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         # read_region takes level-0 coordinates for the corner, level coordinates for the size
         corner = (int(round(x0 * self._scale)), int(round(y0 * self._scale)))
         rgba = np.asarray(self._slide.read_region(corner, self._level, (x1 - x0, y1 - y0)))
         if rgba[..., 3].min() == 255:  # scanned everywhere (the usual case): no compositing
-            rgb = rgba[..., :3]
-        else:
-            alpha = rgba[..., 3:4].astype(np.uint16)
-            rgb = ((rgba[..., :3] * alpha + self._fill * (255 - alpha) + 127) // 255).astype(np.uint8)
-        return rgb[::ys, ::xs][(slice(None), slice(None), index[2])]
+            return rgba[..., :3]
+        alpha = rgba[..., 3:4].astype(np.uint16)
+        return ((rgba[..., :3] * alpha + self._fill * (255 - alpha) + 127) // 255).astype(np.uint8)
 
 
 readers.register(OpenSlideReader.name, OpenSlideReader())
